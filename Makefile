@@ -1,0 +1,49 @@
+# Every target installs what it needs into .venv itself. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run demo test lint format compile lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv with the pinned requirements (torch + torchvision as a PyPI pair)
+
+run: $(STAMP) ## run the pipeline on CIFAR-10 (downloads it once, where a network exists); ARGS=... adds flags
+	$(PY) pipelines/run.py $(ARGS)
+
+demo: $(STAMP) ## run the pipeline offline on generated data (smoke profile)
+	$(PY) pipelines/run.py --dataset synthetic --profile smoke $(ARGS)
+
+test: $(STAMP) ## run the test suite (real S3 server processes on 127.0.0.1)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff format and autofix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+compile: $(STAMP) ## write the generated files into build/
+	$(PY) pipelines/run.py compile --out build
+
+lock: ## re-resolve requirements.in into the fully pinned requirements.txt
+	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock
+	/tmp/mlops-lock/bin/pip install --quiet -r requirements.in
+	{ echo "# Full lock of requirements.in (pip freeze of a clean .venv). Regenerate with: make lock"; \
+	  /tmp/mlops-lock/bin/pip freeze; } > requirements.txt
+
+clean: ## remove local state (.mlops/) and build output
+	rm -rf .mlops build .pytest_cache

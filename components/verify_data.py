@@ -1,0 +1,151 @@
+"""Step verify-data: the raw dataset is in raw-data/<dataset>/, complete, decodable and intact."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+from data import manifest as mf
+from data.raw import Files
+from data.sources import READERS, check_expected, download_source, local_source, source_files
+from pipelines.cli import add_config_args, config_from_args, emit, open_store, run_main, step_parser
+from pipelines.config import PipelineConfig
+from pipelines.console import parallel_map, progress
+from pipelines.errors import DataError, IntegrityError
+from pipelines.storage import ObjectStore, s3_uri, sha256_file
+
+log = logging.getLogger("mlops.verify_data")
+
+
+@dataclass
+class VerifyDataResult:
+    dataset: str
+    manifest_uri: str
+    content_sha256: str
+    objects: int
+    uploaded: int
+    uploaded_bytes: int
+    decoded: bool
+    classes: list[str]
+    counts: dict[str, int]
+
+
+def _check_store(store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str]) -> None:
+    """Read every object back and compare its sha256: S3 itself gives no such guarantee."""
+
+    def check(key: str) -> str | None:
+        try:
+            store.check(bucket, prefix + key, expected[key])
+        except IntegrityError as exc:
+            return str(exc)
+        return None
+
+    failures = [f for f in parallel_map(check, sorted(expected), "verifying stored objects") if f]
+    if failures:
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        raise IntegrityError(
+            f"{len(failures)} stored object(s) failed verification: {'; '.join(failures[:3])}"
+            f"{more}. Re-run with --data pointing at the original source to re-upload them"
+        )
+
+
+def _upload(
+    store: ObjectStore, bucket: str, prefix: str, files: Files, hashes: dict[str, str]
+) -> list[str]:
+    """Upload what is missing from the store or differs from the source; return those keys."""
+
+    def differs(key: str) -> bool:
+        info = store.stat(bucket, prefix + key)
+        return info is None or info.size != files[key].stat().st_size or info.sha256 != hashes[key]
+
+    stale = [
+        k
+        for k, d in zip(files, parallel_map(differs, files, "comparing with store"), strict=True)
+        if d
+    ]
+    if stale:
+        parallel_map(
+            lambda k: store.put_file(bucket, prefix + k, files[k], hashes[k]), stale, "uploading"
+        )
+    return stale
+
+
+def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
+    """Make sure the dataset is in the store and intact, uploading only what is missing."""
+    ds, bucket = cfg.dataset, cfg.storage.buckets.raw
+    prefix, cache = f"{ds.key}/", cfg.state_dir / "cache"
+    manifest_uri = s3_uri(bucket, prefix + mf.MANIFEST)
+    store.ensure_buckets()
+    manifest = store.read_json(bucket, prefix + mf.MANIFEST)
+    if manifest is not None and manifest.get("dataset") != ds.name:
+        raise DataError(
+            f"{manifest_uri} describes a {manifest.get('dataset')} dataset, not {ds.name}: "
+            "set dataset.id to store them apart"
+        )
+    source = local_source(ds, cache)
+    if source is None and manifest is None:
+        source = download_source(ds, cache)
+
+    uploaded: list[str] = []
+    decoded = False
+    if source is None:
+        assert manifest is not None
+        log.info("no local source: verifying %s against its manifest", s3_uri(bucket, prefix))
+        _check_store(store, bucket, prefix, mf.object_hashes(manifest))
+    else:
+        files = source_files(ds.name, source)
+        hashes = {
+            k: sha256_file(p)
+            for k, p in progress(files.items(), "hashing source", total=len(files), unit="file")
+        }
+        unchanged = manifest is not None and mf.object_hashes(manifest) == hashes
+        if manifest is not None and not unchanged:
+            # The content changes: drop the old commit marker first, so that a reader never
+            # sees a manifest that describes half-replaced objects.
+            log.info("source differs from %s: replacing the stored dataset", manifest_uri)
+            store.remove(bucket, prefix + mf.MANIFEST)
+        uploaded = _upload(store, bucket, prefix, files, hashes)
+        _check_store(store, bucket, prefix, hashes)
+        if not unchanged:
+            raw = READERS[ds.name](files, ds.image_size)
+            check_expected(ds.name, raw)
+            sizes = {k: (hashes[k], p.stat().st_size) for k, p in files.items()}
+            manifest = mf.build(ds.name, ds.key, sizes, raw, str(source))
+            store.write_json(bucket, prefix + mf.MANIFEST, manifest)  # last: the commit marker
+            decoded = True
+
+    assert manifest is not None
+    objects = manifest["objects"]
+    nbytes = sum(objects[k]["size"] for k in uploaded)
+    if uploaded:
+        log.info("uploaded %d of %d objects (%.1f MB)", len(uploaded), len(objects), nbytes / 1e6)
+    else:
+        log.info("all %d objects already present and verified: uploaded nothing", len(objects))
+    return VerifyDataResult(
+        dataset=ds.key,
+        manifest_uri=manifest_uri,
+        content_sha256=manifest["content_sha256"],
+        objects=len(objects),
+        uploaded=len(uploaded),
+        uploaded_bytes=nbytes,
+        decoded=decoded,
+        classes=manifest["classes"],
+        counts=manifest["counts"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = step_parser("python -m components.verify_data", __doc__)
+    add_config_args(parser, ["--dataset", "--data", "--state-dir"])
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        with open_store(config_from_args(args)) as (cfg, store):
+            emit(verify_data(cfg, store), args.result)
+
+    return run_main(body, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset sources: CIFAR-10, MNIST and ImageFolder readers, downloads, synthetic data."""

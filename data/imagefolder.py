@@ -1,0 +1,158 @@
+"""ImageFolder data: a folder or .tar.gz of train|test/<class>/*.png|jpg, or of <class>/*."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from data.raw import Files, RawDataset, Split
+from pipelines.console import progress
+from pipelines.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+SPLITS = ("train", "test")
+# Modes that convert losslessly to L or RGB. Others (16-bit, float) would be silently
+# rescaled, so they are refused with the file's name.
+GRAY_MODES = {"L", "LA", "1"}
+COLOR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
+
+
+def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
+    """(path, bytes) of every entry; bytes is None for a directory (so empty classes show)."""
+    tars = [k for k in files if k.lower().endswith(TAR_SUFFIXES)]
+    if len(files) == 1 and tars:
+        key = tars[0]
+        try:
+            with tarfile.open(files[key], "r|*") as tar:
+                for member in tar:
+                    if member.isdir():
+                        yield member.name, None
+                    elif member.isfile():
+                        yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
+        return
+    # A local folder: list its sub-folders too, since S3 keeps no empty folder to show them.
+    first_key, root = next(iter(files.items()))
+    for _ in PurePosixPath(first_key).parts:
+        root = root.parent
+    for folder in sorted(root.rglob("*")):
+        if folder.is_dir():
+            yield folder.relative_to(root).as_posix(), None
+    for key, path in files.items():
+        yield key, path.read_bytes()
+
+
+def _layout(paths: list[PurePosixPath]) -> tuple[int, bool]:
+    """How many leading folders to drop (a wrapper folder), and whether train/test splits exist."""
+    drop = 0
+    while True:
+        tops = {p.parts[drop] for p in paths if len(p.parts) > drop + 1}
+        if len(tops) == 1 and not tops & set(SPLITS):
+            drop += 1
+            continue
+        return drop, bool(tops) and tops <= set(SPLITS)
+
+
+def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(payload)) as opened:
+            opened.load()
+            if opened.mode in GRAY_MODES:
+                img = opened.convert("L")
+            elif opened.mode in COLOR_MODES:
+                img = opened.convert("RGB")
+            else:
+                raise DataError(f"{name}: image mode {opened.mode} is not supported (use L or RGB)")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{name}: does not decode as an image ({exc})") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read(files: Files, image_size: int | None = None) -> RawDataset:
+    """Decode every image. Without image_size, every image must share the first one's size."""
+    entries = [(PurePosixPath(n), b) for n, b in _entries(files)]
+    entries = [(p, b) for p, b in entries if not any(x.startswith(".") for x in p.parts)]
+    images = [(p, b) for p, b in entries if b is not None and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise DataError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) found in {', '.join(files)}")
+    drop, has_splits = _layout([p for p, _ in images])
+    depth = drop + (2 if has_splits else 1)  # parts before the file name: [wrapper] [split] class
+
+    # Every class folder, including empty ones, so that an empty class is reported, not lost.
+    folders: dict[str, set[str]] = {s: set() for s in (SPLITS if has_splits else ("train",))}
+    for p, b in entries:
+        parts = p.parts[drop:] if b is None else p.parts[drop:-1]
+        if len(parts) == depth - drop:
+            split = parts[0] if has_splits else "train"
+            if split in folders:
+                folders[split].add(parts[-1])
+    classes = sorted(folders["train"])
+    stray = sorted(folders.get("test", set()) - set(folders["train"]))
+    if stray:
+        raise DataError(f"test classes {stray} have no train folder")
+
+    decoded: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in folders}
+    index = {c: i for i, c in enumerate(classes)}
+    first_shape = None
+    for p, payload in progress(images, "decoding images", unit="img"):
+        if len(p.parts) - 1 != depth:
+            raise DataError(f"{p}: expected {'split/' if has_splits else ''}class/image layout")
+        split = p.parts[drop] if has_splits else "train"
+        array = _decode(str(p), payload, image_size)  # type: ignore[arg-type]
+        if first_shape is None:
+            first_shape = array.shape
+        elif array.shape[:2] != first_shape[:2]:
+            raise DataError(
+                f"{p}: image size {array.shape[1]}x{array.shape[0]} differs from "
+                f"{first_shape[1]}x{first_shape[0]}; set dataset.image_size to resize them all"
+            )
+        decoded[split][0].append(array)
+        decoded[split][1].append(index[p.parts[-2]])
+
+    for split, names in folders.items():
+        counts = np.bincount(decoded[split][1], minlength=len(classes))
+        empty = sorted(c for c in names if counts[index[c]] == 0)
+        if empty:
+            raise DataError(f"{split} class folder(s) {empty} hold no images; remove or fill them")
+
+    # Grayscale images join a colour dataset as RGB; an all-gray dataset keeps 1 channel.
+    channels = max(a.shape[2] for imgs, _ in decoded.values() for a in imgs)
+    splits = {}
+    for split, (imgs, labels) in decoded.items():
+        stacked = [np.repeat(a, channels, axis=2) if a.shape[2] != channels else a for a in imgs]
+        if stacked:
+            splits[split] = Split(np.stack(stacked), np.asarray(labels, dtype=np.int64))
+    return RawDataset(classes, splits)
+
+
+def write(raw: RawDataset, path: Path, suffix: str = ".png") -> Path:
+    """Write raw as train|test/<class>/<n><suffix>, into a folder or, for *.tar.gz, an archive."""
+    encoded = []
+    for split, data in raw.splits.items():
+        for n, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            buf = io.BytesIO()
+            Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, suffix[1:])
+            encoded.append((f"{split}/{raw.classes[label]}/{n:05d}{suffix}", buf.getvalue()))
+    if path.name.endswith(TAR_SUFFIXES):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w:gz") as tar:
+            for name, payload in encoded:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        return path
+    for name, payload in encoded:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(payload)
+    return path

@@ -1,0 +1,68 @@
+"""The decoded form every reader returns: uint8 NHWC images and int64 labels per split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import DataError
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == np.uint8 and self.images.ndim == 4, self.images.shape
+        assert self.labels.dtype == np.int64 and len(self.labels) == len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RawDataset:
+    classes: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) shared by every image."""
+        return tuple(next(iter(self.splits.values())).images.shape[1:])  # type: ignore[return-value]
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        counts = {}
+        for name, split in self.splits.items():
+            per = np.bincount(split.labels, minlength=len(self.classes))
+            counts[name] = {cls: int(n) for cls, n in zip(self.classes, per, strict=True)}
+        return counts
+
+
+# A raw dataset on disk: object key (relative path, as stored under raw-data/<id>/) -> local file.
+Files = dict[str, Path]
+
+
+def files_of(path: Path) -> Files:
+    """The files of a source: a single file keyed by its name, or a folder walked recursively."""
+    if path.is_file():
+        return {path.name: path}
+    files = {
+        p.relative_to(path).as_posix(): p
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    }
+    if not files:
+        raise DataError(f"{path} holds no files")
+    return files
+
+
+def find_one(files: Files, suffixes: tuple[str, ...], what: str) -> tuple[str, Path]:
+    """The single file whose name ends with one of suffixes, or a DataError that says so."""
+    hits = [(k, p) for k, p in files.items() if k.lower().endswith(suffixes)]
+    if len(hits) != 1:
+        found = ", ".join(sorted(files)[:5]) or "nothing"
+        raise DataError(f"expected one {what} ({'/'.join(suffixes)}), found: {found}")
+    return hits[0]

@@ -1,0 +1,1 @@
+"""Pipeline definitions, the one config tree, storage, embedded services and the CLI."""

@@ -1,0 +1,159 @@
+"""Shared command-line plumbing: config flags from the config tree, exit codes, the store."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
+from pipelines.console import setup_logging
+from pipelines.errors import ConfigError, PipelineError
+from pipelines.s3server import EmbeddedS3, with_embedded_store
+from pipelines.storage import ObjectStore
+
+log = logging.getLogger("mlops")
+
+# Flags that are shorthands for a config key. Their help and choices come from the field.
+SHORTCUTS = {
+    "--dataset": "dataset.name",
+    "--data": "dataset.source",
+    "--state-dir": "state_dir",
+    "--epochs": "train.epochs",
+    "--workers": "train.workers",
+    "--port": "serving.port",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the generated list of config keys in the epilog as written."""
+
+
+def field_info(dotted: str) -> FieldInfo:
+    model: type[BaseModel] = PipelineConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model.model_fields[leaf]
+
+
+def _choices(info: FieldInfo) -> list[str] | None:
+    if typing.get_origin(info.annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(info.annotation)]
+    return None
+
+
+def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> None:
+    group = parser.add_argument_group(
+        "configuration (precedence: flags > env > --config > profile)"
+    )
+    group.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default="quick",
+        help="named profile: "
+        + "; ".join(f"{n}: {f.__doc__}" for n, f in PROFILES.items())
+        + " (default: quick)",
+    )
+    group.add_argument(
+        "--config", type=Path, metavar="FILE", help="YAML file of config sections (default: none)"
+    )
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.lr=0.1 (repeatable; keys listed below)",
+    )
+    for flag in shortcuts:
+        dotted = SHORTCUTS[flag]
+        info = field_info(dotted)
+        group.add_argument(
+            flag,
+            dest=f"cfg:{dotted}",
+            choices=_choices(info),
+            metavar=None if _choices(info) else flag.strip("-").upper().replace("-", "_"),
+            help=f"{info.description} [{dotted}] "
+            f"(default: {info.get_default(call_default_factory=True)})",
+        )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    parser.epilog = "config keys (--set KEY=VALUE, or sections in --config FILE):\n" + "\n".join(
+        describe_fields()
+    )
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    overrides = _parse_set(args.set)
+    for name, value in vars(args).items():
+        if name.startswith("cfg:") and value is not None:
+            overrides[name[4:]] = value
+    return load_config(args.profile, args.config, overrides)
+
+
+def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=(doc or "").strip(), formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--result",
+        type=Path,
+        metavar="FILE",
+        help="also write the step's result as JSON to FILE, e.g. for an Argo "
+        "output parameter (default: stdout only)",
+    )
+    return parser
+
+
+@contextmanager
+def open_store(cfg: PipelineConfig) -> Iterator[tuple[PipelineConfig, ObjectStore]]:
+    """The configured store, or an embedded one for as long as the block runs."""
+    if cfg.storage.endpoint:
+        yield cfg, ObjectStore(cfg.storage)
+        return
+    with EmbeddedS3(cfg.state_dir / "s3") as server:
+        cfg = with_embedded_store(cfg, server)
+        yield cfg, ObjectStore(cfg.storage)
+
+
+def emit(result: Any, path: Path | None) -> None:
+    """Print the result as one JSON line on stdout (and to path): the step's machine output."""
+    text = json.dumps(dataclasses.asdict(result), sort_keys=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text)
+
+
+def run_main(body: Callable[[], None], verbose: bool = False) -> int:
+    """Run a command body: expected errors become one line on stderr and an exit code."""
+    setup_logging(verbose)
+    try:
+        body()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

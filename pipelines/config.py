@@ -1,0 +1,317 @@
+"""The one config tree: typed, validated fields, named profiles, and how values are loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from pipelines.errors import ConfigError
+
+DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
+
+# Environment variables that feed the config. Credentials come only from here, never from a
+# file or a flag, so they never land in a committed YAML file or a process listing.
+ENV_VARS = {
+    "MINIO_ENDPOINT": "storage.endpoint",
+    "MINIO_ACCESS_KEY": "storage.access_key",
+    "MINIO_SECRET_KEY": "storage.secret_key",
+    "MINIO_REGION": "storage.region",
+    "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+}
+SECRET_FIELDS = {"storage.access_key", "storage.secret_key"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DatasetConfig(_Section):
+    """Which dataset to use and how to split it."""
+
+    name: DatasetName = Field("cifar10", description="Dataset format.")
+    source: str | None = Field(
+        None,
+        description="Local source: a tarball, an image folder or an IDX folder. Unset: use the "
+        "copy already in the store, else the cache, else download (cifar10, mnist) or generate "
+        "(synthetic).",
+    )
+    id: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="Object-store prefix under raw-data/ and processed-data/. Unset: the name.",
+    )
+    download: bool = Field(
+        True, description="Allow downloading the official archive when it is not in the store."
+    )
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of the train split held out as val (stratified)."
+    )
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Share of train carved out as test, only when the source has no test split.",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the train/val/test split.")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Resize images to this square size. Unset: every image must share one size.",
+    )
+    synthetic_per_class: int = Field(
+        200, ge=10, description="Synthetic data: train images per class (test gets a fifth)."
+    )
+
+    @property
+    def key(self) -> str:
+        return self.id or self.name
+
+
+class Buckets(_Section):
+    """Bucket names, as in the reference design."""
+
+    raw: str = Field("raw-data", description="Bucket of the raw, as-delivered datasets.")
+    processed: str = Field("processed-data", description="Bucket of the processed shards.")
+    models: str = Field("models", description="Bucket of the trained models and checkpoints.")
+    mlflow: str = Field("mlflow", description="Bucket of the MLflow artifact store.")
+
+
+class StorageConfig(_Section):
+    """The S3 / MinIO object store."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/\s]+/?$",
+        description="S3 endpoint URL (env MINIO_ENDPOINT). Unset: start an embedded server on "
+        "127.0.0.1 with random keys, storing under the state dir.",
+    )
+    access_key: SecretStr | None = Field(None, description="Access key (env MINIO_ACCESS_KEY).")
+    secret_key: SecretStr | None = Field(None, description="Secret key (env MINIO_SECRET_KEY).")
+    region: str = Field("us-east-1", description="S3 region (env MINIO_REGION).")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Connect and read timeout of one S3 request, in seconds."
+    )
+    buckets: Buckets = Field(default_factory=Buckets)
+
+
+class FeaturesConfig(_Section):
+    """The feature-engineering step."""
+
+    shard_size: int = Field(10_000, ge=1, description="Images per processed shard file.")
+
+
+class TrainConfig(_Section):
+    """ResNet-18 training."""
+
+    arch: Literal["resnet18"] = Field("resnet18", description="Network architecture.")
+    stem: Literal["cifar", "imagenet", "s2"] = Field(
+        "imagenet",
+        description="cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + "
+        "maxpool; s2: 3x3 stride-2 conv, no maxpool.",
+    )
+    epochs: int = Field(15, ge=1, le=1000, description="Training epochs.")
+    batch_size: int = Field(256, ge=1, description="Global batch size, summed over all ranks.")
+    lr: float = Field(0.2, gt=0, le=10, description="Peak learning rate of the schedule.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD Nesterov momentum.")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    workers: int = Field(
+        1, ge=1, le=64, description="DDP processes locally; PyTorchJob replicas on a cluster."
+    )
+    nproc_per_node: int = Field(1, ge=1, le=16, description="Processes per PyTorchJob replica.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="fp32, bf16 autocast, or fp16 autocast (CUDA only)."
+    )
+
+
+class GateConfig(_Section):
+    """The verify-model quality gate."""
+
+    min_accuracy: float = Field(
+        0.5, ge=0, le=1, description="Minimum test accuracy (0-1) a model needs to be promoted."
+    )
+
+
+class ServingConfig(_Section):
+    """The KServe model server."""
+
+    model_name: str = Field(
+        "cifar10-resnet18",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description="Registered model and InferenceService name (a DNS-1123 label).",
+    )
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
+
+
+class MlflowConfig(_Section):
+    """MLflow tracking."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Tracking server (env MLFLOW_TRACKING_URI). Unset: start a local server.",
+    )
+    experiment: str = Field("image-classifier", description="Experiment name.")
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline: every step and builder derives its settings from this tree."""
+
+    profile: str = Field("quick", description="Name of the profile this config started from.")
+    state_dir: Path = Field(
+        Path(".mlops"), description="Local state: embedded S3 data, MLflow db, caches."
+    )
+    image: str = Field(
+        "mlops-pipeline:0.1.0",
+        pattern=r"^[^\s:]+(:[A-Za-z0-9._-]+)$",
+        description="Container image of every step (pinned tag, never latest).",
+    )
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data, credentials masked (for logs and MLflow params)."""
+        return self.model_dump(mode="json")
+
+
+# --- Profiles: plain functions returning overrides of the defaults above ---------------------
+
+
+def smoke() -> dict[str, Any]:
+    """Minutes on a laptop: proves the plumbing, not the model."""
+    return {
+        "dataset": {"synthetic_per_class": 60},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "stem": "s2", "precision": "fp32"},
+        "gate": {"min_accuracy": 0.2},
+    }
+
+
+def quick() -> dict[str, Any]:
+    """The default: a good CIFAR-10 model in minutes on 2 CPU cores (the field defaults)."""
+    return {}
+
+
+def full() -> dict[str, Any]:
+    """The best accuracy this recipe reaches, for a GPU or a long CPU run."""
+    return {
+        "train": {"epochs": 40, "batch_size": 512, "lr": 0.4, "stem": "cifar"},
+        "gate": {"min_accuracy": 0.85},
+    }
+
+
+PROFILES = {"smoke": smoke, "quick": quick, "full": full}
+
+
+# --- Loading ----------------------------------------------------------------------------------
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file; credentials in it are refused."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data)}")
+    leaked = SECRET_FIELDS & set(_flatten(data))
+    if leaked:
+        raise ConfigError(
+            f"config file {path} sets {', '.join(sorted(leaked))}: credentials come only from "
+            "the environment (MINIO_ACCESS_KEY, MINIO_SECRET_KEY)"
+        )
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: its dotted name, the value given, and what is allowed."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown setting (see `python pipelines/run.py config`)")
+            continue
+        value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
+        lines.append(f"{field}={value}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(
+    profile: str = "quick",
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> PipelineConfig:
+    """Resolve a config: defaults < profile < YAML file < environment < CLI overrides."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
+    tree = _merge({"profile": profile}, PROFILES[profile]())
+    if config_file is not None:
+        tree = _merge(tree, read_yaml(config_file))
+    env = os.environ if environ is None else environ
+    for var, dotted in ENV_VARS.items():
+        if env.get(var):
+            _set_path(tree, dotted, env[var])
+    for dotted, value in (overrides or {}).items():
+        if dotted in SECRET_FIELDS:
+            raise ConfigError(f"{dotted} comes only from the environment, not from a flag")
+        _set_path(tree, dotted, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def describe_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
+    """Every config key with its default and description, for --help and `run.py config`."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {prefix}{name} (default {default!s}): {field.description}")
+    return lines

@@ -1,0 +1,67 @@
+"""Logging set-up, and progress that is a bar on a terminal and plain log lines elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("mlops")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # The S3 and HTTP clients log every request at INFO; that drowns the step's own lines.
+    for noisy in ("urllib3", "botocore", "nanio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress(
+    items: Iterable[T],
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    every_s: float = 10.0,
+) -> Iterator[T]:
+    """Yield items with a tqdm bar on a terminal, or a log line every `every_s` seconds."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if is_terminal():
+        yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            of = f"/{total}" if total else ""
+            log.info("%s: %d%s %s (%.0f %s/s)", desc, done, of, unit, done / (now - start), unit)
+
+
+def parallel_map(
+    fn: Callable[[T], R], items: Iterable[T], desc: str, unit: str = "obj", workers: int = 8
+) -> list[R]:
+    """fn over items on a thread pool (S3 calls wait on the network, not the CPU), in order."""
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        for _ in progress(as_completed(futures), desc, total=len(futures), unit=unit):
+            pass
+        return [f.result() for f in futures]

@@ -1,0 +1,145 @@
+"""The pipeline CLI: `python pipelines/run.py [run|config|compile] ...` (run is the default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# `python pipelines/run.py` puts pipelines/ first on sys.path; the packages live one level up.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
+from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.local import RunReport, run_pipeline  # noqa: E402
+
+COMMANDS = ("run", "config", "compile")
+
+
+def summary(report: RunReport) -> str:
+    """The readable end of a run: step table, then what was produced."""
+    lines = ["", f"{'step':<22}{'status':<11}{'seconds':>8}", "-" * 41]
+    for step in report.steps:
+        lines.append(f"{step.name:<22}{step.status:<11}{step.seconds:>8.1f}")
+    lines.append("-" * 41)
+    lines.append(f"{'total':<33}{report.seconds:>8.1f}")
+    data = report.result("verify-data")
+    features = report.result("feature-engineering")
+    if data:
+        counts = ", ".join(f"{k} {v}" for k, v in data["counts"].items())
+        moved = f"uploaded {data['uploaded']} of {data['objects']} objects"
+        lines += [
+            "",
+            f"dataset     {data['dataset']}: {len(data['classes'])} classes, {counts}",
+            f"raw data    {data['manifest_uri']} ({moved})",
+        ]
+    if features:
+        counts = ", ".join(f"{k} {v}" for k, v in features["counts"].items())
+        note = " (unchanged, reused)" if features["skipped"] else ""
+        lines.append(f"features    {features['processed_uri']}{note}: {counts}")
+    if report.storage_endpoint:
+        lines.append(f"S3 store    {report.storage_endpoint}")
+    if report.error:
+        lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]
+    return "\n".join(lines)
+
+
+def as_json(report: RunReport) -> str:
+    return json.dumps(
+        {
+            "status": report.status,
+            "failed_step": report.failed_step,
+            "error": report.error,
+            "seconds": report.seconds,
+            "steps": [
+                {"name": s.name, "status": s.status, "seconds": s.seconds} for s in report.steps
+            ],
+            "data": report.result("verify-data"),
+            "features": report.result("feature-engineering"),
+        }
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    report = run_pipeline(cfg)
+    print(summary(report), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(as_json(report))
+    return report.exit_code
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(config_from_args(args).public_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "config.schema.json"
+    path.write_text(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python pipelines/run.py",
+        description="Train and serve an image classifier through the pipeline: "
+        "verify-data >> feature-engineering >> train >> verify-model >> deploy.",
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,config,compile}")
+    run = sub.add_parser(
+        "run",
+        help="run the pipeline locally (the default command)",
+        formatter_class=HelpFormatter,
+        description=__doc__,
+    )
+    add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object as the last line of stdout (default: off)",
+    )
+    run.set_defaults(func=cmd_run)
+    config = sub.add_parser(
+        "config", help="print the resolved config as YAML", formatter_class=HelpFormatter
+    )
+    add_config_args(config, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
+    config.set_defaults(func=cmd_config)
+    comp = sub.add_parser(
+        "compile",
+        help="write generated files (the config JSON schema)",
+        formatter_class=HelpFormatter,
+    )
+    comp.add_argument(
+        "--out", type=Path, default=Path("build"), help="output folder (default: build)"
+    )
+    comp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    comp.set_defaults(func=cmd_compile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        code = args.func(args)
+
+    failure = run_main(body, args.verbose)
+    return failure or code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

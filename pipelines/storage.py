@@ -1,0 +1,223 @@
+"""A thin object-store layer over the official minio client: buckets, sha256 transfers, JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from pipelines.config import StorageConfig
+from pipelines.errors import IntegrityError, StorageError
+
+log = logging.getLogger("mlops.storage")
+
+SHA256_META = "sha256"  # stored as x-amz-meta-sha256: the minio client sends no checksums
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def s3_uri(bucket: str, key: str = "") -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class _NullSink:
+    def write(self, block: bytes) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    sha256: str | None  # from our metadata; None when something else wrote the object
+
+
+class ObjectStore:
+    """One S3 endpoint. Every error surfaces as StorageError naming the endpoint and the object."""
+
+    def __init__(self, cfg: StorageConfig):
+        if not cfg.endpoint:
+            raise StorageError("no S3 endpoint configured: set MINIO_ENDPOINT")
+        if cfg.access_key is None or cfg.secret_key is None:
+            raise StorageError(
+                f"no credentials for {cfg.endpoint}: set MINIO_ACCESS_KEY and MINIO_SECRET_KEY"
+            )
+        url = urlparse(cfg.endpoint)
+        self.endpoint = cfg.endpoint.rstrip("/")
+        self.buckets = cfg.buckets
+        # Bounded timeouts and retries: an unreachable store fails in seconds, not minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=cfg.timeout_s, read=cfg.timeout_s * 6),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            maxsize=16,
+        )
+        self.client = Minio(
+            url.netloc,
+            access_key=cfg.access_key.get_secret_value(),
+            secret_key=cfg.secret_key.get_secret_value(),
+            secure=url.scheme == "https",
+            region=cfg.region,
+            http_client=http,
+        )
+
+    # --- error mapping --------------------------------------------------------------------
+
+    def _fail(self, what: str, exc: Exception) -> StorageError:
+        if isinstance(exc, S3Error):
+            return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}")
+        return StorageError(
+            f"cannot reach the S3 store at {self.endpoint} ({what}): {type(exc).__name__}. "
+            "Check MINIO_ENDPOINT, or unset it to use the embedded server"
+        )
+
+    # --- buckets ----------------------------------------------------------------------------
+
+    def ensure_buckets(self, names: list[str] | None = None) -> None:
+        names = names or list(self.buckets.model_dump().values())
+        for name in names:
+            try:
+                if not self.client.bucket_exists(name):
+                    self.client.make_bucket(name)
+                    log.info("created bucket %s", name)
+            except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._fail(f"ensuring bucket {name}", exc) from None
+
+    # --- objects ----------------------------------------------------------------------------
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo | None:
+        try:
+            obj = self.client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"):
+                return None
+            raise self._fail(f"stat {s3_uri(bucket, key)}", exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"stat {s3_uri(bucket, key)}", exc) from None
+        meta = {k.lower(): v for k, v in (obj.metadata or {}).items()}
+        return ObjectInfo(key, obj.size or 0, obj.etag or "", meta.get(f"x-amz-meta-{SHA256_META}"))
+
+    def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects under prefix, recursively. sha256 is not listed (S3 lists no user metadata)."""
+        try:
+            for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                yield ObjectInfo(obj.object_name, obj.size or 0, obj.etag or "", None)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"list {s3_uri(bucket, prefix)}", exc) from None
+
+    def put_file(self, bucket: str, key: str, path: Path, sha256: str | None = None) -> str:
+        sha256 = sha256 or sha256_file(path)
+        try:
+            self.client.fput_object(bucket, key, str(path), metadata={SHA256_META: sha256})
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"upload {s3_uri(bucket, key)}", exc) from None
+        return sha256
+
+    def put_bytes(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> str:
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            self.client.put_object(
+                bucket,
+                key,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata={SHA256_META: sha256},
+            )
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"upload {s3_uri(bucket, key)}", exc) from None
+        return sha256
+
+    def get_bytes(self, bucket: str, key: str, expected_sha256: str | None = None) -> bytes:
+        """Read a whole object; with expected_sha256, raise IntegrityError on a mismatch."""
+        buf = io.BytesIO()
+        self._stream(bucket, key, buf, expected_sha256)
+        return buf.getvalue()
+
+    def check(self, bucket: str, key: str, expected_sha256: str) -> None:
+        """Read an object through and raise IntegrityError unless its sha256 is as recorded."""
+        self._stream(bucket, key, _NullSink(), expected_sha256)
+
+    def get_file(
+        self, bucket: str, key: str, path: Path, expected_sha256: str | None = None
+    ) -> str:
+        """Download to path atomically (via a .part file) and return the content's sha256."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        with open(part, "wb") as fh:
+            digest = self._stream(bucket, key, fh, expected_sha256)
+        part.replace(path)
+        return digest
+
+    def _stream(self, bucket: str, key: str, sink: Any, expected_sha256: str | None) -> str:
+        digest = hashlib.sha256()
+        response = None
+        try:
+            response = self.client.get_object(bucket, key)
+            for block in response.stream(CHUNK):
+                digest.update(block)
+                sink.write(block)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise IntegrityError(f"{s3_uri(bucket, key)} is missing from the store") from None
+            raise self._fail(f"download {s3_uri(bucket, key)}", exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"download {s3_uri(bucket, key)}", exc) from None
+        finally:
+            if response is not None:
+                response.close()
+                response.release_conn()
+        actual = digest.hexdigest()
+        if expected_sha256 is not None and actual != expected_sha256:
+            raise IntegrityError(
+                f"{s3_uri(bucket, key)}: sha256 mismatch (recorded {expected_sha256[:12]}…, "
+                f"stored object has {actual[:12]}…): the object is corrupt or was replaced"
+            )
+        return actual
+
+    def remove(self, bucket: str, key: str) -> None:
+        try:
+            self.client.remove_object(bucket, key)
+        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._fail(f"remove {s3_uri(bucket, key)}", exc) from None
+
+    # --- JSON documents (manifests, metadata) ---------------------------------------------
+
+    def read_json(self, bucket: str, key: str) -> dict[str, Any] | None:
+        if self.stat(bucket, key) is None:
+            return None
+        raw = self.get_bytes(bucket, key)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise IntegrityError(f"{s3_uri(bucket, key)} is not valid JSON: {exc}") from None
+
+    def write_json(self, bucket: str, key: str, doc: dict[str, Any]) -> str:
+        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        return self.put_bytes(bucket, key, data, content_type="application/json")

@@ -1,0 +1,115 @@
+"""feature-engineering against a real S3 server: every format, shards, stats, splits and the skip."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as load_safetensors
+
+from components.feature_engineering import engineer_features
+from components.verify_data import verify_data
+from data import cifar10, synthetic
+from pipelines.errors import DataError
+from pipelines.storage import ObjectStore
+
+
+def _load_split(store: ObjectStore, prefix: str, meta: dict, split: str):
+    images, labels = [], []
+    for shard in meta["shards"][split]:
+        payload = store.get_bytes("processed-data", prefix + shard["key"])
+        assert hashlib.sha256(payload).hexdigest() == shard["sha256"]
+        tensors = load_safetensors(payload)
+        assert len(tensors["labels"]) == shard["count"]
+        images.append(tensors["images"])
+        labels.append(tensors["labels"])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+FORMATS = [
+    # (dataset name, how to write the source, expected HWC, own test split)
+    ("cifar10", lambda p: synthetic.write("cifar10", p / cifar10.ARCHIVE, 30), (32, 32, 3), True),
+    ("mnist", lambda p: synthetic.write("mnist", p / "idx", 30), (28, 28, 1), True),
+    ("imagefolder", lambda p: synthetic.write("imagefolder", p / "dir", 30), (32, 32, 3), True),
+    (
+        "imagefolder",
+        lambda p: synthetic.write("imagefolder", p / "a.tar.gz", 30),
+        (32, 32, 3),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "write", "shape", "has_test"), FORMATS)
+def test_every_format_end_to_end(make_cfg, store, tmp_path, name, write, shape, has_test) -> None:
+    source = write(tmp_path)
+    cfg = make_cfg(dataset__name=name, dataset__source=str(source), features__shard_size=128)
+    data = verify_data(cfg, store)
+    assert data.counts == {"train": 300, "test": 60}
+    result = engineer_features(cfg, store)
+    assert not result.skipped
+    prefix = result.processed_uri.removeprefix("s3://processed-data/")
+    meta = store.read_json("processed-data", prefix + "metadata.json")
+    assert meta["manifest_sha256"] == data.content_sha256
+    assert (meta["image"]["height"], meta["image"]["width"], meta["image"]["channels"]) == shape
+    assert len(meta["mean"]) == len(meta["std"]) == shape[2]
+    assert meta["counts"] == {"train": 270, "val": 30, "test": 60}
+    assert len(meta["shards"]["train"]) == 3  # 270 images in shards of 128
+
+    images, labels = _load_split(store, prefix, meta, "train")
+    assert images.dtype == np.uint8 and images.shape == (270, *shape)
+    assert labels.dtype == np.int64 and set(labels) == set(range(10))
+    # The stats are the train split's own, per channel, on a 0-1 scale.
+    np.testing.assert_allclose(meta["mean"], (images / 255.0).mean(axis=(0, 1, 2)), atol=1e-5)
+    np.testing.assert_allclose(meta["std"], (images / 255.0).std(axis=(0, 1, 2)), atol=1e-5)
+    # Stratified: every class has 3 of its 30 train images in val.
+    _, val_labels = _load_split(store, prefix, meta, "val")
+    assert np.bincount(val_labels).tolist() == [3] * 10
+    assert meta["transform"]["test_source"] == "dataset"
+
+
+def test_rerun_with_unchanged_inputs_is_skipped(make_cfg, store) -> None:
+    cfg = make_cfg(dataset__name="synthetic")
+    verify_data(cfg, store)
+    first = engineer_features(cfg, store)
+    again = engineer_features(cfg, store)
+    assert (first.skipped, again.skipped) == (False, True)
+    assert again.processed_uri == first.processed_uri and again.counts == first.counts
+    # A different split config is a different hash, so it is computed, not skipped.
+    other = engineer_features(make_cfg(dataset__name="synthetic", dataset__seed=1), store)
+    assert not other.skipped and other.feature_hash != first.feature_hash
+
+
+def test_missing_shard_is_recomputed_not_skipped(make_cfg, store) -> None:
+    cfg = make_cfg(dataset__name="synthetic")
+    verify_data(cfg, store)
+    first = engineer_features(cfg, store)
+    prefix = first.processed_uri.removeprefix("s3://processed-data/")
+    store.remove("processed-data", prefix + "train-00000.safetensors")
+    assert not engineer_features(cfg, store).skipped
+    assert store.stat("processed-data", prefix + "train-00000.safetensors") is not None
+
+
+def test_test_split_is_carved_when_the_source_has_none(make_cfg, store, tmp_path: Path) -> None:
+    raw = synthetic.generate(per_class=50)
+    del raw.splits["test"]
+    from data import imagefolder
+
+    folder = imagefolder.write(raw, tmp_path / "classes")
+    for split_dir in [folder / "train"]:  # no split folders: <class>/* directly
+        for cls in split_dir.iterdir():
+            cls.rename(folder / cls.name)
+        split_dir.rmdir()
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    assert verify_data(cfg, store).counts == {"train": 500}
+    result = engineer_features(cfg, store)
+    # 10% test and 10% val, both of the whole source.
+    assert result.counts == {"train": 400, "val": 50, "test": 50}
+
+
+def test_without_verified_data_it_says_to_run_verify_first(make_cfg, store) -> None:
+    store.ensure_buckets()
+    with pytest.raises(DataError, match="run verify-data first"):
+        engineer_features(make_cfg(dataset__name="synthetic"), store)
