@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from pipelines.errors import ConfigError
 
@@ -167,7 +167,6 @@ class PipelineConfig(_Section):
     )
     image: str = Field(
         "mlops-pipeline:0.1.0",
-        pattern=r"^[^\s:]+(:[A-Za-z0-9._-]+)$",
         description="Container image of every step (pinned tag, never latest).",
     )
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -178,6 +177,14 @@ class PipelineConfig(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str) -> str:
+        name, _, tag = image.rpartition(":")
+        if not name or "/" in tag or tag in ("", "latest") or any(c.isspace() for c in image):
+            raise ValueError("needs a pinned tag, not latest (e.g. mlops-pipeline:0.1.0)")
+        return image
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, credentials masked (for logs and MLflow params)."""
         return self.model_dump(mode="json")
@@ -187,7 +194,7 @@ class PipelineConfig(_Section):
 
 
 def smoke() -> dict[str, Any]:
-    """Minutes on a laptop: proves the plumbing, not the model."""
+    """minutes on a laptop, proves the plumbing, not the model"""
     return {
         "dataset": {"synthetic_per_class": 60},
         "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "stem": "s2", "precision": "fp32"},
@@ -196,12 +203,12 @@ def smoke() -> dict[str, Any]:
 
 
 def quick() -> dict[str, Any]:
-    """The default: a good CIFAR-10 model in minutes on 2 CPU cores (the field defaults)."""
+    """the default: a good CIFAR-10 model in minutes on 2 CPU cores (the field defaults)"""
     return {}
 
 
 def full() -> dict[str, Any]:
-    """The best accuracy this recipe reaches, for a GPU or a long CPU run."""
+    """the best accuracy this recipe reaches, for a GPU or a long CPU run"""
     return {
         "train": {"epochs": 40, "batch_size": 512, "lr": 0.4, "stem": "cifar"},
         "gate": {"min_accuracy": 0.85},

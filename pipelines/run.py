@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
-from pipelines.local import RunReport, run_pipeline  # noqa: E402
+from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
 
 COMMANDS = ("run", "config", "compile")
 
@@ -90,8 +90,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python pipelines/run.py",
-        description="Train and serve an image classifier through the pipeline: "
-        "verify-data >> feature-engineering >> train >> verify-model >> deploy.",
+        description="Run the image-classifier pipeline: " + " >> ".join(n for n, _ in STEPS),
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="{run,config,compile}")
@@ -99,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run the pipeline locally (the default command)",
         formatter_class=HelpFormatter,
-        description=__doc__,
+        description=f"{parser.description}\n\nCommands: run (the default) runs the pipeline "
+        "locally; `config` prints the resolved config; `compile` writes generated files. "
+        "`COMMAND --help` shows each one's options.",
     )
     add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
     run.add_argument(
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    # `run` is the default command, so plain --help shows its options.
+    if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
     code = 0

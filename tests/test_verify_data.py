@@ -1,4 +1,4 @@
-"""verify-data against a real S3 server: upload, idempotence, corruption, bad archives and images."""
+"""verify-data on a real S3 server: upload, idempotence, corruption, bad archives and images."""
 
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""The config tree: profiles, precedence, validation messages, and credentials kept out of files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import PROFILES, describe_fields, load_config
+from pipelines.errors import ConfigError
+
+
+def test_profiles_differ_and_validate() -> None:
+    configs = {name: load_config(name, environ={}) for name in PROFILES}
+    assert configs["quick"].train == load_config(environ={}).train  # quick is the default
+    assert (
+        configs["smoke"].train.epochs < configs["quick"].train.epochs < configs["full"].train.epochs
+    )
+    assert {c.profile for c in configs.values()} == set(PROFILES)
+
+
+def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("train:\n  epochs: 7\n  lr: 0.05\nmlflow:\n  tracking_uri: http://file\n")
+    cfg = load_config(
+        "smoke",
+        yaml_file,
+        overrides={"train.epochs": 9},
+        environ={"MLFLOW_TRACKING_URI": "http://env", "MINIO_ACCESS_KEY": "AKIA-TEST-KEY"},
+    )
+    assert cfg.train.epochs == 9  # flag beats file
+    assert cfg.train.lr == 0.05  # file beats profile
+    assert cfg.mlflow.tracking_uri == "http://env"  # env beats file
+    assert cfg.storage.access_key.get_secret_value() == "AKIA-TEST-KEY"
+    assert "AKIA-TEST-KEY" not in str(cfg.public_dict())  # masked wherever the config is printed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.epochs": 0}, r"train\.epochs=0: Input should be greater than or equal to 1"),
+        ({"train.precision": "fp8"}, r"train\.precision='fp8': Input should be 'fp32', 'bf16'"),
+        ({"dataset.name": "svhn"}, r"dataset\.name='svhn': Input should be 'cifar10'"),
+        ({"train.epoch": 3}, r"train\.epoch: unknown setting"),
+        ({"serving.model_name": "Bad_Name"}, r"serving\.model_name='Bad_Name'"),
+        ({"image": "repo/img:latest"}, r"image='repo/img:latest'.*pinned tag, not latest"),
+        ({"image": "repo/img"}, r"image='repo/img'.*pinned tag"),
+    ],
+)
+def test_bad_values_name_field_value_and_rule(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})
+
+
+def test_credentials_never_come_from_files_or_flags(tmp_path: Path) -> None:
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text("storage:\n  secret_key: hunter2\n")
+    with pytest.raises(ConfigError, match="credentials come only from the environment"):
+        load_config(config_file=leaky, environ={})
+    with pytest.raises(ConfigError, match="only from the environment"):
+        load_config(overrides={"storage.access_key": "x"}, environ={})
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(config_file=bad, environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(config_file=tmp_path / "nope.yaml", environ={})
+    with pytest.raises(ConfigError, match="profile='huge': choose one of smoke, quick, full"):
+        load_config("huge", environ={})
+
+
+def test_every_field_is_described() -> None:
+    lines = describe_fields()
+    assert any(line.strip().startswith("train.epochs (default 15)") for line in lines)
+    assert all(not line.endswith(": None") for line in lines), "a field lacks a description"
