@@ -18,7 +18,7 @@ from safetensors.numpy import save as save_safetensors
 from data import manifest as mf
 from data.raw import RawDataset, Split
 from data.sources import READERS, check_expected
-from pipelines.cli import add_config_args, config_from_args, emit, open_store, run_main, step_parser
+from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.console import parallel_map
 from pipelines.errors import DataError
@@ -184,15 +184,13 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = step_parser("python -m components.feature_engineering", __doc__)
-    add_config_args(parser, ["--dataset", "--state-dir"])
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        with open_store(config_from_args(args)) as (cfg, store):
-            emit(engineer_features(cfg, store), args.result)
-
-    return run_main(body, args.verbose)
+    return step_main(
+        engineer_features,
+        "components.feature_engineering",
+        __doc__,
+        ["--dataset", "--state-dir"],
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from data import manifest as mf
 from data.raw import Files
 from data.sources import READERS, check_expected, download_source, local_source, source_files
-from pipelines.cli import add_config_args, config_from_args, emit, open_store, run_main, step_parser
+from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.console import parallel_map, progress
 from pipelines.errors import DataError, IntegrityError
@@ -136,15 +136,9 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = step_parser("python -m components.verify_data", __doc__)
-    add_config_args(parser, ["--dataset", "--data", "--state-dir"])
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        with open_store(config_from_args(args)) as (cfg, store):
-            emit(verify_data(cfg, store), args.result)
-
-    return run_main(body, args.verbose)
+    return step_main(
+        verify_data, "components.verify_data", __doc__, ["--dataset", "--data", "--state-dir"], argv
+    )
 
 
 if __name__ == "__main__":

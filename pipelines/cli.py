@@ -157,3 +157,22 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def step_main(
+    step: Callable[[PipelineConfig, ObjectStore], Any],
+    module: str,
+    doc: str | None,
+    shortcuts: list[str],
+    argv: list[str] | None,
+) -> int:
+    """The container command of a step: parse flags, open the store, run, print the result."""
+    parser = step_parser(f"python -m {module}", doc)
+    add_config_args(parser, shortcuts)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        with open_store(config_from_args(args)) as (cfg, store):
+            emit(step(cfg, store), args.result)
+
+    return run_main(body, args.verbose)

@@ -1,0 +1,1 @@
+"""Training: the DDP entry point a PyTorchJob runs, the model, data loading and checkpoints."""
