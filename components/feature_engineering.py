@@ -185,7 +185,7 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
 
 def main(argv: list[str] | None = None) -> int:
     return step_main(
-        engineer_features,
+        lambda cfg, store, _: engineer_features(cfg, store),
         "components.feature_engineering",
         __doc__,
         ["--dataset", "--state-dir"],

@@ -137,7 +137,11 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
 
 def main(argv: list[str] | None = None) -> int:
     return step_main(
-        verify_data, "components.verify_data", __doc__, ["--dataset", "--data", "--state-dir"], argv
+        lambda cfg, store, _: verify_data(cfg, store),
+        "components.verify_data",
+        __doc__,
+        ["--dataset", "--data", "--state-dir"],
+        argv,
     )
 
 

@@ -160,19 +160,22 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
 
 
 def step_main(
-    step: Callable[[PipelineConfig, ObjectStore], Any],
+    step: Callable[[PipelineConfig, ObjectStore, argparse.Namespace], Any],
     module: str,
     doc: str | None,
     shortcuts: list[str],
     argv: list[str] | None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """The container command of a step: parse flags, open the store, run, print the result."""
     parser = step_parser(f"python -m {module}", doc)
+    if add_args is not None:
+        add_args(parser)
     add_config_args(parser, shortcuts)
     args = parser.parse_args(argv)
 
     def body() -> None:
         with open_store(config_from_args(args)) as (cfg, store):
-            emit(step(cfg, store), args.result)
+            emit(step(cfg, store, args), args.result)
 
     return run_main(body, args.verbose)

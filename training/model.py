@@ -22,7 +22,8 @@ def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") 
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
-    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1 if stem == "cifar" else 2, padding=1,
-                            bias=False)  # fmt: skip
+    model.conv1 = nn.Conv2d(
+        in_channels, 64, 3, stride=1 if stem == "cifar" else 2, padding=1, bias=False
+    )
     model.maxpool = nn.Identity()
     return model

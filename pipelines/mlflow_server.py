@@ -1,0 +1,95 @@
+"""The local MLflow server: sqlite in the state dir, artifacts proxied to the S3 `mlflow` bucket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipelines.config import PipelineConfig
+from pipelines.errors import PipelineError
+from pipelines.s3server import HOST, free_port
+
+log = logging.getLogger("mlops.mlflow")
+
+READY_TIMEOUT_S = 90.0  # about 12 s on 2 idle cores; slower while the data steps run
+
+
+def wait_healthy(uri: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll <uri>/health until it answers 200, the process exits, or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise PipelineError(f"the MLflow server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise PipelineError(
+        f"the MLflow server at {uri} was not healthy within {timeout_s:.0f} s: "
+        "check MLFLOW_TRACKING_URI, or unset it to use a local server"
+    )
+
+
+class LocalMlflow:
+    """`mlflow server` on 127.0.0.1. start() returns at once; wait() blocks until healthy."""
+
+    def __init__(self, cfg: PipelineConfig, workdir: Path):
+        self.cfg = cfg
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> LocalMlflow:
+        storage = self.cfg.storage
+        assert storage.endpoint and storage.access_key and storage.secret_key
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        # The server, not the clients, holds the S3 keys: artifacts are proxied through it.
+        env = dict(
+            os.environ,
+            MLFLOW_S3_ENDPOINT_URL=storage.endpoint,
+            AWS_ACCESS_KEY_ID=storage.access_key.get_secret_value(),
+            AWS_SECRET_ACCESS_KEY=storage.secret_key.get_secret_value(),
+            AWS_DEFAULT_REGION=storage.region,
+        )
+        db = (self.workdir / "mlflow.db").resolve()
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", HOST, "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{db}",
+            "--artifacts-destination", f"s3://{storage.buckets.mlflow}/artifacts",
+        ]  # fmt: skip
+        with open(self.workdir / "server.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        return self
+
+    def wait(self) -> str:
+        wait_healthy(self.uri, READY_TIMEOUT_S, self.proc)
+        log.info("MLflow server on %s (UI and API)", self.uri)
+        return self.uri
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

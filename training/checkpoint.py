@@ -1,0 +1,82 @@
+"""Checkpoints in S3: tensors as safetensors, state as JSON, then a `latest.json` pointer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipelines.errors import IntegrityError
+from pipelines.storage import ObjectStore, s3_uri
+
+log = logging.getLogger("mlops.checkpoint")
+LATEST = "latest.json"
+
+
+@dataclass
+class Checkpoint:
+    epoch: int  # epochs completed
+    tensors: dict[str, torch.Tensor]  # model.*, optim.* and rng.* entries
+    state: dict[str, Any]  # JSON: optimizer/scheduler scalars, history, config hash
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able scalars."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in sd["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = float(value)
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], state: dict) -> dict[str, Any]:
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            slots.setdefault(int(pid), {})[name] = value
+    for key, value in state["scalars"].items():
+        pid, name = key.split(".", 1)
+        slots.setdefault(int(pid), {})[name] = torch.tensor(value)
+    return {"state": slots, "param_groups": state["param_groups"]}
+
+
+def save(store: ObjectStore, bucket: str, prefix: str, ckpt: Checkpoint) -> None:
+    """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole."""
+    name = f"epoch-{ckpt.epoch:04d}"
+    payload = save_safetensors({k: v.contiguous() for k, v in ckpt.tensors.items()})
+    state = json.dumps({**ckpt.state, "epoch": ckpt.epoch}, sort_keys=True).encode()
+    pointer = {
+        "epoch": ckpt.epoch,
+        "tensors": {"key": f"{name}.safetensors", "sha256": hashlib.sha256(payload).hexdigest()},
+        "state": {"key": f"{name}.json", "sha256": hashlib.sha256(state).hexdigest()},
+    }
+    store.put_bytes(bucket, prefix + pointer["tensors"]["key"], payload)
+    store.put_bytes(bucket, prefix + pointer["state"]["key"], state, "application/json")
+    store.write_json(bucket, prefix + LATEST, pointer)
+
+
+def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:
+    pointer = store.read_json(bucket, prefix + LATEST)
+    if pointer is None:
+        return None
+    try:
+        payload = store.get_bytes(
+            bucket, prefix + pointer["tensors"]["key"], pointer["tensors"]["sha256"]
+        )
+        state = json.loads(
+            store.get_bytes(bucket, prefix + pointer["state"]["key"], pointer["state"]["sha256"])
+        )
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{s3_uri(bucket, prefix + LATEST)} is malformed ({exc})") from None
+    return Checkpoint(pointer["epoch"], load_safetensors(payload), state)

@@ -1,0 +1,96 @@
+"""Processed shards into memory as uint8 tensors; per-rank batches; batched augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from pipelines.errors import ConfigError, DataError
+from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
+
+PAD = 4  # pixels of zero padding before the random crop, the standard CIFAR augmentation
+
+
+@dataclass
+class Tensors:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> Tensors:
+        return Tensors(self.images.to(device), self.labels.to(device))
+
+
+def load_processed(store: ObjectStore, uri: str) -> tuple[dict[str, Any], dict[str, Tensors]]:
+    """metadata.json and every split, each shard checked against its recorded sha256."""
+    bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
+    meta = store.read_json(bucket, prefix + "metadata.json")
+    if meta is None:
+        raise DataError(f"{uri} has no metadata.json: run feature-engineering first")
+    splits = {}
+    for split, shards in meta["shards"].items():
+        images, labels = [], []
+        for shard in shards:
+            payload = store.get_bytes(bucket, prefix + shard["key"], shard["sha256"])
+            tensors = load_safetensors(payload)
+            if len(tensors["labels"]) != shard["count"]:
+                raise DataError(f"{s3_uri(bucket, prefix + shard['key'])}: wrong image count")
+            images.append(tensors["images"])
+            labels.append(tensors["labels"])
+        # NHWC on disk; NCHW here, the layout convolutions and channels_last expect.
+        splits[split] = Tensors(
+            torch.cat(images).permute(0, 3, 1, 2).contiguous(), torch.cat(labels)
+        )
+    return meta, splits
+
+
+def rank_batches(
+    n: int, batch_size: int, *, epoch: int, seed: int, rank: int, world: int
+) -> Iterator[torch.Tensor]:
+    """This rank's index batches for one epoch, as DistributedSampler(drop_last=True) gives them:
+    one seeded permutation shared by all ranks, each rank taking every world-th index."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of the {world} ranks")
+    per_rank = batch_size // world
+    steps = n // batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"train.batch_size={batch_size} exceeds the {n} training images: lower it"
+        )
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)[: steps * batch_size][rank::world]
+    yield from order.split(per_rank)
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after 4-pixel zero padding, and a random horizontal flip, for a whole batch."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=images.device)
+    dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    cropped = padded[batch, chan, rows, cols]
+    flip = torch.rand(n, generator=gen, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW in, float normalised with the train split's mean/std out (channels_last)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,45 @@
+"""The distributed environment as torchrun or a PyTorchJob sets it, and the cores a rank may use."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_dist() -> Dist:
+    """torchrun sets LOCAL_RANK/LOCAL_WORLD_SIZE; a plain PyTorchJob pod sets only RANK and
+    WORLD_SIZE (one process per pod), so the local values then default to 0 and 1."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return Dist(
+        rank=int(env.get("RANK", 0)),
+        world=world,
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world=int(env.get("LOCAL_WORLD_SIZE", 1 if "LOCAL_RANK" not in env else world)),
+    )
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (pods)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores

@@ -1,0 +1,419 @@
+"""Train ResNet-18 with DDP: the program torchrun runs locally and a PyTorchJob runs in its pods.
+
+    torchrun --nproc_per_node=2 -m training.train --processed s3://processed-data/x/h/ --run-id r1
+
+Distributed settings come from the environment, as torchrun or the Kubeflow Training Operator
+set them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and LOCAL_RANK under torchrun); with none
+set it runs as one process. Only rank 0 logs to MLflow and writes checkpoints and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# `python training/train.py` (a container command) puts training/ first on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines.cli import add_config_args, config_from_args, run_main
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError
+from pipelines.storage import ObjectStore, s3_uri
+from training import checkpoint, tracking
+from training.data import Normalize, Tensors, augment, load_processed, rank_batches
+from training.dist import Dist, detect_dist, usable_cores
+from training.model import build_model
+
+log = logging.getLogger("mlops.train")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed environment and threads: see training/dist.py
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Tensors, d: Dist, batch: int, num_classes: int, autocast: Any
+) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, confusion matrix) over the whole split, each rank taking a strided part."""
+    model.eval()
+    part = Tensors(data.images[d.rank :: d.world], data.labels[d.rank :: d.world])
+    device = next(model.parameters()).device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for start in range(0, len(part), batch):
+        x = part.images[start : start + batch].to(device)
+        y = part.labels[start : start + batch].to(device)
+        with autocast():
+            logits = model(x).float()
+        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
+        totals[1] += len(y)
+        confusion += torch.bincount(
+            y * num_classes + logits.argmax(1), minlength=num_classes**2
+        ).view(num_classes, num_classes)
+    if d.world > 1:
+        dist.all_reduce(totals)
+        dist.all_reduce(confusion)
+    model.train()
+    n = max(totals[1].item(), 1)
+    return totals[0].item() / n, confusion.diag().sum().item() / n, confusion.cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule: linear warm-up, then cosine to zero, as a pure function of the step (so a resumed
+# run needs only the step count to be back on the same curve).
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.2) -> float:
+    warm = max(1, int(total * warmup_frac))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def config_hash(cfg: PipelineConfig, processed: str) -> str:
+    doc = {"train": cfg.train.model_dump(mode="json"), "processed": processed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]  # baked into the image at build time
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    model_uri: str
+    model_sha256: str
+    mlflow_run_id: str
+    tracking_uri: str
+    registered_model: str
+    version: str
+    val_accuracy: float
+    test_accuracy: float
+    epochs: int
+    resumed_from_epoch: int
+    world_size: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    param_digests: list[str] = field(default_factory=list)
+
+
+def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainResult | None:
+    """The whole training run; returns the result on rank 0, None elsewhere."""
+    t_start = time.monotonic()
+    tc = cfg.train
+    # -- device, backend, threads
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{d.local_rank}" if cuda else "cpu")
+    if tc.precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on a CPU")
+    if cuda:
+        torch.cuda.set_device(device)
+    threads = max(1, usable_cores() // d.local_world)
+    torch.set_num_threads(threads)
+    if d.world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    # -- data: every shard sha256-checked, held in memory as uint8
+    store = ObjectStore(cfg.storage)
+    meta, splits = load_processed(store, processed)
+    train_set = splits["train"].to(device)
+    steps_per_epoch = len(train_set) // tc.batch_size
+    total_steps = steps_per_epoch * tc.epochs
+    classes, image = meta["classes"], meta["image"]
+
+    # -- model: normalisation inside, so the model takes uint8 images as served
+    torch.manual_seed(tc.seed)
+    net = build_model(len(classes), image["channels"], tc.stem)
+    model = nn.Sequential(Normalize(meta["mean"], meta["std"]), net)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    scaler = torch.amp.GradScaler(enabled=tc.precision == "fp16")
+
+    # -- resume: every rank reads the same checkpoint
+    prefix = f"{cfg.serving.model_name}/{run_id}/"
+    ckpt_prefix = prefix + "checkpoints/"
+    bucket = cfg.storage.buckets.models
+    chash = config_hash(cfg, processed)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt = checkpoint.load_latest(store, bucket, ckpt_prefix)
+    if ckpt is not None:
+        if ckpt.state["config_hash"] != chash:
+            raise ConfigError(
+                f"{s3_uri(bucket, ckpt_prefix)} holds a checkpoint of another config or data; "
+                "use a new run id"
+            )
+        model.load_state_dict({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
+        optimizer.load_state_dict(checkpoint.unflatten_optimizer(ckpt.tensors, ckpt.state["optim"]))
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        history, start_epoch = ckpt.state["history"], ckpt.epoch
+        if d.main:
+            log.info("resuming %s from epoch %d of %d", run_id, start_epoch, tc.epochs)
+    ddp = DistributedDataParallel(model) if d.world > 1 else model
+
+    # -- tracking (rank 0 only): one MLflow run per training, found again on resume
+    tracker = tracking.Tracker.start(cfg, run_id, d.world, meta, git_commit()) if d.main else None
+    if tracker is not None:
+        tracker.backfill(history)
+
+    # -- the loop
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, tc.epochs):
+        t_epoch = time.monotonic()
+        gen = torch.Generator(device).manual_seed(tc.seed * 7919 + epoch * 131 + d.rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+        batches = rank_batches(
+            len(train_set), tc.batch_size, epoch=epoch, seed=tc.seed, rank=d.rank, world=d.world
+        )
+        for batch in batches:
+            lr = lr_at(step, total_steps, tc.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch.to(device)
+            x, y = augment(train_set.images[idx], gen), train_set.labels[idx]
+            with autocast():
+                logits = ddp(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            sums += torch.stack(
+                [
+                    loss.detach() * len(y),
+                    (logits.argmax(1) == y).sum(),
+                    torch.tensor(len(y), device=device),
+                ]
+            ).double()
+        if d.world > 1:
+            dist.all_reduce(sums)
+        seconds = time.monotonic() - t_epoch
+        val_loss, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0].item() / sums[2].item(),
+            "train_accuracy": sums[1].item() / sums[2].item(),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": lr,
+            "images_per_s": sums[2].item() / seconds,
+            "epoch_seconds": seconds,
+        }
+        history.append(row)
+        if d.main:
+            log.info(
+                "epoch %d/%d  loss %.3f  acc %.3f  val_loss %.3f  val_acc %.3f  %.0f img/s  %.1f s",
+                epoch + 1,
+                tc.epochs,
+                row["train_loss"],
+                row["train_accuracy"],
+                val_loss,
+                val_acc,
+                row["images_per_s"],
+                seconds,
+            )
+            tensors, optim_state = checkpoint.flatten_optimizer(optimizer)
+            tensors |= {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+            tensors["rng.torch"] = torch.get_rng_state()
+            state = {"config_hash": chash, "history": history, "optim": optim_state}
+            checkpoint.save(
+                store, bucket, ckpt_prefix, checkpoint.Checkpoint(epoch + 1, tensors, state)
+            )
+            assert tracker is not None
+            tracker.log_epoch(row)
+
+    # -- final evaluation on test, the model, and its record
+    test_loss, test_acc, confusion = evaluate(ddp, splits["test"], d, 512, len(classes), autocast)
+    digest = hashlib.sha256(
+        b"".join(p.detach().cpu().float().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
+    digests = [digest]
+    if d.world > 1:
+        gathered: list[Any] = [None] * d.world
+        dist.all_gather_object(gathered, digest)
+        digests = gathered
+    if not d.main:
+        return None
+    assert tracker is not None
+    final = history[-1] if history else {}
+    metrics = {
+        "val_accuracy": final.get("val_accuracy", 0.0),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+    }
+    weights = save_safetensors(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    )
+    sha = store.put_bytes(bucket, prefix + "model.safetensors", weights)
+    example = splits["test"].images[:4].cpu()
+    version = tracker.finish(model, example, metrics, history, confusion, classes, sha)
+    model_json = {
+        "format": "mlops.model/v1",
+        "name": cfg.serving.model_name,
+        "architecture": tc.arch,
+        "stem": tc.stem,
+        "classes": classes,
+        "num_classes": len(classes),
+        "input": {
+            "shape": [image["channels"], image["height"], image["width"]],
+            "dtype": "uint8",
+            "layout": "NCHW",
+        },
+        "normalization": {"mean": meta["mean"], "std": meta["std"], "scale": 255},
+        "metrics": metrics,
+        "sha256": sha,
+        "weights": "model.safetensors",
+        "lineage": {
+            "pipeline_run_id": run_id,
+            "processed_uri": processed,
+            "feature_hash": meta["feature_hash"],
+            "manifest_sha256": meta["manifest_sha256"],
+            "git_commit": git_commit(),
+            "mlflow_run_id": tracker.run_id,
+            "registered_model": cfg.serving.model_name,
+            "registered_version": version,
+            "world_size": d.world,
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    store.write_json(bucket, prefix + "model.json", model_json)  # last: the model is complete
+    log.info("test accuracy %.4f; model %s (version %s)", test_acc, s3_uri(bucket, prefix), version)
+    return TrainResult(
+        model_uri=s3_uri(bucket, prefix),
+        model_sha256=sha,
+        mlflow_run_id=tracker.run_id,
+        tracking_uri=tracker.uri,
+        registered_model=cfg.serving.model_name,
+        version=version,
+        val_accuracy=metrics["val_accuracy"],
+        test_accuracy=test_acc,
+        epochs=len(history),
+        resumed_from_epoch=start_epoch,
+        world_size=d.world,
+        seconds=round(time.monotonic() - t_start, 2),
+        history=history,
+        param_digests=digests,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point: always ends the MLflow run and destroys the process group, even on error.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--processed",
+        required=True,
+        metavar="URI",
+        help="processed data from feature-engineering, s3://processed-data/ID/HASH/",
+    )
+    parser.add_argument(
+        "--run-id",
+        metavar="ID",
+        help="pipeline run id: models/NAME/ID/ holds its checkpoints and model, and a "
+        "restart with the same id resumes (required with several processes; "
+        "default for one: a new timestamped id)",
+    )
+    parser.add_argument(
+        "--result",
+        type=Path,
+        metavar="FILE",
+        help="rank 0 writes the result JSON here (default: stdout only)",
+    )
+    add_config_args(parser, ["--epochs", "--workers"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    d = detect_dist()
+    status = "FAILED"
+
+    def body() -> None:
+        nonlocal status
+        if not d.main:  # one voice: the other ranks speak only of trouble
+            logging.getLogger().setLevel(logging.WARNING)
+        cfg = config_from_args(args)
+        run_id = args.run_id
+        if run_id is None:
+            if d.world > 1:
+                raise ConfigError("--run-id is required when several processes train together")
+            run_id = datetime.now(UTC).strftime("local-%Y%m%d-%H%M%S")
+        result = train(cfg, args.processed, run_id, d)
+        status = "FINISHED"
+        if result is not None:
+            text = json.dumps(result.__dict__, sort_keys=True)
+            if args.result:
+                args.result.write_text(text + "\n")
+            print(text)
+
+    try:
+        return run_main(body, args.verbose)
+    finally:
+        tracking.end(status)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
