@@ -31,6 +31,7 @@ class TrainStepResult:
     model_uri: str
     model_sha256: str
     mlflow_run_id: str
+    experiment_id: str
     tracking_uri: str
     registered_model: str
     version: str

@@ -10,18 +10,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.feature_engineering import engineer_features
+from components.train import new_run_id, train_model
 from components.verify_data import verify_data
 from pipelines.cli import open_store
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
+from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.storage import ObjectStore
 
 log = logging.getLogger("mlops.local")
 
-Step = Callable[[PipelineConfig, ObjectStore], Any]
+# Each step reads what it needs from the outputs of the steps before it.
+Step = Callable[[PipelineConfig, ObjectStore, dict[str, Any]], Any]
 STEPS: list[tuple[str, Step]] = [
-    ("verify-data", verify_data),
-    ("feature-engineering", engineer_features),
+    ("verify-data", lambda cfg, store, _: verify_data(cfg, store)),
+    ("feature-engineering", lambda cfg, store, _: engineer_features(cfg, store)),
+    (
+        "train",
+        lambda cfg, store, out: train_model(
+            cfg, store, out["feature-engineering"]["processed_uri"], out["run_id"]
+        ),
+    ),
 ]
 
 
@@ -35,11 +44,13 @@ class StepReport:
 
 @dataclass
 class RunReport:
+    run_id: str = ""
     status: str = "running"
     failed_step: str | None = None
     error: str | None = None
     exit_code: int = 0
     storage_endpoint: str = ""
+    tracking_uri: str = ""
     steps: list[StepReport] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -49,17 +60,28 @@ class RunReport:
 
 def run_pipeline(cfg: PipelineConfig) -> RunReport:
     """Run every step; the first failure stops the run and is recorded, not raised."""
-    report = RunReport(steps=[StepReport(name) for name, _ in STEPS])
+    report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name, _ in STEPS])
     start = time.monotonic()
+    mlflow_server: LocalMlflow | None = None
     try:
-        with open_store(cfg) as (live, store):
+        with open_store(cfg) as (with_store, store):
             report.storage_endpoint = store.endpoint
+            store.ensure_buckets()
+            live = with_store
+            if not live.mlflow.tracking_uri:
+                # It needs ~12 s to become healthy: start it now, wait for it before training.
+                mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
+            outputs: dict[str, Any] = {"run_id": report.run_id}
             for (name, step), rep in zip(STEPS, report.steps, strict=True):
+                if name == "train" and mlflow_server is not None:
+                    live = with_tracking(live, mlflow_server.wait())
+                report.tracking_uri = live.mlflow.tracking_uri or ""
                 log.info("step %s: starting", name)
                 t0 = time.monotonic()
                 try:
-                    rep.result = dataclasses.asdict(step(live, store))
+                    rep.result = dataclasses.asdict(step(live, store, outputs))
                     rep.status = "succeeded"
+                    outputs[name] = rep.result
                 except PipelineError as exc:
                     rep.status, report.failed_step = "failed", name
                     report.error, report.exit_code = str(exc), exc.exit_code
@@ -67,8 +89,11 @@ def run_pipeline(cfg: PipelineConfig) -> RunReport:
                 finally:
                     rep.seconds = round(time.monotonic() - t0, 2)
                 log.info("step %s: succeeded in %.1f s", name, rep.seconds)
-    except PipelineError as exc:  # the services themselves failed to start
+    except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
+    finally:
+        if mlflow_server is not None:
+            mlflow_server.stop()
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     for rep in report.steps:

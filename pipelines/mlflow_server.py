@@ -39,13 +39,18 @@ def wait_healthy(uri: str, timeout_s: float, proc: subprocess.Popen | None = Non
     )
 
 
+def with_tracking(cfg: PipelineConfig, uri: str) -> PipelineConfig:
+    """The same config, pointed at a running tracking server."""
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
+
+
 class LocalMlflow:
     """`mlflow server` on 127.0.0.1. start() returns at once; wait() blocks until healthy."""
 
-    def __init__(self, cfg: PipelineConfig, workdir: Path):
+    def __init__(self, cfg: PipelineConfig, workdir: Path, port: int = 0):
         self.cfg = cfg
         self.workdir = workdir
-        self.port = 0
+        self.port = port  # 0: a free one
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,7 +61,7 @@ class LocalMlflow:
         storage = self.cfg.storage
         assert storage.endpoint and storage.access_key and storage.secret_key
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
         # The server, not the clients, holds the S3 keys: artifacts are proxied through it.
         env = dict(
             os.environ,

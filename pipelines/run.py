@@ -16,7 +16,7 @@ from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_
 from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
 
-COMMANDS = ("run", "config", "compile")
+COMMANDS = ("run", "config", "compile", "mlflow-ui")
 
 
 def summary(report: RunReport) -> str:
@@ -28,6 +28,7 @@ def summary(report: RunReport) -> str:
     lines.append(f"{'total':<33}{report.seconds:>8.1f}")
     data = report.result("verify-data")
     features = report.result("feature-engineering")
+    trained = report.result("train")
     if data:
         counts = ", ".join(f"{k} {v}" for k, v in data["counts"].items())
         moved = f"uploaded {data['uploaded']} of {data['objects']} objects"
@@ -40,6 +41,15 @@ def summary(report: RunReport) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in features["counts"].items())
         note = " (unchanged, reused)" if features["skipped"] else ""
         lines.append(f"features    {features['processed_uri']}{note}: {counts}")
+    if trained:
+        lines += [
+            f"accuracy    test {trained['test_accuracy']:.4f}, val {trained['val_accuracy']:.4f}"
+            f" ({trained['epochs']} epochs, {trained['world_size']} process(es))",
+            f"model       {trained['model_uri']}model.safetensors",
+            f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
+            f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
+            f"v{trained['version']}; browse later with `make mlflow-ui`)",
+        ]
     if report.storage_endpoint:
         lines.append(f"S3 store    {report.storage_endpoint}")
     if report.error:
@@ -48,6 +58,7 @@ def summary(report: RunReport) -> str:
 
 
 def as_json(report: RunReport) -> str:
+    trained = report.result("train")
     return json.dumps(
         {
             "status": report.status,
@@ -59,6 +70,15 @@ def as_json(report: RunReport) -> str:
             ],
             "data": report.result("verify-data"),
             "features": report.result("feature-engineering"),
+            "run_id": report.run_id,
+            "metrics": {k: trained.get(k) for k in ("test_accuracy", "val_accuracy")},
+            "model_uri": trained.get("model_uri"),
+            "mlflow": {
+                "tracking_uri": report.tracking_uri or None,
+                "run_id": trained.get("mlflow_run_id"),
+                "registered_model": trained.get("registered_model"),
+                "version": trained.get("version"),
+            },
         }
     )
 
@@ -79,6 +99,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mlflow_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI over the state dir's runs, until Ctrl-C."""
+    import time
+
+    from pipelines.cli import open_store
+    from pipelines.mlflow_server import LocalMlflow
+
+    cfg = config_from_args(args)
+    with open_store(cfg) as (live, store):
+        store.ensure_buckets()
+        server = LocalMlflow(live, live.state_dir / "mlflow", live.mlflow.ui_port).start()
+        try:
+            print(f"MLflow UI: {server.wait()}  (Ctrl-C to stop)", flush=True)
+            while server.proc is not None and server.proc.poll() is None:
+                time.sleep(1)
+        finally:
+            server.stop()
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "config.schema.json"
@@ -93,13 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the image-classifier pipeline: " + " >> ".join(n for n, _ in STEPS),
         formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,config,compile}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     run = sub.add_parser(
         "run",
         help="run the pipeline locally (the default command)",
         formatter_class=HelpFormatter,
         description=f"{parser.description}\n\nCommands: run (the default) runs the pipeline "
-        "locally; `config` prints the resolved config; `compile` writes generated files. "
+        "locally; `config` prints the resolved config; `compile` writes generated files; "
+        "`mlflow-ui` serves the MLflow UI over the local runs. "
         "`COMMAND --help` shows each one's options.",
     )
     add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
@@ -114,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(config, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
     config.set_defaults(func=cmd_config)
+    ui = sub.add_parser(
+        "mlflow-ui",
+        help="open the MLflow UI on the local state dir's runs",
+        formatter_class=HelpFormatter,
+    )
+    add_config_args(ui, ["--state-dir"])
+    ui.set_defaults(func=cmd_mlflow_ui)
     comp = sub.add_parser(
         "compile",
         help="write generated files (the config JSON schema)",

@@ -40,9 +40,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, uri: str, run_id: str, registered_name: str):
+    def __init__(self, uri: str, run_id: str, experiment_id: str, registered_name: str):
         self.uri = uri
         self.run_id = run_id
+        self.experiment_id = experiment_id
         self.registered_name = registered_name
 
     @classmethod
@@ -78,7 +79,7 @@ class Tracker:
         except mlflow.MlflowException as exc:
             raise PipelineError(f"MLflow at {uri} refused the run: {exc.message}") from None
         log.info("MLflow run %s at %s", run.info.run_id, uri)
-        return cls(uri, run.info.run_id, cfg.serving.model_name)
+        return cls(uri, run.info.run_id, run.info.experiment_id, cfg.serving.model_name)
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a resume, log the epochs the checkpoint has but MLflow missed."""

@@ -131,6 +131,7 @@ class TrainResult:
     model_uri: str
     model_sha256: str
     mlflow_run_id: str
+    experiment_id: str
     tracking_uri: str
     registered_model: str
     version: str
@@ -337,6 +338,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         model_uri=s3_uri(bucket, prefix),
         model_sha256=sha,
         mlflow_run_id=tracker.run_id,
+        experiment_id=tracker.experiment_id,
         tracking_uri=tracker.uri,
         registered_model=cfg.serving.model_name,
         version=version,
