@@ -43,3 +43,34 @@ def usable_cores() -> int:
     except (OSError, ValueError):
         pass
     return cores
+
+
+def init_process_group(d: Dist, backend: str, timeout_s: float = 600.0) -> None:
+    """Join the group through a store prefixed by the torchrun restart count.
+
+    torchrun keeps its agent's TCPStore across restarts, so without the prefix a restarted rank
+    can read the address a dead peer published in the previous attempt and fail to connect
+    (pytorch/pytorch#167288). Without torchrun (a plain PyTorchJob pod) rank 0 hosts the store.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    env = os.environ
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world_size=d.world,
+        is_master=not agent and d.rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"mlops/attempt-{attempt}", store),
+        rank=d.rank,
+        world_size=d.world,
+        timeout=timedelta(seconds=timeout_s),
+    )

@@ -105,7 +105,9 @@ class Tracker:
         sha256: str,
     ) -> str:
         """Final metrics, plots, and the model, registered as a new version. Returns it."""
-        mlflow.log_metrics(metrics)
+        # val_accuracy is already in the per-epoch history; only the test figures are new.
+        tests = {k: v for k, v in metrics.items() if k.startswith("test_")}
+        mlflow.log_metrics(tests, step=len(history))
         mlflow.set_tag("mlops.model_sha256", sha256)
         mlflow.log_figure(_curves(history), "plots/training_curves.png")
         mlflow.log_figure(_confusion(confusion, classes), "plots/confusion_matrix.png")

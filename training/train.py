@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
 from training import checkpoint, tracking
 from training.data import Normalize, Tensors, augment, load_processed, rank_batches
-from training.dist import Dist, detect_dist, usable_cores
+from training.dist import Dist, detect_dist, init_process_group, usable_cores
 from training.model import build_model
 
 log = logging.getLogger("mlops.train")
@@ -159,7 +159,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     threads = max(1, usable_cores() // d.local_world)
     torch.set_num_threads(threads)
     if d.world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        init_process_group(d, "nccl" if cuda else "gloo")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
 
     def autocast() -> Any:

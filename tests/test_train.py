@@ -1,0 +1,173 @@
+"""Training with real torchrun processes, a real S3 server and a real MLflow server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import psutil
+import pytest
+
+from components.feature_engineering import engineer_features
+from components.train import train_model
+from components.verify_data import verify_data
+from pipelines.config import load_config
+from pipelines.errors import ConfigError, PipelineError, StorageError
+from pipelines.mlflow_server import LocalMlflow, with_tracking
+from pipelines.s3server import EmbeddedS3, free_port, with_embedded_store
+from pipelines.storage import ObjectStore, parse_s3_uri
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """One S3 server, one MLflow server, and processed synthetic data for the whole module."""
+    root = tmp_path_factory.mktemp("train")
+    with EmbeddedS3(root / "s3") as s3:
+        overrides = {"state_dir": str(root / "state"), "dataset.name": "synthetic"}
+        cfg = with_embedded_store(load_config("smoke", overrides=overrides, environ={}), s3)
+        store = ObjectStore(cfg.storage)
+        store.ensure_buckets()
+        server = LocalMlflow(cfg, root / "mlflow").start()
+        try:
+            verify_data(cfg, store)
+            processed = engineer_features(cfg, store).processed_uri
+            cfg = with_tracking(cfg, server.wait())
+            yield SimpleNamespace(cfg=cfg, store=store, processed=processed, s3=s3, root=root)
+        finally:
+            server.stop()
+
+
+def _cfg(env: SimpleNamespace, **train: object):
+    return env.cfg.model_copy(update={"train": env.cfg.train.model_copy(update=train)})
+
+
+def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None:
+    result = train_model(_cfg(env, workers=2), env.store, env.processed, "ddp-test")
+    assert result.world_size == 2 and result.epochs == 3
+
+    mlflow.set_tracking_uri(env.cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    losses = [m.value for m in client.get_metric_history(result.mlflow_run_id, "train_loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result.test_accuracy > 0.5  # chance is 0.1
+
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["train.workers"] == "2" and run.data.params["train.epochs"] == "3"
+    secret = env.cfg.storage.secret_key.get_secret_value()
+    assert all(secret not in str(v) for v in run.data.params.values())
+    for key in ("images_per_s", "epoch_seconds", "val_accuracy", "lr", "test_accuracy"):
+        assert key in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
+    tags = run.data.tags
+    assert tags["mlops.pipeline_run_id"] == "ddp-test" and tags["mlops.world_size"] == "2"
+    assert tags["mlops.feature_hash"] in env.processed
+    plots = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png"}
+    version = client.get_model_version(result.registered_model, result.version)
+    assert version.run_id == result.mlflow_run_id
+
+    # The model object and its record agree, and record the lineage.
+    bucket, prefix = parse_s3_uri(result.model_uri)
+    weights = env.store.get_bytes(bucket, prefix + "model.safetensors")
+    record = env.store.read_json(bucket, prefix + "model.json")
+    assert hashlib.sha256(weights).hexdigest() == record["sha256"] == result.model_sha256
+    assert record["lineage"]["mlflow_run_id"] == result.mlflow_run_id
+    assert record["input"]["shape"] == [3, 32, 32] and len(record["classes"]) == 10
+
+
+def test_ranks_hold_identical_parameters(env: SimpleNamespace) -> None:
+    result_file = env.root / "state" / "runs" / "ddp-test" / "train-result.json"
+    digests = json.loads(result_file.read_text())["param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def _rank_pids(launcher: subprocess.Popen) -> list[int]:
+    return [
+        p.pid
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "training.train" in " ".join(p.cmdline()) and "torch.distributed.run" not in p.cmdline()
+    ]
+
+
+def test_sigkill_one_rank_then_resume_with_full_history(env: SimpleNamespace) -> None:
+    cfg = env.cfg
+    child_env = {**os.environ, **env.s3.env(), "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
+    cmd = [sys.executable, "-m", "components.train", "--processed", env.processed,
+           "--run-id", "kill-test", "--profile", "smoke", "--workers", "2",
+           "--set", "train.epochs=5", "--state-dir", str(cfg.state_dir)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pointer = f"{cfg.serving.model_name}/kill-test/checkpoints/latest.json"
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and launcher.poll() is None:
+        latest = env.store.read_json("models", pointer)
+        if latest and 1 <= latest["epoch"] < 4:
+            pids = _rank_pids(launcher)
+            if len(pids) == 2:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    out, err = launcher.communicate(timeout=300)
+    assert killed is not None, f"never saw a mid-run checkpoint: {err[-2000:]}"
+    assert launcher.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["resumed_from_epoch"] >= 1 and result["epochs"] == 5
+    assert "resuming kill-test from epoch" in err
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "val_accuracy")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5]
+
+
+def test_corrupt_shard_fails_naming_it(env: SimpleNamespace) -> None:
+    bucket, prefix = parse_s3_uri(env.processed)
+    key = prefix + "val-00000.safetensors"
+    original = env.store.get_bytes(bucket, key)
+    env.store.put_bytes(bucket, key, original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "training.train", "--processed", env.processed,
+             "--profile", "smoke", "--set", "train.epochs=1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, **env.s3.env(), "MLFLOW_TRACKING_URI": env.cfg.mlflow.tracking_uri},
+        )  # fmt: skip
+    finally:
+        env.store.put_bytes(bucket, key, original)
+    assert proc.returncode == 1
+    assert "val-00000.safetensors: sha256 mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_the_data_cannot_satisfy(env: SimpleNamespace) -> None:
+    with pytest.raises(ConfigError, match="exceeds the 540 training images"):
+        train_model(_cfg(env, batch_size=1024), env.store, env.processed)
+    with pytest.raises(ConfigError, match="must be a multiple of 3 ranks"):
+        train_model(_cfg(env, workers=3, batch_size=32), env.store, env.processed)
+
+
+def test_unreachable_mlflow_fails_within_a_bounded_wait(env, monkeypatch) -> None:
+    import components.train as step
+
+    monkeypatch.setattr(step, "MLFLOW_CHECK_S", 2.0)
+    cfg = with_tracking(env.cfg, f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(PipelineError, match="was not healthy within 2 s"):
+        train_model(cfg, env.store, env.processed)
+
+
+def test_unreachable_store_fails_naming_it(env: SimpleNamespace) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    storage = env.cfg.storage.model_copy(update={"endpoint": endpoint})
+    with pytest.raises(StorageError, match=f"cannot reach the S3 store at {endpoint}"):
+        train_model(env.cfg, ObjectStore(storage), env.processed)
