@@ -63,7 +63,8 @@ def test_failed_step_exits_1_without_traceback(tmp_path: Path) -> None:
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["status"] == "failed" and report["failed_step"] == "verify-data"
     assert "broken.tar.gz: the archive is truncated or corrupt" in report["error"]
-    assert [s["status"] for s in report["steps"]] == ["failed", "skipped"]
+    statuses = [s["status"] for s in report["steps"]]
+    assert statuses[0] == "failed" and set(statuses[1:]) == {"skipped"}
 
 
 def test_unreachable_store_fails_fast_and_names_it(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""Training building blocks: rank batches, augmentation, schedule, stems, checkpoints, cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.errors import ConfigError
+from training.checkpoint import flatten_optimizer, unflatten_optimizer
+from training.data import augment, rank_batches
+from training.dist import usable_cores
+from training.model import build_model
+from training.train import lr_at
+
+
+def test_ranks_split_each_epoch_disjointly_and_reshuffle() -> None:
+    parts = [
+        torch.cat(list(rank_batches(100, 16, epoch=0, seed=3, rank=r, world=2))) for r in (0, 1)
+    ]
+    assert len(parts[0]) == len(parts[1]) == 48  # 6 full global batches of 16, 8 per rank
+    assert not set(parts[0].tolist()) & set(parts[1].tolist())
+    again = torch.cat(list(rank_batches(100, 16, epoch=0, seed=3, rank=0, world=2)))
+    later = torch.cat(list(rank_batches(100, 16, epoch=1, seed=3, rank=0, world=2)))
+    assert torch.equal(parts[0], again) and not torch.equal(parts[0], later)
+
+
+def test_batches_the_data_cannot_fill_are_refused() -> None:
+    with pytest.raises(ConfigError, match="exceeds the 10 training images"):
+        list(rank_batches(10, 16, epoch=0, seed=0, rank=0, world=1))
+    with pytest.raises(ConfigError, match="multiple of the 3 ranks"):
+        list(rank_batches(100, 16, epoch=0, seed=0, rank=0, world=3))
+
+
+def test_augment_crops_and_flips_whole_batches() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    shifted = [augment(images, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert any(not torch.equal(o, images) for o in shifted)
+    # Every output pixel is an input pixel or padding zero.
+    assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0}
+
+
+def test_schedule_warms_up_then_anneals_to_zero() -> None:
+    lrs = [lr_at(s, 100, 0.4) for s in range(100)]
+    assert lrs[0] < lrs[19] == pytest.approx(0.4) and lrs[-1] < 0.01
+    assert max(lrs) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize(("stem", "channels"), [("cifar", 3), ("imagenet", 1), ("s2", 3)])
+def test_stems_give_logits_for_every_class(stem: str, channels: int) -> None:
+    model = build_model(7, channels, stem).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, 32, 32)).shape == (2, 7)
+
+
+def test_optimizer_state_round_trips_without_pickle() -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    tensors, state = flatten_optimizer(opt)
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    fresh.load_state_dict(unflatten_optimizer(tensors, state))
+    for a, b in zip(opt.state.values(), fresh.state.values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_usable_cores_is_positive_and_bounded() -> None:
+    import os
+
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
