@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format mlflow-ui compile lock clean
+.PHONY: help install run demo test lint format bench mlflow-ui compile lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## ruff format and autofix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+bench: $(STAMP) ## run the benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (long)
+	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.report
 
 mlflow-ui: $(STAMP) ## browse the local runs in the MLflow UI (port: mlflow.ui_port, default 5000)
 	$(PY) pipelines/run.py mlflow-ui $(ARGS)

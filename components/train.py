@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,27 +19,11 @@ from pipelines.errors import ConfigError, DataError, PipelineError
 from pipelines.mlflow_server import wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.dist import usable_cores
+from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
 ROOT = Path(__file__).resolve().parent.parent
 MLFLOW_CHECK_S = 30.0
-
-
-@dataclass
-class TrainStepResult:
-    model_uri: str
-    model_sha256: str
-    mlflow_run_id: str
-    experiment_id: str
-    tracking_uri: str
-    registered_model: str
-    version: str
-    val_accuracy: float
-    test_accuracy: float
-    epochs: int
-    resumed_from_epoch: int
-    world_size: int
-    seconds: float
 
 
 def new_run_id() -> str:
@@ -66,7 +49,7 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
 
 def train_model(
     cfg: PipelineConfig, store: ObjectStore, processed_uri: str, run_id: str | None = None
-) -> TrainStepResult:
+) -> TrainResult:
     """Launch `torchrun --nproc_per_node=<workers>` and return what rank 0 recorded."""
     run_id = run_id or new_run_id()
     if not cfg.mlflow.tracking_uri:
@@ -112,9 +95,7 @@ def train_model(
             f"{cfg.train.max_restarts} restart(s)); the rank logs above and in "
             f"{run_dir / 'torchrun'} say why"
         )
-    result = json.loads(result_file.read_text())
-    fields = TrainStepResult.__dataclass_fields__
-    return TrainStepResult(**{k: v for k, v in result.items() if k in fields})
+    return TrainResult(**json.loads(result_file.read_text()))
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.s3server import HOST, free_port
+from pipelines.s3server import HOST, free_port, terminate
 
 log = logging.getLogger("mlops.mlflow")
 
@@ -89,12 +89,5 @@ class LocalMlflow:
         return self.uri
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, timeout_s=15)
         self.proc = None

@@ -20,6 +20,18 @@ HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
 
 
+def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within timeout_s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -87,14 +99,7 @@ class EmbeddedS3:
         raise StorageError(f"the embedded S3 server did not listen within {READY_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def __enter__(self) -> EmbeddedS3:

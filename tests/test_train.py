@@ -171,3 +171,18 @@ def test_unreachable_store_fails_naming_it(env: SimpleNamespace) -> None:
     storage = env.cfg.storage.model_copy(update={"endpoint": endpoint})
     with pytest.raises(StorageError, match=f"cannot reach the S3 store at {endpoint}"):
         train_model(env.cfg, ObjectStore(storage), env.processed)
+
+
+def test_missing_shard_is_named(env: SimpleNamespace) -> None:
+    from pipelines.errors import IntegrityError
+    from training.data import load_processed
+
+    bucket, prefix = parse_s3_uri(env.processed)
+    key = prefix + "test-00000.safetensors"
+    original = env.store.get_bytes(bucket, key)
+    env.store.remove(bucket, key)
+    try:
+        with pytest.raises(IntegrityError, match=r"test-00000\.safetensors is missing"):
+            load_processed(env.store, env.processed)
+    finally:
+        env.store.put_bytes(bucket, key, original)

@@ -15,10 +15,10 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from training import checkpoint, tracking
 from training.data import Normalize, Tensors, augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores
 from training.model import build_model
+from training.result import TrainResult
 
 log = logging.getLogger("mlops.train")
 
@@ -93,6 +94,32 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.2) -> float
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def make_autocast(device: torch.device, precision: str) -> Any:
+    """A factory of autocast contexts for the precision (fp32: a disabled one)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    criterion: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the (detached) loss and logits."""
+    with autocast():
+        logits = model(x)
+        loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -126,25 +153,6 @@ def git_commit() -> str:
 # Training
 
 
-@dataclass
-class TrainResult:
-    model_uri: str
-    model_sha256: str
-    mlflow_run_id: str
-    experiment_id: str
-    tracking_uri: str
-    registered_model: str
-    version: str
-    val_accuracy: float
-    test_accuracy: float
-    epochs: int
-    resumed_from_epoch: int
-    world_size: int
-    seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    param_digests: list[str] = field(default_factory=list)
-
-
 def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainResult | None:
     """The whole training run; returns the result on rank 0, None elsewhere."""
     t_start = time.monotonic()
@@ -160,10 +168,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     torch.set_num_threads(threads)
     if d.world > 1:
         init_process_group(d, "nccl" if cuda else "gloo")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    autocast = make_autocast(device, tc.precision)
 
     # -- data: every shard sha256-checked, held in memory as uint8
     store = ObjectStore(cfg.storage)
@@ -226,17 +231,11 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
                 group["lr"] = lr
             idx = batch.to(device)
             x, y = augment(train_set.images[idx], gen), train_set.labels[idx]
-            with autocast():
-                logits = ddp(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = train_step(ddp, optimizer, scaler, criterion, x, y, autocast)
             step += 1
             sums += torch.stack(
                 [
-                    loss.detach() * len(y),
+                    loss * len(y),
                     (logits.argmax(1) == y).sum(),
                     torch.tensor(len(y), device=device),
                 ]
@@ -390,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     d = detect_dist()
     status = "FAILED"
+    # torchrun stops the surviving ranks with SIGTERM when a peer dies: exit through the
+    # finally below, so the MLflow run and the process group are closed even then.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     def body() -> None:
         nonlocal status

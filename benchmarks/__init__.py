@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` runs them into benchmarks/results/ and docs/BENCHMARKS.md."""
