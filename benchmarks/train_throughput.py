@@ -21,9 +21,9 @@ from torch import nn
 
 from benchmarks.common import ROOT, write_result
 from pipelines.config import PipelineConfig
-from training.data import Normalize, augment
+from training.data import augment
 from training.dist import detect_dist, init_process_group, usable_cores
-from training.model import STEMS, build_model
+from training.model import STEMS, build_classifier
 from training.train import make_autocast, param_groups, train_step
 
 PRECISIONS = ("fp32", "bf16")
@@ -38,7 +38,7 @@ def worker(stem: str, precision: str, steps: int, warmup: int) -> None:
         init_process_group(d, "gloo")
     tc = PipelineConfig().train
     per_rank = tc.batch_size // d.world
-    model = nn.Sequential(Normalize([0.5] * 3, [0.25] * 3), build_model(10, 3, stem))
+    model = build_classifier(10, 3, stem, [0.5] * 3, [0.25] * 3)
     model = model.to(memory_format=torch.channels_last)
     ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
     optimizer = torch.optim.SGD(

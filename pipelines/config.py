@@ -141,6 +141,10 @@ class GateConfig(_Section):
     min_accuracy: float = Field(
         0.5, ge=0, le=1, description="Minimum test accuracy (0-1) a model needs to be promoted."
     )
+    alias: str = Field("champion", description="Registry alias of the model in service.")
+    force_promote: bool = Field(
+        False, description="Promote even when the current champion scores higher."
+    )
 
 
 class ServingConfig(_Section):
@@ -152,6 +156,11 @@ class ServingConfig(_Section):
         description="Registered model and InferenceService name (a DNS-1123 label).",
     )
     port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
+    top_k: int = Field(3, ge=1, description="Classes returned per image, most probable first.")
+    max_instances: int = Field(64, ge=1, description="Largest batch one request may carry.")
+    threads: int = Field(
+        1, ge=1, description="Model-server intra-op threads (1 avoids latency spikes on 2 cores)."
+    )
 
 
 class MlflowConfig(_Section):

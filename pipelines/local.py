@@ -9,9 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from components.deploy import deploy
 from components.feature_engineering import engineer_features
 from components.train import new_run_id, train_model
 from components.verify_data import verify_data
+from components.verify_model import verify_model
 from pipelines.cli import open_store
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
@@ -31,6 +33,8 @@ STEPS: list[tuple[str, Step]] = [
             cfg, store, out["feature-engineering"]["processed_uri"], out["run_id"]
         ),
     ),
+    ("verify-model", lambda cfg, store, out: verify_model(cfg, store, out["train"]["model_uri"])),
+    ("deploy", lambda cfg, store, out: deploy(cfg, store, out["train"]["model_uri"], out["serve"])),
 ]
 
 
@@ -58,7 +62,7 @@ class RunReport:
         return next((s.result for s in self.steps if s.name == step), {})
 
 
-def run_pipeline(cfg: PipelineConfig) -> RunReport:
+def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
     """Run every step; the first failure stops the run and is recorded, not raised."""
     report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name, _ in STEPS])
     start = time.monotonic()
@@ -71,7 +75,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunReport:
             if not live.mlflow.tracking_uri:
                 # It needs ~12 s to become healthy: start it now, wait for it before training.
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
-            outputs: dict[str, Any] = {"run_id": report.run_id}
+            outputs: dict[str, Any] = {"run_id": report.run_id, "serve": serve}
             for (name, step), rep in zip(STEPS, report.steps, strict=True):
                 if name == "train" and mlflow_server is not None:
                     live = with_tracking(live, mlflow_server.wait())

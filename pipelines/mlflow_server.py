@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.s3server import HOST, free_port, terminate
+from pipelines.processes import HOST, free_port, terminate
 
 log = logging.getLogger("mlops.mlflow")
 

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
+from pipelines.processes import wait_for_pid  # noqa: E402
 
 COMMANDS = ("run", "config", "compile", "mlflow-ui")
 
@@ -50,6 +51,24 @@ def summary(report: RunReport) -> str:
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
             f"v{trained['version']}; browse later with `make mlflow-ui`)",
         ]
+    verified = report.result("verify-model")
+    if verified:
+        champion = (
+            f"promoted to {verified['alias']}"
+            if verified["promoted"]
+            else f"{verified['alias']} stays v{verified['champion_version']}"
+        )
+        lines.append(
+            f"gate        test {verified['test_accuracy']:.4f} >= "
+            f"{verified['min_accuracy']:.4f}: v{verified['version']} {champion}"
+        )
+    deployed = report.result("deploy")
+    if deployed:
+        state = "serving (Ctrl-C to stop)" if deployed["serving"] else "smoke-tested, stopped"
+        lines += [
+            f"endpoint    {deployed['endpoint_v1']}  [{state}]",
+            f"            {deployed['endpoint_v2']}",
+        ]
     if report.storage_endpoint:
         lines.append(f"S3 store    {report.storage_endpoint}")
     if report.error:
@@ -59,6 +78,8 @@ def summary(report: RunReport) -> str:
 
 def as_json(report: RunReport) -> str:
     trained = report.result("train")
+    verified = report.result("verify-model")
+    deployed = report.result("deploy")
     return json.dumps(
         {
             "status": report.status,
@@ -78,17 +99,24 @@ def as_json(report: RunReport) -> str:
                 "run_id": trained.get("mlflow_run_id"),
                 "registered_model": trained.get("registered_model"),
                 "version": trained.get("version"),
+                "alias": verified.get("alias") if verified.get("promoted") else None,
             },
+            "endpoint": {"v1": deployed.get("endpoint_v1"), "v2": deployed.get("endpoint_v2")}
+            if deployed.get("serving")
+            else None,
         }
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    report = run_pipeline(cfg)
-    print(summary(report), file=sys.stderr if args.json else sys.stdout)
+    report = run_pipeline(cfg, serve=args.serve)
+    print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
-        print(as_json(report))
+        print(as_json(report), flush=True)
+    deployed = report.result("deploy")
+    if deployed.get("serving"):
+        wait_for_pid(deployed["pid"])
     return report.exit_code
 
 
@@ -143,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`mlflow-ui` serves the MLflow UI over the local runs. "
         "`COMMAND --help` shows each one's options.",
     )
-    add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
+    add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--port", "--state-dir"])
+    run.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the model server running after the run, until Ctrl-C "
+        "(default: smoke-test it, then stop it)",
+    )
     run.add_argument(
         "--json",
         action="store_true",

@@ -13,29 +13,11 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, StorageConfig
 from pipelines.errors import StorageError
+from pipelines.processes import HOST, free_port, terminate
 
 log = logging.getLogger("mlops.s3")
 
-HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
-
-
-def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited within timeout_s."""
-    if proc is None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class EmbeddedS3:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data import synthetic
-from pipelines.s3server import EmbeddedS3, free_port
+from pipelines.processes import free_port
+from pipelines.s3server import EmbeddedS3
 
 ROOT = Path(__file__).resolve().parent.parent
 

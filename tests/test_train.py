@@ -23,7 +23,8 @@ from components.verify_data import verify_data
 from pipelines.config import load_config
 from pipelines.errors import ConfigError, PipelineError, StorageError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
-from pipelines.s3server import EmbeddedS3, free_port, with_embedded_store
+from pipelines.processes import free_port
+from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore, parse_s3_uri
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,14 +27,18 @@ class Tensors:
         return Tensors(self.images.to(device), self.labels.to(device))
 
 
-def load_processed(store: ObjectStore, uri: str) -> tuple[dict[str, Any], dict[str, Tensors]]:
-    """metadata.json and every split, each shard checked against its recorded sha256."""
+def load_processed(
+    store: ObjectStore, uri: str, only: tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict[str, Tensors]]:
+    """metadata.json and the splits (all, or `only`), each shard checked against its sha256."""
     bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
     meta = store.read_json(bucket, prefix + "metadata.json")
     if meta is None:
         raise DataError(f"{uri} has no metadata.json: run feature-engineering first")
     splits = {}
     for split, shards in meta["shards"].items():
+        if only is not None and split not in only:
+            continue
         images, labels = [], []
         for shard in shards:
             payload = store.get_bytes(bucket, prefix + shard["key"], shard["sha256"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet18
 
+from training.data import Normalize
+
 STEMS = ("cifar", "imagenet", "s2")
 
 
@@ -27,3 +29,10 @@ def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") 
     )
     model.maxpool = nn.Identity()
     return model
+
+
+def build_classifier(
+    num_classes: int, in_channels: int, stem: str, mean: list[float], std: list[float]
+) -> nn.Module:
+    """The trained and served network: uint8 NCHW in, logits out (normalisation inside)."""
+    return nn.Sequential(Normalize(mean, std), build_model(num_classes, in_channels, stem))

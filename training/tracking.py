@@ -103,6 +103,7 @@ class Tracker:
         confusion: torch.Tensor,
         classes: list[str],
         sha256: str,
+        model_uri: str,
     ) -> str:
         """Final metrics, plots, and the model, registered as a new version. Returns it."""
         # val_accuracy is already in the per-epoch history; only the test figures are new.
@@ -126,7 +127,12 @@ class Tracker:
             registered_model_name=self.registered_name,
             await_registration_for=60,
         )
-        return str(info.registered_model_version)
+        version = str(info.registered_model_version)
+        # verify-model finds a champion's weights (and the server its model) through this tag.
+        mlflow.MlflowClient().set_model_version_tag(
+            self.registered_name, version, "mlops.model_uri", model_uri
+        )
+        return version
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

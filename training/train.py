@@ -37,9 +37,9 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
 from training import checkpoint, tracking
-from training.data import Normalize, Tensors, augment, load_processed, rank_batches
+from training.data import Tensors, augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores
-from training.model import build_model
+from training.model import build_classifier
 from training.result import TrainResult
 
 log = logging.getLogger("mlops.train")
@@ -180,8 +180,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
 
     # -- model: normalisation inside, so the model takes uint8 images as served
     torch.manual_seed(tc.seed)
-    net = build_model(len(classes), image["channels"], tc.stem)
-    model = nn.Sequential(Normalize(meta["mean"], meta["std"]), net)
+    model = build_classifier(len(classes), image["channels"], tc.stem, meta["mean"], meta["std"])
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
@@ -301,7 +300,9 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     )
     sha = store.put_bytes(bucket, prefix + "model.safetensors", weights)
     example = splits["test"].images[:4].cpu()
-    version = tracker.finish(model, example, metrics, history, confusion, classes, sha)
+    version = tracker.finish(
+        model, example, metrics, history, confusion, classes, sha, s3_uri(bucket, prefix)
+    )
     model_json = {
         "format": "mlops.model/v1",
         "name": cfg.serving.model_name,

@@ -1,0 +1,205 @@
+"""Step deploy (local): fetch the model, start the KServe model server, smoke-test its answers."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.verify_model import download_model
+from pipelines.cli import step_main
+from pipelines.config import PipelineConfig
+from pipelines.errors import PipelineError
+from pipelines.processes import HOST, terminate, wait_for_pid
+from pipelines.storage import ObjectStore
+from serving.model import ImageClassifier
+from training.data import load_processed
+
+log = logging.getLogger("mlops.deploy")
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 60.0
+SMOKE_IMAGES = 16
+
+
+@dataclass
+class DeployResult:
+    model_dir: str
+    endpoint_v1: str
+    endpoint_v2: str
+    smoke_images: int
+    smoke_agreement: float
+    serving: bool
+    pid: int | None = field(default=None, compare=False)
+
+
+def post_json(url: str, body: dict, timeout_s: float = 30.0) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def png_b64(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buf, "png")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def start_server(
+    model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """`python -m serving` on 127.0.0.1:port; returns once the model reports ready."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--model_dir",
+        str(model_dir),
+        "--model_name",
+        name,
+        "--http_port",
+        str(port),
+        "--bind_host",
+        HOST,
+        "--top_k",
+        str(cfg.serving.top_k),
+        "--max_instances",
+        str(cfg.serving.max_instances),
+        "--threads",
+        str(cfg.serving.threads),
+    ]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    ready = f"http://{HOST}:{port}/v2/models/{name}/ready"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PipelineError(
+                f"the model server exited with code {proc.returncode}; see {log_path}"
+            )
+        try:
+            with urllib.request.urlopen(ready, timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    terminate(proc)
+    raise PipelineError(
+        f"the model server was not ready within {READY_TIMEOUT_S:.0f} s; see {log_path}"
+    )
+
+
+def smoke_test(base: str, name: str, model_dir: Path, images: np.ndarray) -> float:
+    """Served V1 and V2 answers must equal the in-process model's on real test images."""
+    local = ImageClassifier(name, model_dir)
+    local.load()
+    expected = local.classify(images).argmax(1).tolist()
+    code, v1 = post_json(
+        f"{base}/v1/models/{name}:predict",
+        {"instances": [{"image_bytes": {"b64": png_b64(i)}} for i in images]},
+    )
+    if code != 200:
+        raise PipelineError(f"V1 predict answered {code}: {v1}")
+    served_v1 = [p["index"] for p in v1["predictions"]]
+    body = {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": list(images.shape),
+                "data": images.reshape(-1).tolist(),
+            }
+        ]
+    }
+    code, v2 = post_json(f"{base}/v2/models/{name}/infer", body)
+    if code != 200:
+        raise PipelineError(f"V2 infer answered {code}: {v2}")
+    served_v2 = next(o["data"] for o in v2["outputs"] if o["name"] == "class_index")
+    agree = np.mean([a == b == c for a, b, c in zip(expected, served_v1, served_v2, strict=True)])
+    if agree < 1.0:
+        raise PipelineError(
+            f"served predictions differ from the model's on {1 - agree:.0%} of the test images"
+        )
+    return float(agree)
+
+
+def deploy(
+    cfg: PipelineConfig, store: ObjectStore, model_uri: str, serve: bool = False
+) -> DeployResult:
+    """Fetch into the state dir's model dir, serve, smoke-test; stop unless `serve`."""
+    name = cfg.serving.model_name
+    model_dir = (cfg.state_dir / "serving" / name).resolve()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    download_model(store, model_uri, model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    _, splits = load_processed(store, meta["lineage"]["processed_uri"], only=("test",))
+    images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
+    port = cfg.serving.port
+    proc = start_server(model_dir, name, port, cfg, model_dir.parent / f"{name}.log")
+    base = f"http://{HOST}:{port}"
+    try:
+        agreement = smoke_test(base, name, model_dir, images)
+    except BaseException:
+        terminate(proc)
+        raise
+    log.info("model server on %s: %d test images answered as in-process", base, len(images))
+    if not serve:
+        terminate(proc)
+    return DeployResult(
+        model_dir=str(model_dir),
+        endpoint_v1=f"{base}/v1/models/{name}:predict",
+        endpoint_v2=f"{base}/v2/models/{name}/infer",
+        smoke_images=len(images),
+        smoke_agreement=agreement,
+        serving=serve,
+        pid=proc.pid if serve else None,
+    )
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-uri",
+        required=True,
+        metavar="URI",
+        help="the verified model, s3://models/NAME/RUN/",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the server running until Ctrl-C (default: stop after the test)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    def step(cfg: PipelineConfig, store: ObjectStore, args: argparse.Namespace) -> DeployResult:
+        result = deploy(cfg, store, args.model_uri, args.serve)
+        if args.serve:
+            print(f"serving {result.endpoint_v1} (Ctrl-C to stop)", file=sys.stderr)
+            wait_for_pid(result.pid)
+        return result
+
+    return step_main(step, "components.deploy", __doc__, ["--port", "--state-dir"], argv, _add_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

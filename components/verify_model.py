@@ -1,0 +1,158 @@
+"""Step verify-model: integrity, safe loading, test evaluation, the quality gate, promotion."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+
+from pipelines.cli import step_main
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError, PipelineError
+from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
+from serving.loader import MODEL_JSON, load_model
+from training.data import Tensors, load_processed
+from training.dist import Dist
+from training.train import evaluate, make_autocast
+
+log = logging.getLogger("mlops.verify_model")
+VERIFICATION = "verification.json"
+
+
+class GateError(PipelineError):
+    """The model is below the configured minimum accuracy."""
+
+
+@dataclass
+class VerifyModelResult:
+    model_uri: str
+    test_accuracy: float
+    min_accuracy: float
+    passed: bool
+    registered_model: str
+    version: str
+    alias: str
+    champion_version: str | None  # before this step
+    champion_accuracy: float | None  # on the same test split
+    promoted: bool
+    verification_uri: str
+
+
+def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
+    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
+    storage initializer fetches a model into the predictor's model dir)."""
+    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
+    meta = store.read_json(bucket, prefix + MODEL_JSON)
+    if meta is None:
+        raise PipelineError(f"{model_uri} has no {MODEL_JSON}: the training did not complete")
+    store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
+    store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
+    return dest
+
+
+def test_accuracy(model: torch.nn.Module, test: Tensors, num_classes: int) -> float:
+    """fp32, as the model server runs it."""
+    autocast = make_autocast(torch.device("cpu"), "fp32")
+    return evaluate(model, test, Dist(), 512, num_classes, autocast)[1]
+
+
+def _score(store: ObjectStore, model_uri: str, test: Tensors, tmp: Path) -> float:
+    model, meta = load_model(download_model(store, model_uri, tmp))
+    return test_accuracy(model, test, meta["num_classes"])
+
+
+def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> VerifyModelResult:
+    """Check, evaluate and gate the model; make it the champion when it is at least as good."""
+    if not cfg.mlflow.tracking_uri:
+        raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
+    gate = cfg.gate
+    (cfg.state_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir / "tmp") as tmp:
+        model, meta = load_model(download_model(store, model_uri, Path(tmp) / "new"))
+        lineage = meta["lineage"]
+        _, splits = load_processed(store, lineage["processed_uri"], only=("test",))
+        accuracy = test_accuracy(model, splits["test"], meta["num_classes"])
+        log.info("test accuracy %.4f (gate %.4f)", accuracy, gate.min_accuracy)
+
+        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+        name, version = lineage["registered_model"], str(lineage["registered_version"])
+        try:
+            champion = client.get_model_version_by_alias(name, gate.alias)
+        except MlflowException:
+            champion = None
+        champion_acc = None
+        if champion is not None and champion.version != version:
+            champion_uri = champion.tags.get("mlops.model_uri")
+            if champion_uri:
+                champion_acc = _score(store, champion_uri, splits["test"], Path(tmp) / "champ")
+                log.info(
+                    "champion v%s scores %.4f on the same test split",
+                    champion.version,
+                    champion_acc,
+                )
+
+    passed = accuracy >= gate.min_accuracy
+    promoted = passed and (gate.force_promote or champion_acc is None or accuracy >= champion_acc)
+    if promoted:
+        client.set_registered_model_alias(name, gate.alias, version)
+    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
+    result = VerifyModelResult(
+        model_uri=model_uri,
+        test_accuracy=accuracy,
+        min_accuracy=gate.min_accuracy,
+        passed=passed,
+        registered_model=name,
+        version=version,
+        alias=gate.alias,
+        champion_version=champion.version if champion else None,
+        champion_accuracy=champion_acc,
+        promoted=promoted,
+        verification_uri=s3_uri(bucket, prefix + VERIFICATION),
+    )
+    client.log_metric(lineage["mlflow_run_id"], "verify_test_accuracy", accuracy)
+    client.log_metric(lineage["mlflow_run_id"], "verify_promoted", float(promoted))
+    client.set_tag(lineage["mlflow_run_id"], "mlops.verified", "passed" if passed else "failed")
+    doc = {**asdict(result), "verified_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    store.write_json(bucket, prefix + VERIFICATION, doc)
+    if not passed:
+        raise GateError(
+            f"test accuracy {accuracy:.4f} is below gate.min_accuracy {gate.min_accuracy:.4f}: "
+            f"version {version} is not promoted and will not be deployed"
+        )
+    if not promoted:
+        log.info(
+            "kept champion v%s (%.4f >= %.4f); set gate.force_promote to override",
+            champion.version if champion else "?",
+            champion_acc or 0.0,
+            accuracy,
+        )
+    return result
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-uri", required=True, metavar="URI", help="the trained model, s3://models/NAME/RUN/"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(
+        lambda cfg, store, args: verify_model(cfg, store, args.model_uri),
+        "components.verify_model",
+        __doc__,
+        [],
+        argv,
+        _add_args,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Local service processes: the loopback host, free ports, stopping and waiting on them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+HOST = "127.0.0.1"  # every embedded service binds loopback only
+
+
+def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within timeout_s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_pid(pid: int | None) -> None:
+    """Block until the process exits; Ctrl-C stops it and re-raises."""
+    if pid is None:
+        return
+    try:
+        while True:
+            os.kill(pid, 0)
+            time.sleep(1)
+    except ProcessLookupError:
+        return
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)
+        raise
