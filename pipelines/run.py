@@ -91,6 +91,7 @@ def as_json(report: RunReport) -> str:
             ],
             "data": report.result("verify-data"),
             "features": report.result("feature-engineering"),
+            "deploy": deployed,
             "run_id": report.run_id,
             "metrics": {k: trained.get(k) for k in ("test_accuracy", "val_accuracy")},
             "model_uri": trained.get("model_uri"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from data import synthetic
@@ -20,9 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_"))}
     return subprocess.run(
-        [sys.executable, *args], check=False, cwd=ROOT, env={**clean, **(env or {})},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, *args],
+        check=False,
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -57,8 +63,16 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_failed_step_exits_1_without_traceback(tmp_path: Path) -> None:
     archive = tmp_path / "broken.tar.gz"
     archive.write_bytes(b"\x1f\x8b" + b"\0" * 100)
-    out = run("pipelines/run.py", "--dataset", "imagefolder", "--data", str(archive),
-              "--state-dir", str(tmp_path / "state"), "--json")  # fmt: skip
+    out = run(
+        "pipelines/run.py",
+        "--dataset",
+        "imagefolder",
+        "--data",
+        str(archive),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--json",
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,39 +85,90 @@ def test_failed_step_exits_1_without_traceback(tmp_path: Path) -> None:
 def test_unreachable_store_fails_fast_and_names_it(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {"MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}
-    out = run("-m", "components.verify_data", "--dataset", "synthetic",
-              "--state-dir", str(tmp_path), env=env)  # fmt: skip
+    out = run(
+        "-m",
+        "components.verify_data",
+        "--dataset",
+        "synthetic",
+        "--state-dir",
+        str(tmp_path),
+        env=env,
+    )
     assert out.returncode == 1
     assert f"cannot reach the S3 store at {endpoint}" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_demo_twice_with_the_embedded_store(tmp_path: Path) -> None:
-    """Two runs, two embedded servers with fresh keys, one persistent store in the state dir."""
-    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json",
-            "--state-dir", str(tmp_path)]  # fmt: skip
+def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
+    """The whole pipeline twice on generated data with 2 DDP workers: two embedded S3 servers
+    with fresh keys over one persistent store, a served model, MLflow's champion alias."""
+    args = [
+        "pipelines/run.py",
+        "--dataset",
+        "synthetic",
+        "--profile",
+        "smoke",
+        "--json",
+        "--workers",
+        "2",
+        "--port",
+        str(free_port()),
+        "--state-dir",
+        str(tmp_path),
+    ]
     first = run(*args)
     assert first.returncode == 0, first.stderr
     second = run(*args)
     assert second.returncode == 0, second.stderr
     one, two = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second))
+    assert [(s["name"], s["status"]) for s in one["steps"]] == [
+        (name, "succeeded")
+        for name in ("verify-data", "feature-engineering", "train", "verify-model", "deploy")
+    ]
+    assert one["status"] == "succeeded" and one["metrics"]["test_accuracy"] > 0.5
+    # deploy compares the served V1 and V2 answers with the in-process model's.
+    assert one["deploy"]["smoke_agreement"] == 1.0 and one["deploy"]["smoke_images"] == 16
+    assert one["mlflow"]["alias"] == "champion" and one["mlflow"]["version"] == "1"
+    assert two["mlflow"]["version"] == "2"
     assert one["data"]["uploaded"] == 1 and two["data"]["uploaded"] == 0
     assert (one["features"]["skipped"], two["features"]["skipped"]) == (False, True)
     assert "uploaded nothing" in second.stderr
     assert "(unchanged, reused)" in second.stderr  # the readable summary
-    assert (tmp_path / "s3" / "raw-data" / "synthetic").is_dir()
+
+    # MLflow's own store (the server is gone) holds the run and the champion.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run(one["mlflow"]["run_id"]).info.status == "FINISHED"
+    champion = client.get_model_version_by_alias(one["mlflow"]["registered_model"], "champion")
+    assert str(champion.version) in ("1", "2")
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:
     source = synthetic.write("mnist", tmp_path / "mnist", per_class=20)
     with EmbeddedS3(tmp_path / "s3") as server:
         result = tmp_path / "out" / "verify.json"
-        out = run("-m", "components.verify_data", "--dataset", "mnist", "--data", str(source),
-                  "--result", str(result), "--state-dir", str(tmp_path / "st"),
-                  env=server.env())  # fmt: skip
+        out = run(
+            "-m",
+            "components.verify_data",
+            "--dataset",
+            "mnist",
+            "--data",
+            str(source),
+            "--result",
+            str(result),
+            "--state-dir",
+            str(tmp_path / "st"),
+            env=server.env(),
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(result.read_text()) == json.loads(out.stdout)
-        out = run("-m", "components.feature_engineering", "--dataset", "mnist",
-                  "--state-dir", str(tmp_path / "st"), env=server.env())  # fmt: skip
+        out = run(
+            "-m",
+            "components.feature_engineering",
+            "--dataset",
+            "mnist",
+            "--state-dir",
+            str(tmp_path / "st"),
+            env=server.env(),
+        )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["counts"] == {"train": 180, "val": 20, "test": 40}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -105,11 +106,26 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
 def test_sigkill_one_rank_then_resume_with_full_history(env: SimpleNamespace) -> None:
     cfg = env.cfg
     child_env = {**os.environ, **env.s3.env(), "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
-    cmd = [sys.executable, "-m", "components.train", "--processed", env.processed,
-           "--run-id", "kill-test", "--profile", "smoke", "--workers", "2",
-           "--set", "train.epochs=5", "--state-dir", str(cfg.state_dir)]  # fmt: skip
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "components.train",
+        "--processed",
+        env.processed,
+        "--run-id",
+        "kill-test",
+        "--profile",
+        "smoke",
+        "--workers",
+        "2",
+        "--set",
+        "train.epochs=5",
+        "--state-dir",
+        str(cfg.state_dir),
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     pointer = f"{cfg.serving.model_name}/kill-test/checkpoints/latest.json"
     killed = None
     deadline = time.monotonic() + 240
@@ -139,11 +155,24 @@ def test_corrupt_shard_fails_naming_it(env: SimpleNamespace) -> None:
     env.store.put_bytes(bucket, key, original[:-1] + bytes([original[-1] ^ 1]))
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "training.train", "--processed", env.processed,
-             "--profile", "smoke", "--set", "train.epochs=1"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                "-m",
+                "training.train",
+                "--processed",
+                env.processed,
+                "--profile",
+                "smoke",
+                "--set",
+                "train.epochs=1",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
             env={**os.environ, **env.s3.env(), "MLFLOW_TRACKING_URI": env.cfg.mlflow.tracking_uri},
-        )  # fmt: skip
+        )
     finally:
         env.store.put_bytes(bucket, key, original)
     assert proc.returncode == 1
@@ -185,5 +214,52 @@ def test_missing_shard_is_named(env: SimpleNamespace) -> None:
     try:
         with pytest.raises(IntegrityError, match=r"test-00000\.safetensors is missing"):
             load_processed(env.store, env.processed)
+    finally:
+        env.store.put_bytes(bucket, key, original)
+
+
+# --- verify-model, on models trained here --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(env: SimpleNamespace):
+    return train_model(_cfg(env, workers=1, epochs=2), env.store, env.processed, "verify-base")
+
+
+def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None:
+    from components.verify_model import GateError, verify_model
+
+    first = verify_model(env.cfg, env.store, trained.model_uri)
+    assert first.passed and first.promoted and first.test_accuracy > 0.2
+    client = mlflow.MlflowClient(env.cfg.mlflow.tracking_uri)
+    assert client.get_model_version_by_alias(trained.registered_model, "champion").version == (
+        trained.version
+    )
+    weak = train_model(_cfg(env, workers=1, epochs=1), env.store, env.processed, "verify-weak")
+    strict = env.cfg.model_copy(
+        update={"gate": env.cfg.gate.model_copy(update={"min_accuracy": 0.999})}
+    )
+    with pytest.raises(GateError, match=r"test accuracy 0\.\d+ is below gate.min_accuracy 0\.9990"):
+        verify_model(strict, env.store, weak.model_uri)
+    champion = client.get_model_version_by_alias(trained.registered_model, "champion")
+    assert champion.version == trained.version  # unchanged
+    bucket, prefix = parse_s3_uri(weak.model_uri)
+    record = env.store.read_json(bucket, prefix + "verification.json")
+    assert record["passed"] is False and record["promoted"] is False
+
+
+def test_tampered_model_fails_verification(env, trained) -> None:
+    from components.verify_model import verify_model
+    from pipelines.errors import IntegrityError
+
+    bucket, prefix = parse_s3_uri(trained.model_uri)
+    key = prefix + "model.safetensors"
+    original = env.store.get_bytes(bucket, key)
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0xFF
+    env.store.client.put_object(bucket, key, io.BytesIO(bytes(tampered)), len(tampered))
+    try:
+        with pytest.raises(IntegrityError, match=r"model\.safetensors: sha256 mismatch"):
+            verify_model(env.cfg, env.store, trained.model_uri)
     finally:
         env.store.put_bytes(bucket, key, original)
