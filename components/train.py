@@ -23,7 +23,6 @@ from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
 ROOT = Path(__file__).resolve().parent.parent
-MLFLOW_CHECK_S = 30.0
 
 
 def new_run_id() -> str:
@@ -54,7 +53,7 @@ def train_model(
     run_id = run_id or new_run_id()
     if not cfg.mlflow.tracking_uri:
         raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
-    wait_healthy(cfg.mlflow.tracking_uri, MLFLOW_CHECK_S)
+    wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
     check_feasible(cfg, store, processed_uri)
 
     run_dir = (cfg.state_dir / "runs" / run_id).resolve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +173,9 @@ class MlflowConfig(_Section):
     )
     experiment: str = Field("image-classifier", description="Experiment name.")
     ui_port: int = Field(5000, ge=1, le=65535, description="Port of `make mlflow-ui`.")
+    wait_s: float = Field(
+        90.0, gt=0, description="How long a step waits for the tracking server to be healthy."
+    )
 
 
 class PipelineConfig(_Section):
@@ -322,6 +326,28 @@ def load_config(
         if dotted in SECRET_FIELDS:
             raise ConfigError(f"{dotted} comes only from the environment, not from a flag")
         _set_path(tree, dotted, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def public_json(cfg: PipelineConfig) -> str:
+    """The resolved config as JSON for a step's parameter: credentials left out (they travel
+    in the environment), so it can sit in a pipeline spec or a log."""
+    return cfg.model_dump_json(exclude={"storage": {"access_key", "secret_key"}})
+
+
+def config_from_json(text: str, environ: dict[str, str] | None = None) -> PipelineConfig:
+    """The inverse of public_json, with credentials (and any endpoint) from the environment."""
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config parameter is not JSON: {exc}") from None
+    env = os.environ if environ is None else environ
+    for var, dotted in ENV_VARS.items():
+        if env.get(var):
+            _set_path(tree, dotted, env[var])
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

@@ -1,47 +1,34 @@
-"""The local driver: runs the steps in order against the embedded (or configured) services."""
+"""The local driver: the KFP pipeline run by kfp.local, beside embedded S3 and MLflow servers."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import json
 import logging
+import os
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from components.deploy import deploy
-from components.feature_engineering import engineer_features
-from components.train import new_run_id, train_model
-from components.verify_data import verify_data
-from components.verify_model import verify_model
+from components.train import new_run_id
 from pipelines.cli import open_store
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, public_json
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
-from pipelines.storage import ObjectStore
+from pipelines.steps import STEPS, record_path
 
 log = logging.getLogger("mlops.local")
-
-# Each step reads what it needs from the outputs of the steps before it.
-Step = Callable[[PipelineConfig, ObjectStore, dict[str, Any]], Any]
-STEPS: list[tuple[str, Step]] = [
-    ("verify-data", lambda cfg, store, _: verify_data(cfg, store)),
-    ("feature-engineering", lambda cfg, store, _: engineer_features(cfg, store)),
-    (
-        "train",
-        lambda cfg, store, out: train_model(
-            cfg, store, out["feature-engineering"]["processed_uri"], out["run_id"]
-        ),
-    ),
-    ("verify-model", lambda cfg, store, out: verify_model(cfg, store, out["train"]["model_uri"])),
-    ("deploy", lambda cfg, store, out: deploy(cfg, store, out["train"]["model_uri"], out["serve"])),
-]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class StepReport:
     name: str
-    status: str = "pending"  # pending | succeeded | failed | skipped
+    status: str = "skipped"  # succeeded | failed | skipped
     seconds: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -62,37 +49,94 @@ class RunReport:
         return next((s.result for s in self.steps if s.name == step), {})
 
 
+@contextlib.contextmanager
+def step_environment(cfg: PipelineConfig) -> Iterator[None]:
+    """What each step process inherits: the store's and tracker's addresses and keys (never in
+    the pipeline's parameters), and the repository on the import path."""
+    assert cfg.storage.endpoint and cfg.storage.access_key and cfg.storage.secret_key
+    scratch = (cfg.state_dir / "tmp").resolve()
+    (scratch / "matplotlib").mkdir(parents=True, exist_ok=True)
+    values = {
+        "MINIO_ENDPOINT": cfg.storage.endpoint,
+        "MINIO_ACCESS_KEY": cfg.storage.access_key.get_secret_value(),
+        "MINIO_SECRET_KEY": cfg.storage.secret_key.get_secret_value(),
+        "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        # Temporary files and library caches stay in the state dir too.
+        "TMPDIR": str(scratch),
+        "MPLCONFIGDIR": str(scratch / "matplotlib"),
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) -> None:
+    """Execute the KFP pipeline with kfp.local's subprocess runner; it writes in the state dir."""
+    from kfp import local
+
+    from pipelines.kfp_pipeline import image_classifier
+
+    # The local runner executes each component in this environment rather than in its image;
+    # that is the point here, so KFP's warning about it is noise.
+    warnings.filterwarnings("ignore", message="You may be attemping", category=RuntimeWarning)
+    kfp_dir = (cfg.state_dir / "kfp").resolve()
+    (kfp_dir / "workspace").mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(kfp_dir / "outputs"),
+        workspace_root=str(kfp_dir / "workspace"),
+        raise_on_error=False,  # the step records say what failed; the report says it once
+    )
+    image_classifier(config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve)
+
+
+def collect(report: RunReport, run_dir: Path) -> None:
+    """Fill the report from the steps' records."""
+    for rep in report.steps:
+        path = record_path(run_dir, rep.name)
+        if not path.exists():
+            if report.failed_step is None and report.exit_code == 0:
+                # No record: the step died before writing one (a crash, not a checked error).
+                rep.status, report.failed_step, report.exit_code = "failed", rep.name, 1
+                report.error = f"{rep.name} crashed; its log above says why"
+            continue
+        record = json.loads(path.read_text())
+        rep.status, rep.seconds = record["status"], record["seconds"]
+        rep.result = record.get("result", {})
+        if rep.status == "failed":
+            report.failed_step, report.error = rep.name, record["error"]
+            report.exit_code = record["exit_code"]
+
+
 def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
-    """Run every step; the first failure stops the run and is recorded, not raised."""
-    report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name, _ in STEPS])
+    """Run the whole pipeline locally; a failure is recorded in the report, not raised."""
+    report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name in STEPS])
+    run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
     mlflow_server: LocalMlflow | None = None
     try:
         with open_store(cfg) as (with_store, store):
+            live = with_store
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
-            live = with_store
             if not live.mlflow.tracking_uri:
-                # It needs ~12 s to become healthy: start it now, wait for it before training.
+                # It needs ~10 s to become healthy: it starts now, beside the data steps, and
+                # the train step waits for it (mlflow.wait_s).
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
-            outputs: dict[str, Any] = {"run_id": report.run_id, "serve": serve}
-            for (name, step), rep in zip(STEPS, report.steps, strict=True):
-                if name == "train" and mlflow_server is not None:
-                    live = with_tracking(live, mlflow_server.wait())
-                report.tracking_uri = live.mlflow.tracking_uri or ""
-                log.info("step %s: starting", name)
-                t0 = time.monotonic()
-                try:
-                    rep.result = dataclasses.asdict(step(live, store, outputs))
-                    rep.status = "succeeded"
-                    outputs[name] = rep.result
-                except PipelineError as exc:
-                    rep.status, report.failed_step = "failed", name
-                    report.error, report.exit_code = str(exc), exc.exit_code
-                    break
-                finally:
-                    rep.seconds = round(time.monotonic() - t0, 2)
-                log.info("step %s: succeeded in %.1f s", name, rep.seconds)
+                live = with_tracking(live, mlflow_server.uri)
+            report.tracking_uri = live.mlflow.tracking_uri or ""
+            # kfp.local logs to stdout; stdout is for the summary or the --json line.
+            with step_environment(live), contextlib.redirect_stdout(sys.stderr):
+                run_kfp_local(live, run_dir, report.run_id, serve)
+            collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
     finally:
@@ -100,7 +144,4 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             mlflow_server.stop()
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
-    for rep in report.steps:
-        if rep.status == "pending":
-            rep.status = "skipped"
     return report

@@ -159,7 +159,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python pipelines/run.py",
-        description="Run the image-classifier pipeline: " + " >> ".join(n for n, _ in STEPS),
+        description="Run the image-classifier pipeline: " + " >> ".join(STEPS),
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")

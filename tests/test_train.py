@@ -187,11 +187,9 @@ def test_config_the_data_cannot_satisfy(env: SimpleNamespace) -> None:
         train_model(_cfg(env, workers=3, batch_size=32), env.store, env.processed)
 
 
-def test_unreachable_mlflow_fails_within_a_bounded_wait(env, monkeypatch) -> None:
-    import components.train as step
-
-    monkeypatch.setattr(step, "MLFLOW_CHECK_S", 2.0)
+def test_unreachable_mlflow_fails_within_a_bounded_wait(env) -> None:
     cfg = with_tracking(env.cfg, f"http://127.0.0.1:{free_port()}")
+    cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"wait_s": 2.0})})
     with pytest.raises(PipelineError, match="was not healthy within 2 s"):
         train_model(cfg, env.store, env.processed)
 

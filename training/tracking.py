@@ -23,7 +23,6 @@ from pipelines.mlflow_server import wait_healthy
 log = logging.getLogger("mlops.tracking")
 
 RUN_TAG = "mlops.pipeline_run_id"
-HEALTH_TIMEOUT_S = 30.0
 # MLflow's client retries for minutes by default; a dead server should fail a step in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -53,7 +52,7 @@ class Tracker:
         uri = cfg.mlflow.tracking_uri
         if not uri:
             raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
-        wait_healthy(uri, HEALTH_TIMEOUT_S)
+        wait_healthy(uri, cfg.mlflow.wait_s)
         mlflow.set_tracking_uri(uri)
         try:
             mlflow.set_experiment(cfg.mlflow.experiment)
