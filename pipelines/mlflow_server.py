@@ -60,7 +60,8 @@ class LocalMlflow:
     def start(self) -> LocalMlflow:
         storage = self.cfg.storage
         assert storage.endpoint and storage.access_key and storage.secret_key
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        scratch = self.workdir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         # The server, not the clients, holds the S3 keys: artifacts are proxied through it.
         env = dict(
@@ -69,6 +70,7 @@ class LocalMlflow:
             AWS_ACCESS_KEY_ID=storage.access_key.get_secret_value(),
             AWS_SECRET_ACCESS_KEY=storage.secret_key.get_secret_value(),
             AWS_DEFAULT_REGION=storage.region,
+            TMPDIR=str(scratch),  # its db lock files too stay in the state dir
         )
         db = (self.workdir / "mlflow.db").resolve()
         cmd = [

@@ -47,7 +47,14 @@ class EmbeddedS3:
         self.port = free_port()
         self.access_key = "mlops-" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(32)
-        env = dict(os.environ, NANIO_ACCESS_KEY=self.access_key, NANIO_SECRET_KEY=self.secret_key)
+        scratch = self.data_dir.parent / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = dict(
+            os.environ,
+            NANIO_ACCESS_KEY=self.access_key,
+            NANIO_SECRET_KEY=self.secret_key,
+            TMPDIR=str(scratch),
+        )
         cmd = [
             sys.executable, "-m", "nanio", "serve",
             "--host", HOST, "--port", str(self.port),

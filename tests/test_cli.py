@@ -101,30 +101,21 @@ def test_unreachable_store_fails_fast_and_names_it(tmp_path: Path) -> None:
 
 def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     """The whole pipeline twice on generated data with 2 DDP workers: two embedded S3 servers
-    with fresh keys over one persistent store, a served model, MLflow's champion alias."""
-    args = [
-        "pipelines/run.py",
-        "--dataset",
-        "synthetic",
-        "--profile",
-        "smoke",
-        "--json",
-        "--workers",
-        "2",
-        "--port",
-        str(free_port()),
-        "--state-dir",
-        str(tmp_path),
-    ]
-    first = run(*args)
+    with fresh keys over one persistent store, a served model, MLflow's champion alias; then
+    once more with a gate no model can pass."""
+    state, home, scratch = tmp_path / "state", tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    scratch.mkdir()
+    outside = {"HOME": str(home), "TMPDIR": str(scratch)}
+    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json",
+            "--workers", "2", "--port", str(free_port()), "--state-dir", str(state)]  # fmt: skip
+    first = run(*args, env=outside)
     assert first.returncode == 0, first.stderr
-    second = run(*args)
+    second = run(*args, env=outside)
     assert second.returncode == 0, second.stderr
     one, two = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second))
-    assert [(s["name"], s["status"]) for s in one["steps"]] == [
-        (name, "succeeded")
-        for name in ("verify-data", "feature-engineering", "train", "verify-model", "deploy")
-    ]
+    steps = ["verify-data", "feature-engineering", "train", "verify-model", "deploy"]
+    assert [(s["name"], s["status"]) for s in one["steps"]] == [(n, "succeeded") for n in steps]
     assert one["status"] == "succeeded" and one["metrics"]["test_accuracy"] > 0.5
     # deploy compares the served V1 and V2 answers with the in-process model's.
     assert one["deploy"]["smoke_agreement"] == 1.0 and one["deploy"]["smoke_images"] == 16
@@ -134,12 +125,23 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     assert (one["features"]["skipped"], two["features"]["skipped"]) == (False, True)
     assert "uploaded nothing" in second.stderr
     assert "(unchanged, reused)" in second.stderr  # the readable summary
+    # Every step wrote inside the state dir only.
+    assert not list(home.iterdir()) and not list(scratch.iterdir())
 
-    # MLflow's own store (the server is gone) holds the run and the champion.
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    # An impossible gate fails the run at verify-model: nothing deployed, champion unchanged.
+    client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
+    name = one["mlflow"]["registered_model"]
+    before = client.get_model_version_by_alias(name, "champion").version
+    gated = run(*args, "--set", "gate.min_accuracy=1.0")
+    assert gated.returncode == 1
+    three = json.loads(gated.stdout.strip().splitlines()[-1])
+    assert three["failed_step"] == "verify-model" and "below gate.min_accuracy" in three["error"]
+    assert [s["status"] for s in three["steps"]][-2:] == ["failed", "skipped"]
+    assert three["endpoint"] is None and three["mlflow"]["alias"] is None
+
+    # MLflow's own store (the servers are gone) holds the runs and the unchanged champion.
     assert client.get_run(one["mlflow"]["run_id"]).info.status == "FINISHED"
-    champion = client.get_model_version_by_alias(one["mlflow"]["registered_model"], "champion")
-    assert str(champion.version) in ("1", "2")
+    assert client.get_model_version_by_alias(name, "champion").version == before
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:
