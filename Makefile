@@ -22,8 +22,8 @@ install: $(STAMP) ## create .venv with the pinned requirements (torch + torchvis
 run: $(STAMP) ## run the pipeline on CIFAR-10 (downloads it once, where a network exists); ARGS=... adds flags
 	$(PY) pipelines/run.py $(ARGS)
 
-demo: $(STAMP) ## run the pipeline offline on generated data (smoke profile)
-	$(PY) pipelines/run.py --dataset synthetic --profile smoke $(ARGS)
+demo: $(STAMP) ## the whole pipeline offline on generated data, then serve the model (Ctrl-C stops)
+	$(PY) pipelines/run.py --dataset synthetic --profile smoke --serve $(ARGS)
 
 test: $(STAMP) ## run the test suite (real S3 server processes on 127.0.0.1)
 	$(PY) -m pytest $(ARGS)

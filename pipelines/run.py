@@ -17,7 +17,7 @@ from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
 from pipelines.processes import wait_for_pid  # noqa: E402
 
-COMMANDS = ("run", "config", "compile", "mlflow-ui")
+COMMANDS = ("run", "serve", "config", "compile", "mlflow-ui")
 
 
 def summary(report: RunReport) -> str:
@@ -128,6 +128,31 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Fetch a trained model from the store and serve it in the foreground until Ctrl-C."""
+    import shutil
+
+    from components.deploy import start_server
+    from components.verify_model import download_model
+    from pipelines.cli import open_store
+    from pipelines.processes import HOST
+
+    cfg = config_from_args(args)
+    model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()
+    with open_store(cfg) as (_, store):
+        shutil.rmtree(model_dir, ignore_errors=True)
+        download_model(store, args.model_uri, model_dir)
+    name, port = cfg.serving.model_name, cfg.serving.port
+    proc = start_server(model_dir, name, port, cfg, model_dir.parent / f"{name}.log")
+    print(
+        f"serving {args.model_uri}\n  V1 http://{HOST}:{port}/v1/models/{name}:predict\n"
+        f"  V2 http://{HOST}:{port}/v2/models/{name}/infer\n(Ctrl-C to stop)",
+        flush=True,
+    )
+    wait_for_pid(proc.pid)
+    return 0
+
+
 def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the state dir's runs, until Ctrl-C."""
     import time
@@ -169,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         description=f"{parser.description}\n\nCommands: run (the default) runs the pipeline "
         "locally; `config` prints the resolved config; `compile` writes generated files; "
-        "`mlflow-ui` serves the MLflow UI over the local runs. "
+        "`serve` serves a trained model; `mlflow-ui` serves the MLflow UI over the local runs. "
         "`COMMAND --help` shows each one's options.",
     )
     add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--port", "--state-dir"])
@@ -190,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(config, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
     config.set_defaults(func=cmd_config)
+    serve = sub.add_parser(
+        "serve", help="serve a trained model in the foreground", formatter_class=HelpFormatter
+    )
+    serve.add_argument(
+        "--model-uri",
+        required=True,
+        metavar="URI",
+        help="the model to serve, s3://models/NAME/RUN/ (see a run's summary)",
+    )
+    add_config_args(serve, ["--port", "--state-dir"])
+    serve.set_defaults(func=cmd_serve)
     ui = sub.add_parser(
         "mlflow-ui",
         help="open the MLflow UI on the local state dir's runs",

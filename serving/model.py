@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,14 @@ class ImageClassifier(Model):
             return torch.softmax(self.net(batch).float(), dim=1)
 
     def predict(
-        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+        self, payload: dict | InferRequest | bytes, headers: dict[str, str] | None = None
     ) -> dict | InferResponse:
+        if isinstance(payload, bytes | str):
+            # KServe hands over the raw body when the client sent no JSON content type (curl -d).
+            try:
+                payload = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InvalidInput("the request body is not JSON") from None
         images = (
             self._from_v2(payload)
             if isinstance(payload, InferRequest)

@@ -107,8 +107,20 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     home.mkdir()
     scratch.mkdir()
     outside = {"HOME": str(home), "TMPDIR": str(scratch)}
-    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json",
-            "--workers", "2", "--port", str(free_port()), "--state-dir", str(state)]  # fmt: skip
+    args = [
+        "pipelines/run.py",
+        "--dataset",
+        "synthetic",
+        "--profile",
+        "smoke",
+        "--json",
+        "--workers",
+        "2",
+        "--port",
+        str(free_port()),
+        "--state-dir",
+        str(state),
+    ]
     first = run(*args, env=outside)
     assert first.returncode == 0, first.stderr
     second = run(*args, env=outside)

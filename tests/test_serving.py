@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +175,18 @@ def test_bad_v2_input_is_a_400(server, inputs, message) -> None:
     code, body = v2(server, inputs)
     assert code == 400, body
     assert message in body["error"]
+
+
+def test_body_without_json_content_type_is_still_read(server: SimpleNamespace) -> None:
+    """As `curl -d` sends it: no Content-Type: application/json."""
+    body = json.dumps({"instances": server.images[:1].tolist()}).encode()
+    request = urllib.request.Request(f"{server.base}/v1/models/{NAME}:predict", body)
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert json.loads(resp.read())["predictions"][0]["class"] in CLASSES
+    bad = urllib.request.Request(f"{server.base}/v1/models/{NAME}:predict", b"not json")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bad, timeout=30)
+    assert err.value.code == 400
 
 
 def test_server_listens_on_loopback_only(server: SimpleNamespace) -> None:
