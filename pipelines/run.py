@@ -174,10 +174,16 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    from pipelines.kfp_pipeline import image_classifier
+
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "config.schema.json"
-    path.write_text(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
-    print(path)
+    schema = args.out / "config.schema.json"
+    schema.write_text(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
+    ir = args.out / "kfp-pipeline.yaml"
+    compiler.Compiler().compile(image_classifier, str(ir))
+    print(f"{schema}\n{ir}")
     return 0
 
 
@@ -235,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_mlflow_ui)
     comp = sub.add_parser(
         "compile",
-        help="write generated files (the config JSON schema)",
+        help="write generated files (config JSON schema, KFP IR)",
         formatter_class=HelpFormatter,
     )
     comp.add_argument(
