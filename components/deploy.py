@@ -23,7 +23,7 @@ from components.verify_model import download_model
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.processes import HOST, terminate, wait_for_pid
+from pipelines.processes import HOST, require_free, terminate, wait_for_pid
 from pipelines.storage import ObjectStore
 from serving.model import ImageClassifier
 from training.data import load_processed
@@ -155,6 +155,7 @@ def deploy(
     _, splits = load_processed(store, meta["lineage"]["processed_uri"], only=("test",))
     images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
     port = cfg.serving.port
+    require_free(port, "serving.port")
     proc = start_server(model_dir, name, port, cfg, model_dir.parent / f"{name}.log")
     base = f"http://{HOST}:{port}"
     try:

@@ -23,6 +23,17 @@ def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
         proc.wait()
 
 
+def require_free(port: int, setting: str) -> None:
+    """A clear config error, before anything starts, when a fixed port is taken."""
+    from pipelines.errors import ConfigError
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise ConfigError(f"{setting}={port}: the port is in use; pass --port N") from None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))

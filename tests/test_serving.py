@@ -198,6 +198,15 @@ def test_server_listens_on_loopback_only(server: SimpleNamespace) -> None:
     assert listening and set(listening) == {"127.0.0.1"}
 
 
+def test_a_taken_port_is_a_config_error(server: SimpleNamespace) -> None:
+    from pipelines.errors import ConfigError
+    from pipelines.processes import require_free
+
+    port = int(server.base.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"serving.port={port}: the port is in use"):
+        require_free(port, "serving.port")
+
+
 def test_tampered_weights_refuse_to_load(tmp_path: Path) -> None:
     model_dir = write_model_dir(tmp_path / "model")
     weights = bytearray((model_dir / "model.safetensors").read_bytes())
