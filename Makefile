@@ -43,8 +43,8 @@ bench: $(STAMP) ## run the benchmarks into benchmarks/results/ and docs/BENCHMAR
 mlflow-ui: $(STAMP) ## browse the local runs in the MLflow UI (port: mlflow.ui_port, default 5000)
 	$(PY) pipelines/run.py mlflow-ui $(ARGS)
 
-compile: $(STAMP) ## write the generated files into build/
-	$(PY) pipelines/run.py compile --out build
+compile: $(STAMP) ## regenerate the committed golden files in pipelines/compiled/ (Argo, KFP, manifests)
+	$(PY) pipelines/run.py compile --out pipelines/compiled
 
 lock: ## re-resolve requirements.in into the fully pinned requirements.txt
 	rm -rf /tmp/mlops-lock && $(PYTHON) -m venv /tmp/mlops-lock

@@ -178,6 +178,50 @@ class MlflowConfig(_Section):
     )
 
 
+class Resources(_Section):
+    """Requests (= limits, so the pods are Guaranteed QoS) of one container."""
+
+    cpu: str = Field("2", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU, e.g. 2 or 500m.")
+    memory: str = Field("8Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Memory, e.g. 8Gi.")
+    gpu: int = Field(0, ge=0, le=8, description="nvidia.com/gpu per pod.")
+
+
+class ClusterConfig(_Section):
+    """Where and how the pipeline runs on Kubernetes (Argo, the Training Operator, KServe)."""
+
+    namespace: str = Field("mlops", pattern=r"^[a-z0-9-]{1,63}$", description="Namespace.")
+    service_account: str = Field(
+        "mlops-pipeline", description="ServiceAccount of the workflow and training pods."
+    )
+    serving_service_account: str = Field(
+        "mlops-kserve", description="ServiceAccount of the predictor (its S3 Secret)."
+    )
+    s3_secret: str = Field(
+        "mlops-s3", description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+    )
+    s3_endpoint: str = Field(
+        "http://minio.mlops.svc.cluster.local:9000", description="S3 endpoint inside the cluster."
+    )
+    mlflow_uri: str = Field(
+        "http://mlflow.mlops.svc.cluster.local:5000", description="MLflow inside the cluster."
+    )
+    step_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="1", memory="4Gi"),
+        description="Data, verify and deploy steps.",
+    )
+    train_resources: Resources = Field(
+        default_factory=Resources, description="Each PyTorchJob replica."
+    )
+    serving_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="1", memory="2Gi"), description="The predictor."
+    )
+    retries: int = Field(2, ge=0, le=10, description="Retries of the data, verify, deploy steps.")
+    active_deadline_s: int = Field(
+        6 * 3600, ge=60, description="Deadline of the whole workflow and of the PyTorchJob."
+    )
+    backoff_limit: int = Field(3, ge=0, description="PyTorchJob restarts before it fails.")
+
+
 class PipelineConfig(_Section):
     """The whole pipeline: every step and builder derives its settings from this tree."""
 
@@ -196,6 +240,7 @@ class PipelineConfig(_Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("image")
     @classmethod
@@ -354,14 +399,14 @@ def config_from_json(text: str, environ: dict[str, str] | None = None) -> Pipeli
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def describe_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
+def describe_fields(node: BaseModel | None = None, prefix: str = "") -> list[str]:
     """Every config key with its default and description, for --help and `run.py config`."""
+    node = PipelineConfig() if node is None else node
     lines = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.extend(describe_fields(annotation, f"{prefix}{name}."))
+    for name, field in type(node).model_fields.items():
+        value = getattr(node, name)
+        if isinstance(value, BaseModel):
+            lines.extend(describe_fields(value, f"{prefix}{name}."))
             continue
-        default = field.get_default(call_default_factory=True)
-        lines.append(f"  {prefix}{name} (default {default!s}): {field.description}")
+        lines.append(f"  {prefix}{name} (default {value!s}): {field.description}")
     return lines

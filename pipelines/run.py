@@ -13,7 +13,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
-from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
 from pipelines.processes import wait_for_pid  # noqa: E402
 
@@ -174,16 +173,10 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kfp import compiler
+    from pipelines.compile import write_all
 
-    from pipelines.kfp_pipeline import image_classifier
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    schema = args.out / "config.schema.json"
-    schema.write_text(json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n")
-    ir = args.out / "kfp-pipeline.yaml"
-    compiler.Compiler().compile(image_classifier, str(ir))
-    print(f"{schema}\n{ir}")
+    for path in write_all(config_from_args(args), args.out):
+        print(path)
     return 0
 
 
@@ -241,13 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_mlflow_ui)
     comp = sub.add_parser(
         "compile",
-        help="write generated files (config JSON schema, KFP IR)",
+        help="write the Argo Workflow and WorkflowTemplate, KFP IR, PyTorchJob, "
+        "InferenceService and config schema",
         formatter_class=HelpFormatter,
     )
     comp.add_argument(
         "--out", type=Path, default=Path("build"), help="output folder (default: build)"
     )
-    comp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_config_args(comp, ["--workers"])
     comp.set_defaults(func=cmd_compile)
     return parser
 

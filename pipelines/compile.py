@@ -1,0 +1,43 @@
+"""`run.py compile`: every generated file, from the one config (golden copies: compiled/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from kfp import compiler
+
+from pipelines.argo import build, build_template
+from pipelines.config import PipelineConfig
+from pipelines.kfp_pipeline import image_classifier
+from pipelines.manifests import inference_service, pytorchjob
+
+# Stand-ins in the standalone manifests, which a submitter fills in (Argo fills its own).
+PROCESSED_URI = "s3://processed-data/DATASET/FEATURE_HASH/"
+RUN_ID = "RUN_ID"
+
+
+def _yaml(doc: dict) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    model_uri = f"s3://{cfg.storage.buckets.models}/{cfg.serving.model_name}/{RUN_ID}/"
+    files = {
+        "argo-workflow.yaml": build(cfg).to_yaml(),
+        "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),
+        "pytorchjob.yaml": _yaml(
+            pytorchjob(cfg, f"{cfg.serving.model_name}-train", PROCESSED_URI, RUN_ID, {})
+        ),
+        "inferenceservice.yaml": _yaml(inference_service(cfg, model_uri)),
+        "config.schema.json": json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n",
+    }
+    paths = []
+    for name, text in files.items():
+        (out / name).write_text(text)
+        paths.append(out / name)
+    ir = out / "kfp-pipeline.yaml"
+    compiler.Compiler().compile(image_classifier, str(ir))
+    return [*paths, ir]

@@ -1,0 +1,189 @@
+"""The cluster path, checked statically: golden files, Hera round trips, SDK models, security."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hera.workflows import Workflow, WorkflowTemplate
+from kserve import ApiClient as KServeApiClient
+from kubeflow.training import ApiClient as TrainingApiClient
+
+from pipelines.compile import write_all
+from pipelines.config import load_config
+from pipelines.steps import STEPS
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "pipelines" / "compiled"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compiled")
+    write_all(load_config(environ={}), out)
+    return out
+
+
+def load(folder: Path, name: str) -> dict[str, Any]:
+    return yaml.safe_load((folder / name).read_text())
+
+
+def test_golden_files_are_current(compiled: Path) -> None:
+    names = sorted(p.name for p in GOLDEN.iterdir())
+    assert names == sorted(p.name for p in compiled.iterdir())
+    for name in names:
+        assert (compiled / name).read_text() == (GOLDEN / name).read_text(), (
+            f"{name} is stale: run `make compile` and commit pipelines/compiled/"
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("argo-workflow.yaml", Workflow), ("argo-workflowtemplate.yaml", WorkflowTemplate)],
+)
+def test_workflows_round_trip_through_hera(compiled: Path, name: str, cls: type) -> None:
+    text = (compiled / name).read_text()
+    assert cls.from_yaml(text).to_dict() == yaml.safe_load(text)
+
+
+def test_workflow_key_fields(compiled: Path) -> None:
+    wf = load(compiled, "argo-workflow.yaml")
+    spec = wf["spec"]
+    assert wf["kind"] == "Workflow" and wf["metadata"]["generateName"] == "image-classifier-"
+    assert spec["entrypoint"] == "pipeline" and spec["onExit"] == "exit-handler"
+    assert spec["serviceAccountName"] == "mlops-pipeline" and spec["activeDeadlineSeconds"] > 0
+    templates = {t["name"]: t for t in spec["templates"]}
+    dag = {t["name"]: t for t in templates["pipeline"]["dag"]["tasks"]}
+    assert list(dag) == list(STEPS)
+    for before, after in itertools.pairwise(STEPS):
+        assert dag[after]["depends"] == before
+    params = {p["name"]: p for p in spec["arguments"]["parameters"]}
+    assert set(params) == {
+        "dataset",
+        "epochs",
+        "batch-size",
+        "lr",
+        "precision",
+        "min-accuracy",
+        "model-name",
+    }
+    assert params["dataset"]["enum"] == ["cifar10", "mnist", "imagefolder", "synthetic"]
+    assert params["precision"]["enum"] == ["fp32", "bf16", "fp16"]
+    assert all(p.get("description") for p in params.values())
+
+    train = templates["train"]["resource"]
+    assert train["action"] == "create" and train["setOwnerReference"] is True
+    assert train["successCondition"] == "status.replicaStatuses.Master.succeeded > 0"
+    assert train["failureCondition"] == "status.replicaStatuses.Master.failed > 0"
+    job = yaml.safe_load(train["manifest"])
+    assert job["kind"] == "PyTorchJob"
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert pod["metadata"]["labels"]["workflows.argoproj.io/workflow"] == "{{workflow.name}}"
+    deploy = templates["deploy"]["resource"]
+    assert deploy["action"] == "apply"
+    assert yaml.safe_load(deploy["manifest"])["kind"] == "InferenceService"
+    for name in ("verify-data", "feature-engineering", "verify-model", "deploy"):
+        assert templates[name]["retryStrategy"]["limit"] == 2
+    assert "--set" in templates["verify-data"]["container"]["args"]
+
+
+def _sdk_round_trip(client: Any, doc: dict, klass: str) -> dict:
+    class Response:
+        data = json.dumps(doc)
+
+    return client.sanitize_for_serialization(client.deserialize(Response(), klass))
+
+
+def test_pytorchjob_and_inferenceservice_parse_through_the_sdk_models(
+    compiled, monkeypatch
+) -> None:
+    """Fields the SDK models do not know would be dropped, so a round trip finds misspellings."""
+    # kserve's client resolves class names in kserve.models only, which lacks the core types
+    # (V1ObjectMeta, V1Container, ...) its own models refer to: lend it kubernetes's.
+    import kserve.models
+    import kubernetes.client.models
+
+    for name in dir(kubernetes.client.models):
+        if name.startswith("V1") and not hasattr(kserve.models, name):
+            monkeypatch.setattr(
+                kserve.models, name, getattr(kubernetes.client.models, name), raising=False
+            )
+    job = load(compiled, "pytorchjob.yaml")
+    assert _sdk_round_trip(TrainingApiClient(), job, "KubeflowOrgV1PyTorchJob") == job
+    isvc = load(compiled, "inferenceservice.yaml")
+    assert _sdk_round_trip(KServeApiClient(), isvc, "V1beta1InferenceService") == isvc
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["STORAGE_URI"]["value"].startswith("s3://models/")
+
+
+def test_workers_shape_the_replicas(tmp_path: Path) -> None:
+    write_all(
+        load_config(overrides={"train.workers": 3, "train.nproc_per_node": 2}, environ={}), tmp_path
+    )
+    job = load(tmp_path, "pytorchjob.yaml")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "2"
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 3
+
+
+def _containers(compiled: Path) -> list[tuple[str, dict, dict]]:
+    """(where, container, pod security context) for every container the path runs."""
+    found = []
+    wf = load(compiled, "argo-workflow.yaml")
+    for t in wf["spec"]["templates"]:
+        if "container" in t:
+            found.append((t["name"], t["container"], wf["spec"]["securityContext"]))
+        if "resource" in t:
+            inner = yaml.safe_load(t["resource"]["manifest"])
+            found += [
+                (f"{t['name']}/{k}", c, pod["securityContext"])
+                for k, pod in _pods(inner)
+                for c in pod["containers"]
+            ]
+    for name in ("pytorchjob.yaml", "inferenceservice.yaml"):
+        doc = load(compiled, name)
+        found += [
+            (f"{name}/{k}", c, pod["securityContext"])
+            for k, pod in _pods(doc)
+            for c in pod["containers"]
+        ]
+    return found
+
+
+def _pods(doc: dict) -> list[tuple[str, dict]]:
+    if doc["kind"] == "PyTorchJob":
+        return [(k, r["template"]["spec"]) for k, r in doc["spec"]["pytorchReplicaSpecs"].items()]
+    return [("predictor", doc["spec"]["predictor"])]
+
+
+def test_every_container_is_restricted_resourced_and_pinned(compiled: Path) -> None:
+    containers = _containers(compiled)
+    assert len(containers) >= 8
+    for where, container, pod in containers:
+        image = container["image"]
+        assert ":" in image and not image.endswith(":latest"), where
+        limits = container["resources"]["limits"]
+        assert limits["cpu"] and limits["memory"], where
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True, where
+        assert sc["capabilities"]["drop"] == ["ALL"], where
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert pod["runAsNonRoot"] is True, where
+
+
+def test_no_credentials_in_generated_files(compiled: Path) -> None:
+    for path in compiled.iterdir():
+        text = path.read_text()
+        assert "minioadmin" not in text and "secretKey:" not in text, path.name
+    job = load(compiled, "pytorchjob.yaml")
+    env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    keys = {e["name"]: e for e in env}
+    assert (
+        "value" not in keys["MINIO_SECRET_KEY"]
+        and "secretKeyRef" in keys["MINIO_SECRET_KEY"]["valueFrom"]
+    )
