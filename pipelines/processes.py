@@ -28,6 +28,8 @@ def require_free(port: int, setting: str) -> None:
     from pipelines.errors import ConfigError
 
     with socket.socket() as sock:
+        # As uvicorn binds: a port whose last connections linger in TIME_WAIT is free to it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from components.feature_engineering import engineer_features
+from components.verify_data import verify_data
 from pipelines.config import PipelineConfig, load_config
-from pipelines.s3server import EmbeddedS3
+from pipelines.mlflow_server import LocalMlflow, with_tracking
+from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
 
 MakeConfig = Callable[..., PipelineConfig]
@@ -36,3 +40,22 @@ def make_cfg(s3: EmbeddedS3, tmp_path: Path) -> MakeConfig:
 @pytest.fixture
 def store(make_cfg: MakeConfig) -> ObjectStore:
     return ObjectStore(make_cfg().storage)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """One S3 server, one MLflow server, and processed synthetic data for the whole module."""
+    root = tmp_path_factory.mktemp("train")
+    with EmbeddedS3(root / "s3") as s3:
+        overrides = {"state_dir": str(root / "state"), "dataset.name": "synthetic"}
+        cfg = with_embedded_store(load_config("smoke", overrides=overrides, environ={}), s3)
+        store = ObjectStore(cfg.storage)
+        store.ensure_buckets()
+        server = LocalMlflow(cfg, root / "mlflow").start()
+        try:
+            verify_data(cfg, store)
+            processed = engineer_features(cfg, store).processed_uri
+            cfg = with_tracking(cfg, server.wait())
+            yield SimpleNamespace(cfg=cfg, store=store, processed=processed, s3=s3, root=root)
+        finally:
+            server.stop()

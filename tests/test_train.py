@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,37 +17,14 @@ import mlflow
 import psutil
 import pytest
 
-from components.feature_engineering import engineer_features
 from components.train import train_model
-from components.verify_data import verify_data
-from pipelines.config import load_config
 from pipelines.errors import ConfigError, PipelineError, StorageError
-from pipelines.mlflow_server import LocalMlflow, with_tracking
+from pipelines.mlflow_server import with_tracking
 from pipelines.processes import free_port
-from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore, parse_s3_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """One S3 server, one MLflow server, and processed synthetic data for the whole module."""
-    root = tmp_path_factory.mktemp("train")
-    with EmbeddedS3(root / "s3") as s3:
-        overrides = {"state_dir": str(root / "state"), "dataset.name": "synthetic"}
-        cfg = with_embedded_store(load_config("smoke", overrides=overrides, environ={}), s3)
-        store = ObjectStore(cfg.storage)
-        store.ensure_buckets()
-        server = LocalMlflow(cfg, root / "mlflow").start()
-        try:
-            verify_data(cfg, store)
-            processed = engineer_features(cfg, store).processed_uri
-            cfg = with_tracking(cfg, server.wait())
-            yield SimpleNamespace(cfg=cfg, store=store, processed=processed, s3=s3, root=root)
-        finally:
-            server.stop()
 
 
 def _cfg(env: SimpleNamespace, **train: object):

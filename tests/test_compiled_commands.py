@@ -1,0 +1,156 @@
+"""Each command of the compiled Argo Workflow, run here in DAG order against real local services.
+
+No cluster exists here, so what Argo and Kubernetes would add is stood in for, thinly: the
+parameter substitution, the Secret's values, the cluster addresses (rewritten to 127.0.0.1), the
+environment the Training Operator injects into a PyTorchJob pod, and KServe's storage
+initializer. The commands and argument names themselves are the compiled ones, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from components.verify_model import download_model
+from pipelines.argo import build
+from pipelines.config import load_config
+from pipelines.manifests import MODEL_DIR
+from pipelines.processes import free_port, terminate
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+WORKFLOW = "image-classifier-smoke1"
+PARAMETERS = {"dataset": "synthetic", "epochs": "2", "min-accuracy": "0.1"}
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        return values[match.group(1)]
+
+    return re.sub(r"\{\{([a-z.\-]+)\}\}", one, text)
+
+
+class Cluster:
+    """The stand-ins: workflow parameters, the Secret, and in-cluster addresses."""
+
+    def __init__(self, env: SimpleNamespace, workflow: dict, scratch: Path):
+        self.env, self.scratch = env, scratch
+        defaults = {p["name"]: p["value"] for p in workflow["spec"]["arguments"]["parameters"]}
+        self.values = {f"workflow.parameters.{k}": v for k, v in {**defaults, **PARAMETERS}.items()}
+        self.values["workflow.name"] = WORKFLOW
+        self.secret = {
+            "AWS_ACCESS_KEY_ID": env.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": env.s3.secret_key,
+        }
+
+    def environ(self, container: dict) -> dict[str, str]:
+        out = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_"))}
+        for var in container.get("env", []):
+            if "valueFrom" in var:
+                out[var["name"]] = self.secret[var["valueFrom"]["secretKeyRef"]["key"]]
+            else:
+                out[var["name"]] = var["value"]
+        # In-cluster addresses become the local servers; /tmp becomes a scratch folder.
+        out["MINIO_ENDPOINT"] = self.env.s3.endpoint
+        out["MLFLOW_TRACKING_URI"] = self.env.cfg.mlflow.tracking_uri
+        out["HOME"] = out["TMPDIR"] = str(self.scratch)
+        return out
+
+    def run(self, argv: list[str], container: dict, extra: dict[str, str] | None = None) -> str:
+        argv = [substitute(a, self.values).replace("/tmp/", f"{self.scratch}/") for a in argv]
+        assert argv[0] == "python"
+        proc = subprocess.run(
+            [sys.executable, *argv[1:]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**self.environ(container), **(extra or {})},
+        )
+        assert proc.returncode == 0, f"{argv}\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+
+def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path) -> None:
+    workflow = yaml.safe_load(build(load_config("smoke", environ={})).to_yaml())
+    templates = {t["name"]: t for t in workflow["spec"]["templates"]}
+    cluster = Cluster(env, workflow, tmp_path)
+    result = tmp_path / "result.json"
+
+    def container_step(name: str) -> dict:
+        container = templates[name]["container"]
+        cluster.run([*container["command"], *container["args"]], container)
+        return json.loads(result.read_text())
+
+    assert container_step("verify-data")["uploaded"] >= 0
+    features = container_step("feature-engineering")
+
+    # train: the PyTorchJob's Master command, under the variables the operator injects.
+    cluster.values["inputs.parameters.processed-uri"] = features["processed_uri"]
+    job = yaml.safe_load(substitute(templates["train"]["resource"]["manifest"], cluster.values))
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    port = str(free_port())
+    operator_env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": port,
+        "PET_NNODES": "1",
+        "PET_NODE_RANK": "0",
+        "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
+    }
+    cluster.run(master["command"], master, operator_env)
+
+    verified = container_step("verify-model")
+    assert verified["passed"] and verified["model_uri"].endswith(f"/{WORKFLOW}/")
+
+    # deploy: KServe's storage initializer, then the predictor's own command and args.
+    isvc = yaml.safe_load(substitute(templates["deploy"]["resource"]["manifest"], cluster.values))
+    predictor = isvc["spec"]["predictor"]["containers"][0]
+    storage_uri = next(e["value"] for e in predictor["env"] if e["name"] == "STORAGE_URI")
+    model_dir = download_model(env.store, storage_uri, tmp_path / "mnt-models")
+    http_port = str(free_port())
+    args = [model_dir.as_posix() if a == MODEL_DIR else a for a in predictor["args"]]
+    args = ["127.0.0.1" if a == "0.0.0.0" else a for a in args]  # never listen beyond loopback
+    args[args.index("--http_port") + 1] = http_port
+    argv = [sys.executable, *predictor["command"][1:], *args]
+    server = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=cluster.environ(predictor),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    name = cluster.values["workflow.parameters.model-name"]
+    try:
+        ready = f"http://127.0.0.1:{http_port}/v2/models/{name}/ready"
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(ready, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.25)
+        else:
+            pytest.fail("the compiled predictor command never became ready")
+    finally:
+        terminate(server)
+
+    handler = templates["exit-handler"]["container"]
+    cluster.values["workflow.status"], cluster.values["workflow.failures"] = "Succeeded", "[]"
+    out = cluster.run([*handler["command"], *handler["args"]], handler)
+    assert json.loads(out)["status"] == "Succeeded"
