@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format bench mlflow-ui compile lock clean
+.PHONY: help install run demo test lint format bench secrets mlflow-ui compile lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ format: $(STAMP) ## ruff format and autofix
 bench: $(STAMP) ## run the benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (long)
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.report
+
+secrets: ## write random S3 keys for the local Kubernetes overlay (git-ignored; never committed)
+	@test -f infrastructure/overlays/local/s3.env || $(PYTHON) -c 'import secrets; print(f"AWS_ACCESS_KEY_ID=mlops-{secrets.token_hex(8)}\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(32)}")' > infrastructure/overlays/local/s3.env
+	@echo "infrastructure/overlays/local/s3.env ready: kubectl apply -k infrastructure/overlays/local"
 
 mlflow-ui: $(STAMP) ## browse the local runs in the MLflow UI (port: mlflow.ui_port, default 5000)
 	$(PY) pipelines/run.py mlflow-ui $(ARGS)
