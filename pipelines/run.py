@@ -16,7 +16,21 @@ from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_
 from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
 from pipelines.processes import wait_for_pid  # noqa: E402
 
-COMMANDS = ("run", "serve", "config", "compile", "mlflow-ui")
+COMMANDS = (
+    "run",
+    "serve",
+    "config",
+    "compile",
+    "mlflow-ui",
+    "submit",
+    "list",
+    "status",
+    "logs",
+    "stop",
+    "template",
+)
+# `submit` sends these config keys as the workflow's UI parameters when set on the command line.
+SUBMIT_PARAMETERS = {"dataset.name": "dataset", "train.epochs": "epochs"}
 
 
 def summary(report: RunReport) -> str:
@@ -152,6 +166,95 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _argo(args: argparse.Namespace):
+    from pipelines.submit import ArgoClient, ArgoTarget
+
+    cfg = config_from_args(args)
+    return cfg, ArgoClient(
+        ArgoTarget.resolve(args.argo_server, args.argo_token, args.namespace, cfg)
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.backend == "kfp":
+        import tempfile
+
+        from kfp import compiler
+
+        from components.train import new_run_id
+        from pipelines.kfp_pipeline import image_classifier
+        from pipelines.submit import submit_kfp
+
+        cfg = config_from_args(args)
+        with tempfile.TemporaryDirectory() as tmp:
+            ir = Path(tmp) / "kfp-pipeline.yaml"
+            compiler.Compiler().compile(image_classifier, str(ir))
+            print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
+        return 0
+    cfg, client = _argo(args)
+    parameters = {
+        name: str(getattr(args, f"cfg:{key}"))
+        for key, name in SUBMIT_PARAMETERS.items()
+        if getattr(args, f"cfg:{key}", None) is not None
+    }
+    name = client.submit(cfg, parameters)
+    print(f"submitted {name} to {client.target.url} (namespace {client.target.namespace})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _, client = _argo(args)
+    rows = client.list()
+    print(f"{'NAME':<40}{'PHASE':<12}STARTED")
+    for row in rows:
+        print(f"{row['name']:<40}{row['phase']:<12}{row['started']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, client = _argo(args)
+    status = client.status(args.run)
+    print(f"{status['name']}: {status['phase']} {status['message']}".rstrip())
+    for step, phase in status["steps"].items():
+        print(f"  {step:<24}{phase}")
+    return 0 if status["phase"] != "Failed" else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    _, client = _argo(args)
+    for line in client.logs(args.run, args.step):
+        print(line)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    _, client = _argo(args)
+    print(f"{args.run}: {client.stop(args.run)}")
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    cfg, client = _argo(args)
+    name = client.create_template(cfg)
+    print(
+        f"WorkflowTemplate {name} installed in {client.target.namespace}: submit it from the "
+        "Argo UI, or with `python pipelines/run.py submit`"
+    )
+    return 0
+
+
+def _argo_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--argo-server", metavar="URL", help="Argo Server URL (default: $ARGO_SERVER)"
+    )
+    parser.add_argument(
+        "--argo-token",
+        metavar="TOKEN",
+        help="bearer token (default: $ARGO_TOKEN; prefer the variable)",
+    )
+    parser.add_argument("--namespace", help="namespace (default: cluster.namespace)")
+
+
 def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     """The MLflow UI over the state dir's runs, until Ctrl-C."""
     import time
@@ -225,6 +328,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(serve, ["--port", "--state-dir"])
     serve.set_defaults(func=cmd_serve)
+    submit = sub.add_parser(
+        "submit", help="submit the pipeline to Argo or KFP", formatter_class=HelpFormatter
+    )
+    submit.add_argument(
+        "--backend", choices=["argo", "kfp"], default="argo", help="where to submit (default: argo)"
+    )
+    submit.add_argument("--kfp-host", metavar="URL", help="KFP API server (default: $KFP_HOST)")
+    _argo_flags(submit)
+    add_config_args(submit, ["--dataset", "--epochs", "--workers"])
+    submit.set_defaults(func=cmd_submit)
+    for name, func, doc in (
+        ("list", cmd_list, "list the pipeline's workflows"),
+        ("status", cmd_status, "show a workflow's phase and steps"),
+        ("logs", cmd_logs, "print a workflow's logs"),
+        ("stop", cmd_stop, "stop a running workflow"),
+    ):
+        cmd = sub.add_parser(name, help=doc, formatter_class=HelpFormatter)
+        if name != "list":
+            cmd.add_argument("run", help="the workflow's name (see `list`)")
+        if name == "logs":
+            cmd.add_argument("--step", help="only this step's pods (default: every step)")
+        _argo_flags(cmd)
+        add_config_args(cmd, [])
+        cmd.set_defaults(func=func)
+    template = sub.add_parser(
+        "template", help="manage the WorkflowTemplate", formatter_class=HelpFormatter
+    )
+    template.add_argument(
+        "action", choices=["create"], help="create (or update) it, for submission from the Argo UI"
+    )
+    _argo_flags(template)
+    add_config_args(template, ["--workers"])
+    template.set_defaults(func=cmd_template)
     ui = sub.add_parser(
         "mlflow-ui",
         help="open the MLflow UI on the local state dir's runs",

@@ -1,0 +1,184 @@
+"""The cluster job API: submit, list, status, logs and stop, through the Argo Server (and KFP)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from hera.exceptions import HeraException
+from hera.workflows import WorkflowsService
+from hera.workflows import models as m
+
+from pipelines.argo import build, build_template
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError, PipelineError
+
+TIMEOUT_S = 15
+
+
+@dataclass(frozen=True)
+class ArgoTarget:
+    url: str
+    token: str | None
+    namespace: str
+
+    @classmethod
+    def resolve(
+        cls, url: str | None, token: str | None, namespace: str | None, cfg: PipelineConfig
+    ) -> ArgoTarget:
+        url = url or os.environ.get("ARGO_SERVER")
+        if not url:
+            raise ConfigError("no Argo Server: pass --argo-server URL or set ARGO_SERVER")
+        if "://" not in url:
+            url = f"https://{url}"  # as the argo CLI reads ARGO_SERVER
+        token = token or os.environ.get("ARGO_TOKEN")
+        if token and not token.startswith("Bearer "):
+            token = f"Bearer {token}"
+        return cls(url.rstrip("/"), token, namespace or cfg.cluster.namespace)
+
+
+class ArgoClient:
+    """Hera's WorkflowsService, with every failure turned into one line that names the URL."""
+
+    def __init__(self, target: ArgoTarget):
+        self.target = target
+        self.service = WorkflowsService(
+            host=target.url, token=target.token, namespace=target.namespace, verify_ssl=True
+        )
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except requests.exceptions.ConnectionError:
+            raise PipelineError(
+                f"cannot reach the Argo Server at {self.target.url} ({what}); check "
+                "--argo-server / ARGO_SERVER and that the server is port-forwarded"
+            ) from None
+        except requests.exceptions.Timeout:
+            raise PipelineError(
+                f"the Argo Server at {self.target.url} timed out ({what})"
+            ) from None
+        except (HeraException, requests.exceptions.RequestException) as exc:
+            raise PipelineError(
+                f"the Argo Server at {self.target.url} refused {what}: {exc}"
+            ) from None
+
+    def submit(self, cfg: PipelineConfig, parameters: dict[str, str]) -> str:
+        workflow = build(cfg)
+        workflow.arguments = [p for p in workflow.arguments if p.name not in parameters]  # type: ignore[union-attr]
+        workflow.arguments += [m.Parameter(name=k, value=v) for k, v in parameters.items()]  # type: ignore[operator]
+        body = m.WorkflowCreateRequest(workflow=workflow.build())
+        created = self._call("submit", self.service.create_workflow, body, self.target.namespace)
+        return created.metadata.name
+
+    def create_template(self, cfg: PipelineConfig) -> str:
+        template = build_template(cfg).build()
+        name = template.metadata.name
+        try:
+            self.service.get_workflow_template(name, self.target.namespace)
+            exists = True
+        except (HeraException, requests.exceptions.HTTPError):
+            exists = False
+        except requests.exceptions.ConnectionError:
+            exists = False  # reported by the create below, with the URL
+        if exists:
+            req = m.WorkflowTemplateUpdateRequest(template=template)
+            self._call(
+                "template update",
+                self.service.update_workflow_template,
+                name,
+                req,
+                self.target.namespace,
+            )
+        else:
+            req = m.WorkflowTemplateCreateRequest(template=template)
+            self._call(
+                "template create", self.service.create_workflow_template, req, self.target.namespace
+            )
+        return name
+
+    def list(self) -> list[dict[str, str]]:
+        listed = self._call("list", self.service.list_workflows, self.target.namespace)
+        rows = []
+        for wf in listed.items or []:
+            status = wf.status
+            rows.append(
+                {
+                    "name": wf.metadata.name,
+                    "phase": (status.phase if status else None) or "Pending",
+                    "started": str(status.started_at) if status and status.started_at else "",
+                }
+            )
+        return rows
+
+    def status(self, run: str) -> dict[str, Any]:
+        wf = self._call(f"status of {run}", self.service.get_workflow, run, self.target.namespace)
+        status = wf.status
+        nodes = (status.nodes or {}) if status else {}
+        steps = {n.display_name: n.phase for n in nodes.values() if n.type == "Pod"}
+        return {
+            "name": run,
+            "phase": status.phase if status else "Pending",
+            "message": (status.message if status else None) or "",
+            "steps": steps,
+        }
+
+    def logs(self, run: str, step: str | None = None) -> Iterator[str]:
+        """Argo streams the log as lines of JSON; Hera's client reads a single entry only."""
+        url = f"{self.target.url}/api/v1/workflows/{self.target.namespace}/{run}/log"
+        params = {"logOptions.container": "main"}
+        headers = {"Authorization": self.target.token} if self.target.token else {}
+
+        def fetch() -> requests.Response:
+            resp = requests.get(url, params=params, headers=headers, stream=True, timeout=TIMEOUT_S)
+            resp.raise_for_status()
+            return resp
+
+        resp = self._call(f"logs of {run}", fetch)
+        for line in resp.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            entry = json.loads(line).get("result", {})
+            pod = entry.get("podName", "")
+            if step and step not in pod:
+                continue
+            yield f"{pod}: {entry.get('content', '')}"
+
+    def stop(self, run: str) -> str:
+        wf = self._call(
+            f"stop {run}",
+            self.service.stop_workflow,
+            run,
+            m.WorkflowStopRequest(name=run, namespace=self.target.namespace),
+            self.target.namespace,
+        )
+        return (wf.status.phase if wf.status else None) or "Stopping"
+
+
+def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> str:
+    """Upload the compiled IR as a run to a KFP API server."""
+    import kfp
+    from kfp_server_api.exceptions import ApiException
+
+    from pipelines.config import public_json
+
+    host = host or os.environ.get("KFP_HOST")
+    if not host:
+        raise ConfigError("no KFP API server: pass --kfp-host URL or set KFP_HOST")
+    try:
+        client = kfp.Client(host=host)
+        run = client.create_run_from_pipeline_package(
+            str(ir),
+            arguments={"config": public_json(cfg), "run_dir": "/tmp/run", "run_id": run_id},
+            namespace=cfg.cluster.namespace,
+        )
+    except (requests.exceptions.ConnectionError, OSError) as exc:
+        raise PipelineError(f"cannot reach the KFP API server at {host} ({exc})") from None
+    except ApiException as exc:
+        raise PipelineError(f"the KFP API server at {host} refused the run: {exc}") from None
+    return run.run_id

@@ -1,0 +1,189 @@
+"""submit, list, status, logs, stop and template create, against a stand-in Argo Server.
+
+FakeArgoServer is a mock, and named as one: no Argo Server or controller can run here. It is a
+thin HTTP server on 127.0.0.1 that speaks the few Argo Server REST calls the CLI makes, checks
+the bearer token, and records what it was sent; the client code under test is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token"
+
+
+class FakeArgoServer(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", free_port()), Handler)
+        self.workflows: dict[str, dict[str, Any]] = {}
+        self.templates: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeArgoServer
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+    def _reply(self, code: int, body: Any, raw: bytes | None = None) -> None:
+        data = raw if raw is not None else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?")[0].strip("/").split("/")
+        self.server.calls.append((method, "/".join(path)))
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self._reply(401, {"message": "token not valid"})
+            return
+        kind, _namespace, *rest = path[2:]
+        store = self.server.workflows if kind == "workflows" else self.server.templates
+        if method == "POST" and not rest:
+            doc = self._body()["workflow" if kind == "workflows" else "template"]
+            meta = doc["metadata"]
+            meta["name"] = meta.get("name") or meta["generateName"] + f"{len(store):05d}"
+            doc["status"] = {
+                "phase": "Running",
+                "nodes": {
+                    "n1": {
+                        "displayName": "verify-data",
+                        "type": "Pod",
+                        "phase": "Succeeded",
+                        "id": "n1",
+                        "name": "n1",
+                    },
+                    "n2": {
+                        "displayName": "train",
+                        "type": "Pod",
+                        "phase": "Running",
+                        "id": "n2",
+                        "name": "n2",
+                    },
+                },
+            }
+            store[meta["name"]] = doc
+            self._reply(200, doc)
+        elif method == "GET" and not rest:
+            self._reply(200, {"metadata": {}, "items": list(store.values())})
+        elif rest and rest[0] not in store:
+            self._reply(404, {"message": f"{kind} {rest[0]} not found"})
+        elif method == "GET" and rest[1:] == ["log"]:
+            lines = [
+                {"result": {"podName": f"{rest[0]}-{step}-1", "content": f"{step} says hi"}}
+                for step in ("verify-data", "train")
+            ]
+            self._reply(200, None, "\n".join(json.dumps(x) for x in lines).encode())
+        elif method == "GET":
+            self._reply(200, store[rest[0]])
+        elif method == "PUT" and rest[1:] == ["stop"]:
+            store[rest[0]]["status"]["phase"] = "Failed"
+            self._reply(200, store[rest[0]])
+        elif method == "PUT":
+            store[rest[0]] = self._body()["template"]
+            self._reply(200, store[rest[0]])
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+
+@pytest.fixture
+def argo() -> Iterator[FakeArgoServer]:
+    server = FakeArgoServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def cli(*args: str, url: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ARGO_SERVER": url, "ARGO_TOKEN": token}
+    return subprocess.run(
+        [sys.executable, "pipelines/run.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer) -> None:
+    out = cli("submit", "--dataset", "mnist", "--epochs", "7", url=argo.url)
+    assert out.returncode == 0, out.stderr
+    (name,) = argo.workflows
+    assert name in out.stdout
+    spec = argo.workflows[name]["spec"]
+    assert spec["entrypoint"] == "pipeline"
+    params = {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}
+    assert params["dataset"] == "mnist" and params["epochs"] == "7"
+    assert params["model-name"] == "cifar10-resnet18"  # the others keep their defaults
+
+
+def test_list_status_logs_and_stop(argo: FakeArgoServer) -> None:
+    assert cli("submit", url=argo.url).returncode == 0
+    (name,) = argo.workflows
+    listed = cli("list", url=argo.url)
+    assert listed.returncode == 0 and name in listed.stdout and "Running" in listed.stdout
+    status = cli("status", name, url=argo.url)
+    assert status.returncode == 0
+    assert "verify-data" in status.stdout and "Succeeded" in status.stdout
+    logs = cli("logs", name, "--step", "train", url=argo.url)
+    assert logs.returncode == 0
+    assert "train says hi" in logs.stdout and "verify-data says hi" not in logs.stdout
+    stopped = cli("stop", name, url=argo.url)
+    assert stopped.returncode == 0 and argo.workflows[name]["status"]["phase"] == "Failed"
+    assert cli("status", name, url=argo.url).returncode == 1  # a failed run reads as one
+
+
+def test_template_create_then_update(argo: FakeArgoServer) -> None:
+    first = cli("template", "create", url=argo.url)
+    assert first.returncode == 0, first.stderr
+    assert list(argo.templates) == ["image-classifier"]
+    assert cli("template", "create", url=argo.url).returncode == 0
+    assert ("PUT", "api/v1/workflow-templates/mlops/image-classifier") in argo.calls
+
+
+def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> None:
+    refused = cli("list", url=argo.url, token="wrong")
+    assert refused.returncode == 1 and argo.url in refused.stderr
+    assert "Traceback" not in refused.stderr
+    missing = cli("status", "no-such-run", url=argo.url)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    down = f"http://127.0.0.1:{free_port()}"
+    unreachable = cli("list", url=down)
+    assert unreachable.returncode == 1
+    assert f"cannot reach the Argo Server at {down}" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
