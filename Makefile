@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format bench secrets mlflow-ui compile lock clean
+.PHONY: help install run demo test lint format bench image secrets mlflow-ui compile lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,13 @@ format: $(STAMP) ## ruff format and autofix
 bench: $(STAMP) ## run the benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (long)
 	$(PY) -m benchmarks.train_throughput
 	$(PY) -m benchmarks.report
+
+IMAGE = $(shell $(PY) -c 'from pipelines.config import PipelineConfig; print(PipelineConfig().image)' 2>/dev/null)
+TORCH_INDEX_URL ?=
+
+image: $(STAMP) ## build the project image, tagged from the config (needs a Docker engine)
+	docker build -f infrastructure/Dockerfile -t $(IMAGE) \
+	  --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg GIT_COMMIT=$(shell git rev-parse HEAD) .
 
 secrets: ## write random S3 keys for the local Kubernetes overlay (git-ignored; never committed)
 	@test -f infrastructure/overlays/local/s3.env || $(PYTHON) -c 'import secrets; print(f"AWS_ACCESS_KEY_ID=mlops-{secrets.token_hex(8)}\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(32)}")' > infrastructure/overlays/local/s3.env

@@ -109,3 +109,23 @@ def test_no_credentials_are_committed() -> None:
     for path in tracked:
         text = (ROOT / path).read_text()
         assert "minioadmin" not in text and "AWS_SECRET_ACCESS_KEY=" not in text, path
+
+
+def test_dockerfile_is_pinned_non_root_and_secret_free() -> None:
+    lines = [ln.strip() for ln in (ROOT / "infrastructure/Dockerfile").read_text().splitlines()]
+    instructions = [ln for ln in lines if ln and not ln.startswith("#")]
+    base = next(ln for ln in instructions if ln.startswith("ARG PYTHON_IMAGE="))
+    tag = base.split("=", 1)[1]
+    assert ":" in tag and not tag.endswith(":latest") and "slim" in tag
+    users = [i for i, ln in enumerate(instructions) if ln.startswith("USER ")]
+    runs = [i for i, ln in enumerate(instructions) if ln.startswith("RUN ")]
+    assert users and users[-1] > runs[-1] and instructions[users[-1]] == "USER 1000:1000"
+    assert not any(ln.startswith("COPY . ") for ln in instructions)  # no state, venv or keys
+    for ln in instructions:
+        if ln.startswith(("ENV", "ARG")):
+            assert not any(w in ln.upper() for w in ("SECRET", "PASSWORD", "ACCESS_KEY")), ln
+    # Every package the pods' commands import is in the image.
+    copied = {ln.split()[1].rstrip("/") for ln in instructions if ln.startswith("COPY ")}
+    assert {"components", "data", "pipelines", "serving", "training"} <= copied
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".mlops"} <= set(ignored)
