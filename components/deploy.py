@@ -10,7 +10,6 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from components.verify_model import download_model
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.processes import HOST, require_free, terminate, wait_for_pid
+from pipelines.processes import HOST, require_free, terminate, wait_for_pid, wait_http_ok
 from pipelines.storage import ObjectStore
 from serving.model import ImageClassifier
 from training.data import load_processed
@@ -62,11 +61,10 @@ def png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(
-    model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
-) -> subprocess.Popen[bytes]:
-    """`python -m serving` on 127.0.0.1:port; returns once the model reports ready."""
-    cmd = [
+def serving_command(model_dir: Path, name: str, port: int, cfg: PipelineConfig) -> list[str]:
+    """`python -m serving` for model_dir, on 127.0.0.1:port, with the config's settings."""
+    sv = cfg.serving
+    return [
         sys.executable,
         "-m",
         "serving",
@@ -79,34 +77,38 @@ def start_server(
         "--bind_host",
         HOST,
         "--top_k",
-        str(cfg.serving.top_k),
+        str(sv.top_k),
         "--max_instances",
-        str(cfg.serving.max_instances),
+        str(sv.max_instances),
         "--threads",
-        str(cfg.serving.threads),
+        str(sv.threads),
     ]
+
+
+def start_server(
+    model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start the model server; return once the model reports ready."""
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            serving_command(model_dir, name, port, cfg),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
-    ready = f"http://{HOST}:{port}/v2/models/{name}/ready"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise PipelineError(
-                f"the model server exited with code {proc.returncode}; see {log_path}"
-            )
-        try:
-            with urllib.request.urlopen(ready, timeout=2) as resp:
-                if resp.status == 200:
-                    return proc
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    terminate(proc)
-    raise PipelineError(
-        f"the model server was not ready within {READY_TIMEOUT_S:.0f} s; see {log_path}"
-    )
+    try:
+        wait_http_ok(
+            f"http://{HOST}:{port}/v2/models/{name}/ready",
+            READY_TIMEOUT_S,
+            proc,
+            "the model server",
+            f"see {log_path}",
+        )
+    except PipelineError:
+        terminate(proc)
+        raise
+    return proc
 
 
 def smoke_test(base: str, name: str, model_dir: Path, images: np.ndarray) -> float:

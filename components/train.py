@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.cli import step_main
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, storage_env
 from pipelines.errors import ConfigError, DataError, PipelineError
 from pipelines.mlflow_server import wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
@@ -75,12 +75,9 @@ def train_model(
         "--processed", processed_uri, "--run-id", run_id,
         "--result", str(result_file), "--profile", cfg.profile, "--config", str(config_file),
     ]  # fmt: skip
-    assert cfg.storage.access_key and cfg.storage.secret_key and cfg.storage.endpoint
     env = dict(
         os.environ,
-        MINIO_ENDPOINT=cfg.storage.endpoint,
-        MINIO_ACCESS_KEY=cfg.storage.access_key.get_secret_value(),
-        MINIO_SECRET_KEY=cfg.storage.secret_key.get_secret_value(),
+        **storage_env(cfg.storage),
         MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri,
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",

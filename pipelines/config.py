@@ -377,6 +377,16 @@ def load_config(
         raise ConfigError(format_validation_error(exc)) from None
 
 
+def storage_env(storage: StorageConfig) -> dict[str, str]:
+    """The variables (ENV_VARS' storage part) that point a child process at this store."""
+    assert storage.endpoint and storage.access_key and storage.secret_key
+    return {
+        "MINIO_ENDPOINT": storage.endpoint,
+        "MINIO_ACCESS_KEY": storage.access_key.get_secret_value(),
+        "MINIO_SECRET_KEY": storage.secret_key.get_secret_value(),
+    }
+
+
 def public_json(cfg: PipelineConfig) -> str:
     """The resolved config as JSON for a step's parameter: credentials left out (they travel
     in the environment), so it can sit in a pipeline spec or a log."""

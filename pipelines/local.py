@@ -16,7 +16,7 @@ from typing import Any
 
 from components.train import new_run_id
 from pipelines.cli import open_store
-from pipelines.config import PipelineConfig, public_json
+from pipelines.config import PipelineConfig, public_json, storage_env
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.steps import STEPS, record_path
@@ -53,13 +53,10 @@ class RunReport:
 def step_environment(cfg: PipelineConfig) -> Iterator[None]:
     """What each step process inherits: the store's and tracker's addresses and keys (never in
     the pipeline's parameters), and the repository on the import path."""
-    assert cfg.storage.endpoint and cfg.storage.access_key and cfg.storage.secret_key
     scratch = (cfg.state_dir / "tmp").resolve()
     (scratch / "matplotlib").mkdir(parents=True, exist_ok=True)
     values = {
-        "MINIO_ENDPOINT": cfg.storage.endpoint,
-        "MINIO_ACCESS_KEY": cfg.storage.access_key.get_secret_value(),
-        "MINIO_SECRET_KEY": cfg.storage.secret_key.get_secret_value(),
+        **storage_env(cfg.storage),
         "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         # Temporary files and library caches stay in the state dir too.

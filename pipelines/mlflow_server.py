@@ -6,14 +6,10 @@ import logging
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pipelines.config import PipelineConfig
-from pipelines.errors import PipelineError
-from pipelines.processes import HOST, free_port, terminate
+from pipelines.processes import HOST, free_port, terminate, wait_http_ok
 
 log = logging.getLogger("mlops.mlflow")
 
@@ -22,20 +18,13 @@ READY_TIMEOUT_S = 90.0  # about 12 s on 2 idle cores; slower while the data step
 
 def wait_healthy(uri: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     """Poll <uri>/health until it answers 200, the process exits, or the time is up."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise PipelineError(f"the MLflow server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise PipelineError(
-        f"the MLflow server at {uri} was not healthy within {timeout_s:.0f} s: "
-        "check MLFLOW_TRACKING_URI, or unset it to use a local server"
+    wait_http_ok(
+        f"{uri.rstrip('/')}/health",
+        timeout_s,
+        proc,
+        f"the MLflow server at {uri}",
+        "check MLFLOW_TRACKING_URI, or unset it to use a local server",
+        state="healthy",
     )
 
 
@@ -74,11 +63,21 @@ class LocalMlflow:
         )
         db = (self.workdir / "mlflow.db").resolve()
         cmd = [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", HOST, "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{db}",
-            "--artifacts-destination", f"s3://{storage.buckets.mlflow}/artifacts",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{storage.buckets.mlflow}/artifacts",
+        ]
         with open(self.workdir / "server.log", "ab") as out:
             self.proc = subprocess.Popen(
                 cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -42,6 +42,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_http_ok(
+    url: str,
+    timeout_s: float,
+    proc: subprocess.Popen | None,
+    what: str,
+    hint: str,
+    state: str = "ready",
+) -> None:
+    """Poll url until it answers 200; fail fast if proc exits, and after timeout_s."""
+    import urllib.error
+    import urllib.request
+
+    from pipelines.errors import PipelineError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise PipelineError(f"{what} exited with code {proc.returncode}: {hint}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise PipelineError(f"{what} was not {state} within {timeout_s:.0f} s: {hint}")
+
+
 def wait_for_pid(pid: int | None) -> None:
     """Block until the process exits; Ctrl-C stops it and re-raises."""
     if pid is None:

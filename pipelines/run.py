@@ -29,8 +29,6 @@ COMMANDS = (
     "stop",
     "template",
 )
-# `submit` sends these config keys as the workflow's UI parameters when set on the command line.
-SUBMIT_PARAMETERS = {"dataset.name": "dataset", "train.epochs": "epochs"}
 
 
 def summary(report: RunReport) -> str:
@@ -192,9 +190,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
         return 0
     cfg, client = _argo(args)
+    from pipelines.argo import PARAMETERS
+
+    # Config flags given on the command line become the workflow's UI parameters.
     parameters = {
         name: str(getattr(args, f"cfg:{key}"))
-        for key, name in SUBMIT_PARAMETERS.items()
+        for name, key in PARAMETERS
         if getattr(args, f"cfg:{key}", None) is not None
     }
     name = client.submit(cfg, parameters)

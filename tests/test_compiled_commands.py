@@ -13,9 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +23,7 @@ from components.verify_model import download_model
 from pipelines.argo import build
 from pipelines.config import load_config
 from pipelines.manifests import MODEL_DIR
-from pipelines.processes import free_port, terminate
+from pipelines.processes import free_port, terminate, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -138,15 +135,7 @@ def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path
     name = cluster.values["workflow.parameters.model-name"]
     try:
         ready = f"http://127.0.0.1:{http_port}/v2/models/{name}/ready"
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(ready, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.25)
-        else:
-            pytest.fail("the compiled predictor command never became ready")
+        wait_http_ok(ready, 60, server, "the compiled predictor command", "see its output")
     finally:
         terminate(server)
 

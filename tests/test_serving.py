@@ -7,7 +7,6 @@ import base64
 import hashlib
 import json
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import torch
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from safetensors.torch import save as save_safetensors
 
-from components.deploy import png_b64, post_json, start_server
+from components.deploy import png_b64, post_json, serving_command, start_server
 from pipelines.config import load_config
 from pipelines.processes import free_port, terminate
 from serving.model import ImageClassifier
@@ -212,18 +211,9 @@ def test_tampered_weights_refuse_to_load(tmp_path: Path) -> None:
     weights = bytearray((model_dir / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF
     (model_dir / "model.safetensors").write_bytes(bytes(weights))
+    cfg = load_config("smoke", environ={})
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "--model_dir",
-            str(model_dir),
-            "--model_name",
-            NAME,
-            "--http_port",
-            str(free_port()),
-        ],
+        serving_command(model_dir, NAME, free_port(), cfg),
         cwd=ROOT,
         capture_output=True,
         text=True,
