@@ -22,6 +22,7 @@ from components.verify_model import download_model
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
+from pipelines.manifests import serving_args
 from pipelines.processes import HOST, require_free, terminate, wait_for_pid, wait_http_ok
 from pipelines.storage import ObjectStore
 from serving.model import ImageClassifier
@@ -63,26 +64,8 @@ def png_b64(image: np.ndarray) -> str:
 
 def serving_command(model_dir: Path, name: str, port: int, cfg: PipelineConfig) -> list[str]:
     """`python -m serving` for model_dir, on 127.0.0.1:port, with the config's settings."""
-    sv = cfg.serving
-    return [
-        sys.executable,
-        "-m",
-        "serving",
-        "--model_dir",
-        str(model_dir),
-        "--model_name",
-        name,
-        "--http_port",
-        str(port),
-        "--bind_host",
-        HOST,
-        "--top_k",
-        str(sv.top_k),
-        "--max_instances",
-        str(sv.max_instances),
-        "--threads",
-        str(sv.threads),
-    ]
+    args = serving_args(str(model_dir), name, port, HOST, cfg.serving)
+    return [sys.executable, "-m", "serving", *args]
 
 
 def start_server(

@@ -35,7 +35,7 @@ from kubernetes.client import (
     V1VolumeMount,
 )
 
-from pipelines.config import PipelineConfig, Resources
+from pipelines.config import PipelineConfig, Resources, ServingConfig
 
 UID = 1000  # the image's non-root user (infrastructure/Dockerfile)
 WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
@@ -188,6 +188,26 @@ def pytorchjob(
     return to_dict(job)
 
 
+def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingConfig) -> list[str]:
+    """The arguments of `python -m serving`, in a pod and locally alike."""
+    return [
+        "--model_dir",
+        model_dir,
+        "--model_name",
+        name,
+        "--http_port",
+        str(port),
+        "--bind_host",
+        host,
+        "--top_k",
+        str(sv.top_k),
+        "--max_instances",
+        str(sv.max_instances),
+        "--threads",
+        str(sv.threads),
+    ]
+
+
 def inference_service(cfg: PipelineConfig, model_uri: str) -> dict[str, Any]:
     """A custom predictor running `python -m serving`; KServe fetches storageUri first."""
     cl, sv = cfg.cluster, cfg.serving
@@ -206,22 +226,8 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> dict[str, Any]:
                         name="kserve-container",
                         image=cfg.image,
                         command=["python", "-m", "serving"],
-                        args=[
-                            "--model_dir",
-                            MODEL_DIR,
-                            "--model_name",
-                            sv.model_name,
-                            "--http_port",
-                            str(sv.port),
-                            "--bind_host",
-                            "0.0.0.0",
-                            "--top_k",
-                            str(sv.top_k),
-                            "--max_instances",
-                            str(sv.max_instances),
-                            "--threads",
-                            str(sv.threads),
-                        ],
+                        # A pod listens on all its interfaces; locally the same args say 127.0.0.1.
+                        args=serving_args(MODEL_DIR, sv.model_name, sv.port, "0.0.0.0", sv),
                         # KServe's storage initializer downloads this into /mnt/models.
                         env=[
                             V1EnvVar(name="STORAGE_URI", value=model_uri),
