@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format bench image secrets mlflow-ui compile lock clean
+.PHONY: help install run demo test lint format bench image secrets upstream mlflow-ui compile lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,9 +47,11 @@ image: $(STAMP) ## build the project image, tagged from the config (needs a Dock
 	docker build -f infrastructure/Dockerfile -t $(IMAGE) \
 	  --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) --build-arg GIT_COMMIT=$(shell git rev-parse HEAD) .
 
-secrets: ## write random S3 keys for the local Kubernetes overlay (git-ignored; never committed)
-	@test -f infrastructure/overlays/local/s3.env || $(PYTHON) -c 'import secrets; print(f"AWS_ACCESS_KEY_ID=mlops-{secrets.token_hex(8)}\nAWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(32)}")' > infrastructure/overlays/local/s3.env
-	@echo "infrastructure/overlays/local/s3.env ready: kubectl apply -k infrastructure/overlays/local"
+secrets: $(STAMP) ## write random keys for the Kubernetes overlays (git-ignored *.env; never committed)
+	$(PY) -m pipelines.keys
+
+upstream: ## install the pinned cert-manager, Argo Workflows, Training Operator and KServe (kubectl context)
+	infrastructure/upstream/install.sh
 
 mlflow-ui: $(STAMP) ## browse the local runs in the MLflow UI (port: mlflow.ui_port, default 5000)
 	$(PY) pipelines/run.py mlflow-ui $(ARGS)

@@ -1,4 +1,4 @@
-"""Step train: run training/train.py under torchrun locally (in a PyTorchJob on a cluster)."""
+"""Step train: training/train.py under torchrun here, or as a PyTorchJob (components/pytorchjob)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ def train_model(
         raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
     wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
     check_feasible(cfg, store, processed_uri)
+    if cfg.train.launcher == "pytorchjob":
+        from components.pytorchjob import run_pytorchjob
+
+        return run_pytorchjob(cfg, store, processed_uri, run_id)
 
     run_dir = (cfg.state_dir / "runs" / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

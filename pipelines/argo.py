@@ -115,13 +115,15 @@ def _named(cfg: PipelineConfig) -> PipelineConfig:
 def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
     """The DAG verify-data >> feature-engineering >> train >> verify-model >> deploy."""
     model_uri = f"s3://{cfg.storage.buckets.models}/{MODEL_NAME}/{RUN_ID}/"
-    train_job = pytorchjob(
-        cfg,
-        f"{RUN_ID}-train",
-        "{{inputs.parameters.processed-uri}}",
-        RUN_ID,
-        overrides(),
-        workflow=RUN_ID,
+    train_job = to_dict(
+        pytorchjob(
+            cfg,
+            f"{RUN_ID}-train",
+            "{{inputs.parameters.processed-uri}}",
+            RUN_ID,
+            overrides(),
+            workflow=RUN_ID,
+        )
     )
     isvc = inference_service(_named(cfg), model_uri)
     naming: dict[str, Any] = (

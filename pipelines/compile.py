@@ -11,7 +11,7 @@ from kfp import compiler
 from pipelines.argo import build, build_template
 from pipelines.config import PipelineConfig
 from pipelines.kfp_pipeline import image_classifier
-from pipelines.manifests import inference_service, pytorchjob
+from pipelines.manifests import inference_service, pytorchjob, to_dict
 
 # Stand-ins in the standalone manifests, which a submitter fills in (Argo fills its own).
 PROCESSED_URI = "s3://processed-data/DATASET/FEATURE_HASH/"
@@ -29,7 +29,7 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
         "argo-workflow.yaml": build(cfg).to_yaml(),
         "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),
         "pytorchjob.yaml": _yaml(
-            pytorchjob(cfg, f"{cfg.serving.model_name}-train", PROCESSED_URI, RUN_ID, {})
+            to_dict(pytorchjob(cfg, f"{cfg.serving.model_name}-train", PROCESSED_URI, RUN_ID, {}))
         ),
         "inferenceservice.yaml": _yaml(inference_service(cfg, model_uri)),
         "config.schema.json": json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n",

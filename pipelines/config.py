@@ -134,6 +134,11 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "bf16", description="fp32, bf16 autocast, or fp16 autocast (CUDA only)."
     )
+    launcher: Literal["torchrun", "pytorchjob"] = Field(
+        "torchrun",
+        description="torchrun: processes on this machine; pytorchjob: a Kubeflow PyTorchJob "
+        "through TrainingClient (what `submit --backend kfp` sets).",
+    )
 
 
 class GateConfig(_Section):
@@ -204,6 +209,16 @@ class ClusterConfig(_Section):
     )
     mlflow_uri: str = Field(
         "http://mlflow.mlops.svc.cluster.local:5000", description="MLflow inside the cluster."
+    )
+    mlflow_secret: str = Field(
+        "mlops-mlflow-client",
+        description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, read when "
+        "it exists (the production overlay's MLflow has basic auth; the local one has none).",
+    )
+    serving_mode: Literal["Standard", "Knative"] = Field(
+        "Standard",
+        description="KServe deployment mode: Standard (a Deployment; needs only cert-manager) or "
+        "Knative (serverless, scale to zero).",
     )
     step_resources: Resources = Field(
         default_factory=lambda: Resources(cpu="1", memory="4Gi"),
@@ -391,6 +406,25 @@ def public_json(cfg: PipelineConfig) -> str:
     """The resolved config as JSON for a step's parameter: credentials left out (they travel
     in the environment), so it can sit in a pipeline spec or a log."""
     return cfg.model_dump_json(exclude={"storage": {"access_key", "secret_key"}})
+
+
+def config_overrides(cfg: PipelineConfig) -> dict[str, str]:
+    """The keys where cfg differs from its profile, as `--set` values (JSON is valid YAML).
+
+    Endpoints and the state dir are left out: a pod takes them from its own environment."""
+    local = {"state_dir", "storage.endpoint", "mlflow.tracking_uri"}
+    mine = _flatten(json.loads(public_json(cfg)))
+    base = _flatten(json.loads(public_json(load_config(cfg.profile, environ={}))))
+    return {k: json.dumps(v) for k, v in mine.items() if k not in local and base.get(k, ...) != v}
+
+
+def for_cluster(cfg: PipelineConfig) -> PipelineConfig:
+    """The config as the pods see it: in-cluster endpoints, training as a PyTorchJob."""
+    tree = json.loads(public_json(cfg))
+    _set_path(tree, "storage.endpoint", cfg.cluster.s3_endpoint)
+    _set_path(tree, "mlflow.tracking_uri", cfg.cluster.mlflow_uri)
+    _set_path(tree, "train.launcher", "pytorchjob")
+    return PipelineConfig.model_validate(tree)
 
 
 def config_from_json(text: str, environ: dict[str, str] | None = None) -> PipelineConfig:

@@ -1,12 +1,13 @@
 """The KFP v2 pipeline: five lightweight components, each a thin wrapper around one step."""
 
 # No `from __future__ import annotations`: KFP reads the components' annotations as types.
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from pipelines.config import PipelineConfig
 
 # The one image tag of the config tree; every component runs in it.
 IMAGE = PipelineConfig().image
+CLUSTER = PipelineConfig().cluster
 PIPELINE_NAME = "image-classifier"
 
 # Each component body runs in its own process (a subprocess locally, a pod on a cluster), so it
@@ -64,14 +65,39 @@ def deploy(config: str, run_dir: str, verified: str, serve: bool) -> str:
     return json.dumps(run_step("deploy", config, run_dir, model_uri=model_uri, serve=serve))
 
 
+def on_cluster(task: dsl.PipelineTask, shm: bool = False) -> dsl.PipelineTask:
+    """What only a cluster reads (kfp.local ignores platform config): the credentials from the
+    Secrets, as the Argo pods get them, and a memory-backed /dev/shm for torch."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=CLUSTER.s3_secret,
+        secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "MINIO_ACCESS_KEY",
+            "AWS_SECRET_ACCESS_KEY": "MINIO_SECRET_KEY",
+        },
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=CLUSTER.mlflow_secret,
+        secret_key_to_env={k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
+        optional=True,  # only the production overlay's MLflow asks for a login
+    )
+    if shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    return task
+
+
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="verify-data >> feature-engineering >> train >> verify-model >> deploy",
 )
 def image_classifier(config: str, run_dir: str, run_id: str, serve: bool = False) -> None:
     """`config` is the resolved config tree as JSON, credentials excluded (see public_json)."""
-    data = verify_data(config=config, run_dir=run_dir)
-    features = feature_engineering(config=config, run_dir=run_dir, data=data.output)
-    trained = train(config=config, run_dir=run_dir, features=features.output, run_id=run_id)
-    verified = verify_model(config=config, run_dir=run_dir, trained=trained.output)
-    deploy(config=config, run_dir=run_dir, verified=verified.output, serve=serve)
+    # On a cluster, `submit --backend kfp` passes a config whose train.launcher is pytorchjob.
+    data = on_cluster(verify_data(config=config, run_dir=run_dir))
+    features = on_cluster(feature_engineering(config=config, run_dir=run_dir, data=data.output))
+    trained = on_cluster(
+        train(config=config, run_dir=run_dir, features=features.output, run_id=run_id), shm=True
+    )
+    verified = on_cluster(verify_model(config=config, run_dir=run_dir, trained=trained.output))
+    on_cluster(deploy(config=config, run_dir=run_dir, verified=verified.output, serve=serve))

@@ -80,16 +80,22 @@ def pod_security() -> V1PodSecurityContext:
 def secret_env(cfg: PipelineConfig) -> list[V1EnvVar]:
     """Store and tracker addresses as values; the keys only by reference to the Secret."""
 
-    def ref(key: str) -> V1EnvVarSource:
+    def ref(secret: str, key: str, optional: bool = False) -> V1EnvVarSource:
         return V1EnvVarSource(
-            secret_key_ref=V1SecretKeySelector(name=cfg.cluster.s3_secret, key=key)
+            secret_key_ref=V1SecretKeySelector(name=secret, key=key, optional=optional or None)
         )
 
+    s3, tracker = cfg.cluster.s3_secret, cfg.cluster.mlflow_secret
     return [
         V1EnvVar(name="MINIO_ENDPOINT", value=cfg.cluster.s3_endpoint),
-        V1EnvVar(name="MINIO_ACCESS_KEY", value_from=ref("AWS_ACCESS_KEY_ID")),
-        V1EnvVar(name="MINIO_SECRET_KEY", value_from=ref("AWS_SECRET_ACCESS_KEY")),
+        V1EnvVar(name="MINIO_ACCESS_KEY", value_from=ref(s3, "AWS_ACCESS_KEY_ID")),
+        V1EnvVar(name="MINIO_SECRET_KEY", value_from=ref(s3, "AWS_SECRET_ACCESS_KEY")),
         V1EnvVar(name="MLFLOW_TRACKING_URI", value=cfg.cluster.mlflow_uri),
+        # Optional: one compiled workflow serves both overlays, with and without MLflow auth.
+        *(
+            V1EnvVar(name=key, value_from=ref(tracker, key, optional=True))
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+        ),
         # A read-only root filesystem: temporary files and caches go to the emptyDir.
         V1EnvVar(name="HOME", value="/tmp"),
         V1EnvVar(name="TMPDIR", value="/tmp"),
@@ -120,7 +126,7 @@ def pytorchjob(
     run_id: str,
     overrides: dict[str, str],
     workflow: str | None = None,
-) -> dict[str, Any]:
+) -> KubeflowOrgV1PyTorchJob:
     """Master 1 + Worker (workers - 1), each running torchrun with nprocPerNode processes.
 
     torchrun reads the operator's PET_* variables (nnodes, node rank, master address), so one
@@ -171,7 +177,7 @@ def pytorchjob(
         replicas["Worker"] = KubeflowOrgV1ReplicaSpec(
             replicas=tc.workers - 1, restart_policy="OnFailure", template=template
         )
-    job = KubeflowOrgV1PyTorchJob(
+    return KubeflowOrgV1PyTorchJob(
         api_version="kubeflow.org/v1",
         kind="PyTorchJob",
         metadata=V1ObjectMeta(name=name, namespace=cl.namespace, labels=labels),
@@ -185,7 +191,6 @@ def pytorchjob(
             ),
         ),
     )
-    return to_dict(job)
 
 
 def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingConfig) -> list[str]:
@@ -215,7 +220,11 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> dict[str, Any]:
     isvc = V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
-        metadata=V1ObjectMeta(name=sv.model_name, namespace=cl.namespace),
+        metadata=V1ObjectMeta(
+            name=sv.model_name,
+            namespace=cl.namespace,
+            annotations={"serving.kserve.io/deploymentMode": cl.serving_mode},
+        ),
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 service_account_name=cl.serving_service_account,

@@ -36,10 +36,19 @@ def with_tracking(cfg: PipelineConfig, uri: str) -> PipelineConfig:
 class LocalMlflow:
     """`mlflow server` on 127.0.0.1. start() returns at once; wait() blocks until healthy."""
 
-    def __init__(self, cfg: PipelineConfig, workdir: Path, port: int = 0):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        workdir: Path,
+        port: int = 0,
+        extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ):
         self.cfg = cfg
         self.workdir = workdir
         self.port = port  # 0: a free one
+        self.extra_args = extra_args  # e.g. ("--app-name", "basic-auth") as in production
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,6 +69,7 @@ class LocalMlflow:
             AWS_SECRET_ACCESS_KEY=storage.secret_key.get_secret_value(),
             AWS_DEFAULT_REGION=storage.region,
             TMPDIR=str(scratch),  # its db lock files too stay in the state dir
+            **self.extra_env,
         )
         db = (self.workdir / "mlflow.db").resolve()
         cmd = [
@@ -77,6 +87,7 @@ class LocalMlflow:
             f"sqlite:///{db}",
             "--artifacts-destination",
             f"s3://{storage.buckets.mlflow}/artifacts",
+            *self.extra_args,
         ]
         with open(self.workdir / "server.log", "ab") as out:
             self.proc = subprocess.Popen(

@@ -169,7 +169,13 @@ def _argo(args: argparse.Namespace):
 
     cfg = config_from_args(args)
     return cfg, ArgoClient(
-        ArgoTarget.resolve(args.argo_server, args.argo_token, args.namespace, cfg)
+        ArgoTarget.resolve(
+            args.argo_server,
+            args.argo_token,
+            args.namespace,
+            cfg,
+            args.insecure_skip_tls_verify,
+        )
     )
 
 
@@ -254,6 +260,13 @@ def _argo_flags(parser: argparse.ArgumentParser) -> None:
         help="bearer token (default: $ARGO_TOKEN; prefer the variable)",
     )
     parser.add_argument("--namespace", help="namespace (default: cluster.namespace)")
+    parser.add_argument(
+        "-k",
+        "--insecure-skip-tls-verify",
+        action="store_true",
+        help="accept the server's self-signed certificate, e.g. through kubectl port-forward "
+        "(default: verify; also $ARGO_INSECURE_SKIP_VERIFY=true)",
+    )
 
 
 def cmd_mlflow_ui(args: argparse.Namespace) -> int:

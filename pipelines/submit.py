@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from hera.exceptions import HeraException
 from hera.workflows import WorkflowsService
 from hera.workflows import models as m
@@ -26,10 +27,16 @@ class ArgoTarget:
     url: str
     token: str | None
     namespace: str
+    verify_tls: bool = True
 
     @classmethod
     def resolve(
-        cls, url: str | None, token: str | None, namespace: str | None, cfg: PipelineConfig
+        cls,
+        url: str | None,
+        token: str | None,
+        namespace: str | None,
+        cfg: PipelineConfig,
+        insecure: bool = False,
     ) -> ArgoTarget:
         url = url or os.environ.get("ARGO_SERVER")
         if not url:
@@ -39,7 +46,9 @@ class ArgoTarget:
         token = token or os.environ.get("ARGO_TOKEN")
         if token and not token.startswith("Bearer "):
             token = f"Bearer {token}"
-        return cls(url.rstrip("/"), token, namespace or cfg.cluster.namespace)
+        # As the argo CLI: a port-forwarded server presents its self-signed certificate.
+        insecure = insecure or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "") in ("true", "1")
+        return cls(url.rstrip("/"), token, namespace or cfg.cluster.namespace, not insecure)
 
 
 class ArgoClient:
@@ -47,8 +56,13 @@ class ArgoClient:
 
     def __init__(self, target: ArgoTarget):
         self.target = target
+        if not target.verify_tls:  # asked for: one warning per request would bury the output
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self.service = WorkflowsService(
-            host=target.url, token=target.token, namespace=target.namespace, verify_ssl=True
+            host=target.url,
+            token=target.token,
+            namespace=target.namespace,
+            verify_ssl=target.verify_tls,
         )
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -135,7 +149,14 @@ class ArgoClient:
         headers = {"Authorization": self.target.token} if self.target.token else {}
 
         def fetch() -> requests.Response:
-            resp = requests.get(url, params=params, headers=headers, stream=True, timeout=TIMEOUT_S)
+            resp = requests.get(
+                url,
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=TIMEOUT_S,
+                verify=self.target.verify_tls,
+            )
             resp.raise_for_status()
             return resp
 
@@ -165,7 +186,7 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
     import kfp
     from kfp_server_api.exceptions import ApiException
 
-    from pipelines.config import public_json
+    from pipelines.config import for_cluster, public_json
 
     host = host or os.environ.get("KFP_HOST")
     if not host:
@@ -174,7 +195,12 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
             str(ir),
-            arguments={"config": public_json(cfg), "run_dir": "/tmp/run", "run_id": run_id},
+            # In-cluster endpoints, and training as a PyTorchJob through TrainingClient.
+            arguments={
+                "config": public_json(for_cluster(cfg)),
+                "run_dir": "/tmp/run",
+                "run_id": run_id,
+            },
             namespace=cfg.cluster.namespace,
         )
     except (requests.exceptions.ConnectionError, OSError) as exc:

@@ -46,16 +46,23 @@ class Cluster:
         defaults = {p["name"]: p["value"] for p in workflow["spec"]["arguments"]["parameters"]}
         self.values = {f"workflow.parameters.{k}": v for k, v in {**defaults, **PARAMETERS}.items()}
         self.values["workflow.name"] = WORKFLOW
-        self.secret = {
-            "AWS_ACCESS_KEY_ID": env.s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": env.s3.secret_key,
+        # The Secrets of the local overlay: its MLflow has no login, so no client Secret.
+        self.secrets = {
+            env.cfg.cluster.s3_secret: {
+                "AWS_ACCESS_KEY_ID": env.s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": env.s3.secret_key,
+            }
         }
 
     def environ(self, container: dict) -> dict[str, str]:
         out = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_"))}
         for var in container.get("env", []):
-            if "valueFrom" in var:
-                out[var["name"]] = self.secret[var["valueFrom"]["secretKeyRef"]["key"]]
+            if "valueFrom" in var:  # as the kubelet: a missing optional Secret sets nothing
+                ref = var["valueFrom"]["secretKeyRef"]
+                secret = self.secrets.get(ref["name"])
+                assert secret is not None or ref.get("optional"), f"no Secret {ref['name']}"
+                if secret is not None:
+                    out[var["name"]] = secret[ref["key"]]
             else:
                 out[var["name"]] = var["value"]
         # In-cluster addresses become the local servers; /tmp becomes a scratch folder.

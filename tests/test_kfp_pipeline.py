@@ -16,7 +16,7 @@ from pipelines.steps import STEPS
 def test_ir_has_the_five_steps_in_order_on_the_config_image(tmp_path: Path) -> None:
     path = tmp_path / "ir.yaml"
     compiler.Compiler().compile(image_classifier, str(path))
-    ir = yaml.safe_load(path.read_text())
+    ir = next(yaml.safe_load_all(path.read_text()))  # then the platform config
     tasks = ir["root"]["dag"]["tasks"]
     assert set(tasks) == set(STEPS)
     upstream = {name: task.get("dependentTasks", []) for name, task in tasks.items()}
@@ -30,3 +30,22 @@ def test_ir_has_the_five_steps_in_order_on_the_config_image(tmp_path: Path) -> N
         "run_id",
         "serve",
     }
+
+
+def test_cluster_pods_get_the_secrets_and_train_a_memory_backed_shm(tmp_path: Path) -> None:
+    """kfp-kubernetes platform config: what the Argo pods get, for the KFP pods too."""
+    path = tmp_path / "ir.yaml"
+    compiler.Compiler().compile(image_classifier, str(path))
+    _, platform = yaml.safe_load_all(path.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{step}" for step in STEPS}
+    cluster = PipelineConfig().cluster
+    for name, spec in executors.items():
+        secrets = {s["secretName"]: s for s in spec["secretAsEnv"]}
+        s3 = {e["envVar"] for e in secrets[cluster.s3_secret]["keyToEnv"]}
+        assert s3 == {"MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"}, name
+        assert secrets[cluster.s3_secret]["optional"] is False
+        assert secrets[cluster.mlflow_secret]["optional"] is True
+    (shm,) = executors["exec-train"]["emptyDirMounts"]
+    assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    assert not any("emptyDirMounts" in s for n, s in executors.items() if n != "exec-train")

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
+from pipelines.config import load_config
 from pipelines.processes import free_port
+from pipelines.submit import ArgoTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token"
@@ -187,3 +189,14 @@ def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> 
     assert unreachable.returncode == 1
     assert f"cannot reach the Argo Server at {down}" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+def test_tls_verification_is_on_unless_asked_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(environ={})
+    monkeypatch.delenv("ARGO_INSECURE_SKIP_VERIFY", raising=False)
+    target = ArgoTarget.resolve("localhost:2746", "t", None, cfg)
+    assert target.url == "https://localhost:2746" and target.verify_tls
+    assert target.token == "Bearer t" and target.namespace == cfg.cluster.namespace
+    assert not ArgoTarget.resolve("localhost:2746", None, None, cfg, insecure=True).verify_tls
+    monkeypatch.setenv("ARGO_INSECURE_SKIP_VERIFY", "true")  # as the argo CLI reads it
+    assert not ArgoTarget.resolve("localhost:2746", None, None, cfg).verify_tls

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Beside model.json under models/NAME/RUN_ID/, written just before it.
+RESULT_OBJECT = "train-result.json"
+
 
 @dataclass
 class TrainResult:

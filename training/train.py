@@ -10,6 +10,7 @@ set it runs as one process. Only rank 0 logs to MLflow and writes checkpoints an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from training import checkpoint, tracking
 from training.data import Tensors, augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores
 from training.model import build_classifier
-from training.result import TrainResult
+from training.result import RESULT_OBJECT, TrainResult
 
 log = logging.getLogger("mlops.train")
 
@@ -332,9 +333,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    store.write_json(bucket, prefix + "model.json", model_json)  # last: the model is complete
-    log.info("test accuracy %.4f; model %s (version %s)", test_acc, s3_uri(bucket, prefix), version)
-    return TrainResult(
+    result = TrainResult(
         model_uri=s3_uri(bucket, prefix),
         model_sha256=sha,
         mlflow_run_id=tracker.run_id,
@@ -351,6 +350,11 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         history=history,
         param_digests=digests,
     )
+    # What a launcher that cannot read this pod's files (a PyTorchJob) reads back.
+    store.write_json(bucket, prefix + RESULT_OBJECT, dataclasses.asdict(result))
+    store.write_json(bucket, prefix + "model.json", model_json)  # last: the model is complete
+    log.info("test accuracy %.4f; model %s (version %s)", test_acc, s3_uri(bucket, prefix), version)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The KFP train component's cluster path: a PyTorchJob through TrainingClient.
+
+FakeTrainingClient is a mock of the Kubernetes API (none can run here). It keeps to the three
+TrainingClient calls the launcher makes; the S3 server holding the result is real."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kubeflow.training.models import KubeflowOrgV1PyTorchJob
+
+from components.pytorchjob import job_name, run_pytorchjob
+from pipelines.config import PipelineConfig
+from pipelines.errors import PipelineError
+from pipelines.storage import ObjectStore
+from training.result import RESULT_OBJECT
+
+RESULT = {
+    "model_uri": "s3://models/cifar10-resnet18/run-1/",
+    "model_sha256": "0" * 64,
+    "mlflow_run_id": "abc",
+    "experiment_id": "1",
+    "tracking_uri": "http://mlflow:5000",
+    "registered_model": "cifar10-resnet18",
+    "version": "1",
+    "val_accuracy": 0.9,
+    "test_accuracy": 0.89,
+    "epochs": 3,
+    "resumed_from_epoch": 0,
+    "world_size": 2,
+    "seconds": 12.5,
+}
+
+
+class FakeTrainingClient:
+    """Mock: records the job and ends it with the given condition."""
+
+    def __init__(self, outcome: str, message: str = ""):
+        self.outcome, self.message = outcome, message
+        self.created: list[tuple[Any, str | None]] = []
+
+    def create_job(self, job: Any, namespace: str | None = None) -> None:
+        self.created.append((job, namespace))
+
+    def wait_for_job_conditions(self, name: str, **kwargs: Any) -> Any:
+        assert kwargs["expected_conditions"] == {"Succeeded", "Failed"}
+        cond = SimpleNamespace(type=self.outcome, status="True", message=self.message)
+        return SimpleNamespace(status=SimpleNamespace(conditions=[cond]))
+
+    def get_job_logs(self, name: str, **kwargs: Any) -> tuple[dict[str, str], dict]:
+        assert kwargs["is_master"] is True
+        return {f"{name}-master-0": "epoch 1/3 ..."}, {}
+
+
+@pytest.fixture
+def store(store: ObjectStore) -> ObjectStore:
+    store.ensure_buckets()
+    return store
+
+
+def test_creates_the_job_waits_and_reads_the_result(
+    make_cfg: Any, store: ObjectStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg: PipelineConfig = make_cfg(train__epochs=4, train__workers=2)
+    store.write_json("models", f"cifar10-resnet18/run-1/{RESULT_OBJECT}", RESULT)
+    client = FakeTrainingClient("Succeeded")
+    result = run_pytorchjob(cfg, store, "s3://processed-data/x/h/", "run-1", client)
+    assert result.test_accuracy == 0.89 and result.world_size == 2
+    ((job, namespace),) = client.created
+    assert isinstance(job, KubeflowOrgV1PyTorchJob) and namespace == cfg.cluster.namespace
+    assert job.metadata.name == job_name("run-1") == "run-1-train"
+    assert job.spec.pytorch_replica_specs["Worker"].replicas == 1
+    (container,) = job.spec.pytorch_replica_specs["Master"].template.spec.containers
+    # The pods resolve the submitter's config: the profile plus what differs from it.
+    cmd = container.command
+    assert cmd[cmd.index("--profile") + 1] == "smoke"
+    sets = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"}
+    assert {"train.epochs=4", "train.workers=2"} <= sets
+    assert not any(s.startswith(("storage.endpoint", "state_dir")) for s in sets)
+    assert "epoch 1/3" in capsys.readouterr().err  # the master's log is shown
+
+
+def test_a_failed_job_fails_the_step_with_its_message(make_cfg: Any, store: ObjectStore) -> None:
+    client = FakeTrainingClient("Failed", "pod OOMKilled")
+    with pytest.raises(PipelineError, match="failed: pod OOMKilled") as exc:
+        run_pytorchjob(make_cfg(), store, "s3://processed-data/x/h/", "run-2", client)
+    assert exc.value.exit_code == 1
+
+
+def test_success_without_a_result_is_not_taken_for_a_model(
+    make_cfg: Any, store: ObjectStore
+) -> None:
+    with pytest.raises(PipelineError, match="has no result"):
+        run_pytorchjob(
+            make_cfg(), store, "s3://processed-data/x/h/", "run-3", FakeTrainingClient("Succeeded")
+        )
+
+
+def test_without_a_cluster_the_message_says_what_is_missing(
+    make_cfg: Any, store: ObjectStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(PipelineError, match="needs a Kubernetes API"):
+        run_pytorchjob(make_cfg(), store, "s3://processed-data/x/h/", "run-4")
