@@ -36,9 +36,8 @@ format: $(STAMP) ## ruff format and autofix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: $(STAMP) ## run the benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (long)
-	$(PY) -m benchmarks.train_throughput
-	$(PY) -m benchmarks.report
+bench: $(STAMP) ## all five benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (~80 min; ARGS="--only serving")
+	$(PY) -m benchmarks $(ARGS)
 
 IMAGE = $(shell $(PY) -c 'from pipelines.config import PipelineConfig; print(PipelineConfig().image)' 2>/dev/null)
 TORCH_INDEX_URL ?=

@@ -44,10 +44,95 @@ def section(doc: dict) -> str:
     return f"{head}{extra}\n\n{body}\n"
 
 
+def _row(target: str, goal: str, measured: str | None, met: bool | None) -> dict[str, str]:
+    verdict = "not measured" if measured is None else ("met" if met else "NOT met")
+    return {"target": target, "goal": goal, "measured": measured or "-", "verdict": verdict}
+
+
+def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
+    """Each target of the performance issue against what the results hold."""
+    rows = []
+    runs = {r["profile"]: r for r in docs.get("time_to_accuracy", {}).get("figures", [])}
+    for profile, (acc, minutes) in (("quick", (0.85, 10)), ("full", (0.90, 60))):
+        r = runs.get(profile)
+        measured = (
+            f"{r['test_accuracy']:.2%} test / {r['val_accuracy']:.2%} val in "
+            f"{r['wall_s'] / 60:.1f} min"
+            if r
+            else None
+        )
+        rows.append(
+            _row(
+                f"`{profile}` profile, whole pipeline",
+                f">= {acc:.0%} in <= {minutes} min",
+                measured,
+                r and r["met"],
+            )
+        )
+    over = docs.get("pipeline_overhead", {}).get("summary")
+    rows.append(
+        _row(
+            "pipeline overhead (smoke, re-run)",
+            "<= 20 s",
+            over and f"{over['overhead_warm_median_s']} s (first run {over['overhead_cold_s']} s)",
+            over and over["overhead_warm_median_s"] <= 20,
+        )
+    )
+    serving = docs.get("serving", {}).get("summary", {})
+    p50 = serving.get("p50_ratio")
+    rows.append(
+        _row(
+            "serving p50, HTTP / in-process, batch 1",
+            "<= 1.5x",
+            p50 and f"{p50:.2f}x",
+            p50 is not None and p50 <= 1.5,
+        )
+    )
+    tput = serving.get("throughput_ratio")
+    rows.append(
+        _row(
+            "serving 16-client throughput / in-process batched",
+            ">= 0.70",
+            tput and f"{tput:.2f}",
+            tput is not None and tput >= 0.7,
+        )
+    )
+    from pipelines.config import PipelineConfig
+
+    tc = PipelineConfig().train
+    ddp = next(
+        (
+            r["ddp_ratio"]
+            for r in docs.get("train_throughput", {}).get("figures", [])
+            if r["stem"] == tc.stem and r["precision"] == tc.precision
+        ),
+        None,
+    )
+    rows.append(
+        _row(
+            f"DDP 2 procs / 1 proc x 2 threads ({tc.stem}, {tc.precision})",
+            ">= 0.9x",
+            ddp and f"{ddp:.2f}x",
+            ddp is not None and ddp >= 0.9,
+        )
+    )
+    gpu = docs.get("gpu_time_to_94")
+    rows.append(
+        _row(
+            "ResNet-18 to 94% on one H100",
+            "<= 60 s",
+            gpu and f"{gpu['figures']['seconds']} s",
+            gpu and gpu["figures"]["seconds"] <= 60,
+        )
+    )
+    return rows
+
+
 def main() -> int:
     docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(HEADER + "\n" + "\n".join(section(d) for d in docs))
+    summary = "## Targets\n\n" + table(targets({d["name"]: d for d in docs})) + "\n"
+    DOC.write_text(HEADER + "\n" + summary + "\n" + "\n".join(section(d) for d in docs))
     print(DOC)
     return 0
 

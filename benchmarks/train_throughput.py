@@ -1,6 +1,6 @@
 """Training throughput: images/s per stem x precision x (1 process, 2 threads | 2 DDP x 1 thread).
 
-    python -m benchmarks.train_throughput [--steps 12] [--warmup 3]
+    python -m benchmarks.train_throughput [--steps 12] [--warmup 3] [--repeats 3]
 
 Each configuration runs the training program's own step (augmentation, forward, backward, SGD)
 on uint8 CIFAR-shaped batches at the default global batch size; image content does not change
@@ -19,10 +19,10 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, write_result
+from benchmarks.common import ROOT, median, write_result
 from pipelines.config import PipelineConfig
 from training.data import augment
-from training.dist import detect_dist, init_process_group, usable_cores
+from training.dist import detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.model import STEMS, build_classifier
 from training.train import make_autocast, param_groups, train_step
 
@@ -40,7 +40,7 @@ def worker(stem: str, precision: str, steps: int, warmup: int) -> None:
     per_rank = tc.batch_size // d.world
     model = build_classifier(10, 3, stem, [0.5] * 3, [0.25] * 3)
     model = model.to(memory_format=torch.channels_last)
-    ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    ddp = wrap_ddp(model, d)  # as training wraps it
     optimizer = torch.optim.SGD(
         param_groups(model, tc.weight_decay), lr=0.01, momentum=0.9, nesterov=True
     )
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps (default: 12)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measurements per cell; medians (default: 3)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stem", choices=STEMS, default="imagenet", help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help=argparse.SUPPRESS)
@@ -109,10 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for stem in STEMS:
         for precision in PRECISIONS:
+            # The two layouts alternate, so each ratio compares runs taken side by side.
+            runs = {label: [] for label in LAYOUTS}
+            ratios = []
+            for _ in range(args.repeats):
+                for label, procs in LAYOUTS.items():
+                    runs[label].append(measure(stem, precision, procs, args.steps, args.warmup))
+                ratios.append(runs["2 procs x 1 thread"][-1] / runs["1 proc x 2 threads"][-1])
             row = {"stem": stem, "precision": precision}
-            for label, procs in LAYOUTS.items():
-                row[label] = round(measure(stem, precision, procs, args.steps, args.warmup), 1)
-            row["ddp_ratio"] = round(row["2 procs x 1 thread"] / row["1 proc x 2 threads"], 3)
+            row |= {label: round(median(values), 1) for label, values in runs.items()}
+            row["ddp_ratio"] = round(median(ratios), 3)
             print(json.dumps(row), flush=True)
             rows.append(row)
     path = write_result(
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=PipelineConfig().train.batch_size,
         steps=args.steps,
         warmup=args.warmup,
+        repeats=args.repeats,
     )
     print(path)
     return 0

@@ -131,7 +131,13 @@ def smoke_test(base: str, name: str, model_dir: Path, images: np.ndarray) -> flo
 def deploy(
     cfg: PipelineConfig, store: ObjectStore, model_uri: str, serve: bool = False
 ) -> DeployResult:
-    """Fetch into the state dir's model dir, serve, smoke-test; stop unless `serve`."""
+    """Fetch into the state dir's model dir, serve, smoke-test; stop unless `serve`.
+
+    With runtime=kubernetes, apply the InferenceService instead (components/inferenceservice)."""
+    if cfg.runtime == "kubernetes":
+        from components.inferenceservice import apply_inference_service
+
+        return apply_inference_service(cfg, model_uri)
     name = cfg.serving.model_name
     model_dir = (cfg.state_dir / "serving" / name).resolve()
     shutil.rmtree(model_dir, ignore_errors=True)

@@ -54,8 +54,7 @@ def run_pytorchjob(
             client = TrainingClient(namespace=namespace, job_kind=KIND)
         except ConfigException as exc:
             raise PipelineError(
-                f"train.launcher=pytorchjob needs a Kubernetes API (in a pod, or a kubeconfig): "
-                f"{exc}"
+                f"runtime=kubernetes needs a Kubernetes API (in a pod, or a kubeconfig): {exc}"
             ) from None
     name = job_name(run_id)
     job = pytorchjob(cfg, name, processed_uri, run_id, config_overrides(cfg))

@@ -17,6 +17,7 @@ from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, storage_env
 from pipelines.errors import ConfigError, DataError, PipelineError
 from pipelines.mlflow_server import wait_healthy
+from pipelines.processes import terminate
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.dist import usable_cores
 from training.result import TrainResult
@@ -53,9 +54,8 @@ def train_model(
     run_id = run_id or new_run_id()
     if not cfg.mlflow.tracking_uri:
         raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
-    wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
     check_feasible(cfg, store, processed_uri)
-    if cfg.train.launcher == "pytorchjob":
+    if cfg.runtime == "kubernetes":
         from components.pytorchjob import run_pytorchjob
 
         return run_pytorchjob(cfg, store, processed_uri, run_id)
@@ -88,7 +88,15 @@ def train_model(
     )
     log.info("torchrun: %d process(es), run %s", workers, run_id)
     # Worker output goes to stderr, so this step's stdout carries only its JSON result.
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, check=False)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr)
+    try:
+        # The tracking server may still be starting (a local one starts beside the data steps):
+        # wait for it while the workers import torch and load the data, not before.
+        wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
+        proc.wait()
+    except BaseException:
+        terminate(proc)
+        raise
     if proc.returncode != 0 or not result_file.exists():
         raise PipelineError(
             f"training failed (torchrun exit code {proc.returncode}, after up to "

@@ -125,7 +125,7 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             workflow=RUN_ID,
         )
     )
-    isvc = inference_service(_named(cfg), model_uri)
+    isvc = to_dict(inference_service(_named(cfg), model_uri))
     naming: dict[str, Any] = (
         {"generate_name": f"{PIPELINE_NAME}-"} if kind is Workflow else {"name": PIPELINE_NAME}
     )

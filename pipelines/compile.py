@@ -31,7 +31,7 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
         "pytorchjob.yaml": _yaml(
             to_dict(pytorchjob(cfg, f"{cfg.serving.model_name}-train", PROCESSED_URI, RUN_ID, {}))
         ),
-        "inferenceservice.yaml": _yaml(inference_service(cfg, model_uri)),
+        "inferenceservice.yaml": _yaml(to_dict(inference_service(cfg, model_uri))),
         "config.schema.json": json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n",
     }
     paths = []

@@ -93,7 +93,7 @@ def on_cluster(task: dsl.PipelineTask, shm: bool = False) -> dsl.PipelineTask:
 )
 def image_classifier(config: str, run_dir: str, run_id: str, serve: bool = False) -> None:
     """`config` is the resolved config tree as JSON, credentials excluded (see public_json)."""
-    # On a cluster, `submit --backend kfp` passes a config whose train.launcher is pytorchjob.
+    # On a cluster, `submit --backend kfp` passes a config whose runtime is kubernetes.
     data = on_cluster(verify_data(config=config, run_dir=run_dir))
     features = on_cluster(feature_engineering(config=config, run_dir=run_dir, data=data.output))
     trained = on_cluster(

@@ -210,14 +210,18 @@ def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingCon
         str(sv.max_instances),
         "--threads",
         str(sv.threads),
+        "--max_batch",
+        str(sv.max_batch),
+        "--batch_wait_ms",
+        str(sv.batch_wait_ms),
     ]
 
 
-def inference_service(cfg: PipelineConfig, model_uri: str) -> dict[str, Any]:
+def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceService:
     """A custom predictor running `python -m serving`; KServe fetches storageUri first."""
     cl, sv = cfg.cluster, cfg.serving
     volumes, mounts = scratch_volumes(shm=False)
-    isvc = V1beta1InferenceService(
+    return V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
         metadata=V1ObjectMeta(
@@ -251,4 +255,3 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> dict[str, Any]:
             )
         ),
     )
-    return to_dict(isvc)

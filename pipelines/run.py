@@ -105,6 +105,8 @@ def as_json(report: RunReport) -> str:
             "deploy": deployed,
             "run_id": report.run_id,
             "metrics": {k: trained.get(k) for k in ("test_accuracy", "val_accuracy")},
+            # The training program's own time and curve, apart from the step's start-up.
+            "train": {k: trained.get(k) for k in ("seconds", "epochs", "world_size", "history")},
             "model_uri": trained.get("model_uri"),
             "mlflow": {
                 "tracking_uri": report.tracking_uri or None,

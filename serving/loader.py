@@ -31,6 +31,13 @@ def load_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     channels = meta["input"]["shape"][0]
     norm = meta["normalization"]
-    model = build_classifier(meta["num_classes"], channels, meta["stem"], norm["mean"], norm["std"])
+    model = build_classifier(
+        meta["num_classes"],
+        channels,
+        meta["stem"],
+        norm["mean"],
+        norm["std"],
+        flip_tta=meta.get("flip_tta", False),  # served exactly as it was evaluated
+    )
     model.load_state_dict(load_safetensors(weights), strict=True)
     return model.eval(), meta

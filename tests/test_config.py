@@ -103,5 +103,5 @@ def test_pods_resolve_the_submitters_config_from_profile_and_overrides() -> None
     pod = for_cluster(cfg)
     assert pod.storage.endpoint == cfg.cluster.s3_endpoint
     assert pod.mlflow.tracking_uri == cfg.cluster.mlflow_uri
-    assert pod.train.launcher == "pytorchjob" and cfg.train.launcher == "torchrun"
+    assert pod.runtime == "kubernetes" and cfg.runtime == "local"
     assert '"access_key"' not in public_json(pod) and '"secret_key"' not in public_json(pod)

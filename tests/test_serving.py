@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import psutil
 import pytest
-import torch
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from safetensors.torch import save as save_safetensors
+from kserve.errors import InferenceError
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from pipelines.config import load_config
 from pipelines.processes import free_port, terminate
+from serving.batcher import MicroBatcher
 from serving.model import ImageClassifier
-from training.model import build_classifier
+from serving.untrained import write_untrained_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny"
@@ -33,22 +33,7 @@ CLASSES = [f"c{i}" for i in range(5)]
 
 def write_model_dir(folder: Path, seed: int = 0) -> Path:
     """A real (untrained) classifier written as training writes one."""
-    torch.manual_seed(seed)
-    model = build_classifier(len(CLASSES), 3, "s2", [0.5] * 3, [0.25] * 3)
-    weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.safetensors").write_bytes(weights)
-    record = {
-        "weights": "model.safetensors",
-        "sha256": hashlib.sha256(weights).hexdigest(),
-        "classes": CLASSES,
-        "num_classes": len(CLASSES),
-        "stem": "s2",
-        "input": {"shape": [3, 32, 32], "dtype": "uint8", "layout": "NCHW"},
-        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3, "scale": 255},
-    }
-    (folder / "model.json").write_text(json.dumps(record))
-    return folder
+    return write_untrained_model(folder, CLASSES, "s2", seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +161,71 @@ def test_bad_v2_input_is_a_400(server, inputs, message) -> None:
     assert message in body["error"]
 
 
+def forward_images(server: SimpleNamespace) -> tuple[float, float]:
+    """(forward passes, images through them) so far, from the server's /metrics."""
+    with urllib.request.urlopen(f"{server.base}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    for line in text.splitlines():
+        for what in ("count", "sum"):
+            if line.startswith(f'forward_batch_images_{what}{{model_name="{NAME}"}}'):
+                found[what] = float(line.split()[-1])
+    return found.get("count", 0.0), found.get("sum", 0.0)
+
+
+def send(server: SimpleNamespace, images: np.ndarray, protocol: str) -> tuple[int, list[int], list]:
+    """One request; the status, the class indices and the top-k probabilities it answered."""
+    if protocol == "v1":
+        code, body = v1(server, [{"image_bytes": {"b64": png_b64(i)}} for i in images])
+        if code != 200:
+            return code, [], []
+        preds = body["predictions"]
+        return (
+            code,
+            [p["index"] for p in preds],
+            [sorted(p["probabilities"].values()) for p in preds],
+        )
+    data = {"name": "x", "datatype": "UINT8", "shape": list(images.shape)}
+    code, body = v2(server, [{**data, "data": images.reshape(-1).tolist()}])
+    if code != 200:
+        return code, [], []
+    out = {o["name"]: o["data"] for o in body["outputs"]}
+    top = np.reshape(out["top_k_probability"], (len(images), -1))
+    return code, out["class_index"], [sorted(row) for row in top.tolist()]
+
+
+def test_concurrent_requests_each_get_exactly_their_own_rows(server: SimpleNamespace) -> None:
+    """16 requests of 1..8 images at once, V1 and V2 mixed, share forward passes."""
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (i % 8 + 1, 32, 32, 3), dtype=np.uint8) for i in range(16)]
+    passes, images = forward_images(server)
+    with ThreadPoolExecutor(len(batches)) as pool:
+        answers = list(pool.map(lambda i: send(server, batches[i], ("v1", "v2")[i % 2]), range(16)))
+    for batch, (code, index, top) in zip(batches, answers, strict=True):
+        expected = server.local.classify(batch)
+        assert code == 200
+        assert index == expected.argmax(1).tolist()
+        want = expected.topk(3, dim=1).values.flip(1).tolist()
+        assert np.allclose(top, want, atol=1e-5)
+    after_passes, after_images = forward_images(server)
+    assert after_images - images == sum(len(b) for b in batches)  # each image ran exactly once
+    assert 1 <= after_passes - passes <= len(batches)
+
+
+def test_a_bad_request_among_good_ones_fails_alone(server: SimpleNamespace) -> None:
+    good = [server.images[i : i + 1] for i in range(4)] * 2
+    bad = [np.zeros((16, 16, 3), int).tolist()]
+    with ThreadPoolExecutor(len(good) + 1) as pool:
+        bad_answer = pool.submit(v1, server, bad)
+        answers = list(pool.map(lambda b: send(server, b, "v1"), good))
+    code, body = bad_answer.result()
+    assert code == 400 and "expected [32, 32, 3]" in body["error"]
+    expected = server.local.classify(server.images).argmax(1).tolist()
+    assert [a[:2] for a in answers] == [(200, [expected[i]]) for i in range(4)] * 2
+    with urllib.request.urlopen(f"{server.base}/v2/models/{NAME}/ready", timeout=5) as resp:
+        assert resp.status == 200
+
+
 def test_body_without_json_content_type_is_still_read(server: SimpleNamespace) -> None:
     """As `curl -d` sends it: no Content-Type: application/json."""
     body = json.dumps({"instances": server.images[:1].tolist()}).encode()
@@ -223,3 +273,93 @@ def test_tampered_weights_refuse_to_load(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "sha256 mismatch" in proc.stderr and "refusing to load it" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- the micro-batcher alone ------------------------------------------------------------------
+
+
+def batcher_with_log(max_batch: int, wait_ms: float = 0.0) -> tuple[MicroBatcher, list[int]]:
+    """A batcher whose forward returns each image's first pixel and logs its batch sizes;
+    an image whose first pixel is 255 makes the whole forward fail."""
+    sizes: list[int] = []
+
+    def infer(images: np.ndarray) -> tuple[np.ndarray]:
+        sizes.append(len(images))
+        if (images[:, 0, 0, 0] == 255).any():
+            raise RuntimeError("poisoned batch")
+        return (images[:, 0, 0, 0].copy(),)
+
+    return MicroBatcher("unit", infer, max_batch, wait_ms), sizes
+
+
+def images_of(*values: int) -> np.ndarray:
+    return np.array(values, np.uint8).reshape(-1, 1, 1, 1)
+
+
+def test_queued_requests_share_a_forward_and_get_their_own_rows() -> None:
+    batcher, sizes = batcher_with_log(max_batch=64)
+    requests = [images_of(*range(10 * i, 10 * i + i + 1)) for i in range(5)]
+
+    async def burst() -> list:
+        return await asyncio.gather(*(batcher.submit(r) for r in requests))
+
+    answers = asyncio.run(burst())
+    assert [a[0].tolist() for a in answers] == [r[:, 0, 0, 0].tolist() for r in requests]
+    # The first request starts the worker; all five are queued before it runs.
+    assert sizes == [15]
+    # A later event loop (a new asyncio.run) gets a fresh worker.
+    assert asyncio.run(burst())[4][0].tolist() == [40, 41, 42, 43, 44]
+
+
+def test_batches_close_at_max_batch_and_never_split_a_request() -> None:
+    batcher, sizes = batcher_with_log(max_batch=4)
+
+    async def burst() -> list:
+        sizes_in = (2, 2, 3, 6, 1)
+        return await asyncio.gather(*(batcher.submit(images_of(*[n] * n)) for n in sizes_in))
+
+    answers = asyncio.run(burst())
+    assert [len(a[0]) for a in answers] == [2, 2, 3, 6, 1]
+    assert sizes == [4, 3, 6, 1]  # 2+2; 3 (3+6 overflows); 6 alone (over max_batch); 1
+
+
+def test_a_failed_forward_fails_only_its_batch_and_the_worker_carries_on() -> None:
+    batcher, sizes = batcher_with_log(max_batch=1)
+
+    async def scenario() -> list:
+        first = await asyncio.gather(
+            batcher.submit(images_of(255)), batcher.submit(images_of(7)), return_exceptions=True
+        )
+        return [*first, await batcher.submit(images_of(8))]
+
+    poisoned, good, later = asyncio.run(scenario())
+    assert isinstance(poisoned, InferenceError) and "RuntimeError: poisoned batch" in str(poisoned)
+    assert good[0].tolist() == [7] and later[0].tolist() == [8]
+    assert sizes == [1, 1, 1]
+
+
+def test_the_wait_window_opens_only_under_concurrent_load() -> None:
+    """A long window: a lone request never waits for it, and a window that fills up to
+    max_batch closes at once (else these would take a minute)."""
+    batcher, sizes = batcher_with_log(max_batch=4, wait_ms=60_000)
+
+    async def scenario() -> None:
+        await asyncio.wait_for(batcher.submit(images_of(1)), 30)  # lone: no window
+        await asyncio.gather(batcher.submit(images_of(2)), batcher.submit(images_of(3)))
+        # The last batch was concurrent, so the next one waits for max_batch images.
+        first = asyncio.ensure_future(batcher.submit(images_of(4)))
+        await asyncio.sleep(0.05)
+        rest = [batcher.submit(images_of(n)) for n in (5, 6, 7)]
+        await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+
+    asyncio.run(scenario())
+    assert sizes == [1, 2, 4]
+
+
+def test_batching_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_dir", "unused", "--max_batch", "0"])
+    assert exit_info.value.code == 2
+    assert "--max_batch 0: Input should be greater than or equal to 1" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pipelines.errors import ConfigError
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
 from training.data import augment, rank_batches
 from training.dist import usable_cores
-from training.model import build_model
+from training.model import build_classifier, build_model
 from training.train import lr_at
 
 
@@ -70,3 +70,20 @@ def test_usable_cores_is_positive_and_bounded() -> None:
     import os
 
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_flip_tta_averages_the_two_views_in_eval_only() -> None:
+    torch.manual_seed(0)
+    plain = build_classifier(10, 3, "s2", [0.5] * 3, [0.25] * 3).eval()
+    tta = build_classifier(10, 3, "s2", [0.5] * 3, [0.25] * 3, flip_tta=True).eval()
+    tta.load_state_dict(plain.state_dict())  # the same weights under the same names
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (plain(x) + plain(x.flip(3))) / 2
+        assert torch.allclose(tta(x), expected, atol=1e-5)
+        assert not torch.allclose(tta(x), plain(x), atol=1e-3)
+        # Mirror-invariant by construction: the image and its mirror get the same logits.
+        assert torch.allclose(tta(x), tta(x.flip(3)), atol=1e-5)
+    tta.train(), plain.train()
+    with torch.no_grad():  # training sees one view (augmentation flips already)
+        assert torch.allclose(tta(x), plain(x), atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision.models import resnet18
 
@@ -31,8 +32,29 @@ def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") 
     return model
 
 
+class Classifier(nn.Sequential):
+    """Normalise, then the network. With flip_tta, eval mode averages the logits of the image
+    and of its mirror image: CIFAR-like classes are mirror-symmetric, so the second view adds
+    information the first lacks. A Sequential, so the weights keep their names ("0.", "1.")."""
+
+    def __init__(self, norm: nn.Module, net: nn.Module, flip_tta: bool = False):
+        super().__init__(norm, net)
+        self.flip_tta = flip_tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if self.flip_tta and not self.training:
+            logits = (logits + super().forward(x.flip(3))) / 2  # NCHW: 3 is the width axis
+        return logits
+
+
 def build_classifier(
-    num_classes: int, in_channels: int, stem: str, mean: list[float], std: list[float]
-) -> nn.Module:
+    num_classes: int,
+    in_channels: int,
+    stem: str,
+    mean: list[float],
+    std: list[float],
+    flip_tta: bool = False,
+) -> Classifier:
     """The trained and served network: uint8 NCHW in, logits out (normalisation inside)."""
-    return nn.Sequential(Normalize(mean, std), build_model(num_classes, in_channels, stem))
+    return Classifier(Normalize(mean, std), build_model(num_classes, in_channels, stem), flip_tta)

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
@@ -39,7 +38,7 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
 from training import checkpoint, tracking
 from training.data import Tensors, augment, load_processed, rank_batches
-from training.dist import Dist, detect_dist, init_process_group, usable_cores
+from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.model import build_classifier
 from training.result import RESULT_OBJECT, TrainResult
 
@@ -182,6 +181,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     # -- model: normalisation inside, so the model takes uint8 images as served
     torch.manual_seed(tc.seed)
     model = build_classifier(len(classes), image["channels"], tc.stem, meta["mean"], meta["std"])
+    model.flip_tta = False  # per-epoch validation stays single-view: it is for the curve
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
@@ -209,7 +209,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         history, start_epoch = ckpt.state["history"], ckpt.epoch
         if d.main:
             log.info("resuming %s from epoch %d of %d", run_id, start_epoch, tc.epochs)
-    ddp = DistributedDataParallel(model) if d.world > 1 else model
+    ddp = wrap_ddp(model, d)
 
     # -- tracking (rank 0 only): one MLflow run per training, found again on resume
     tracker = tracking.Tracker.start(cfg, run_id, d.world, meta, git_commit()) if d.main else None
@@ -277,7 +277,11 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             assert tracker is not None
             tracker.log_epoch(row)
 
-    # -- final evaluation on test, the model, and its record
+    # -- final evaluation on val and test as the model will be served; the model and its record
+    model.flip_tta = tc.flip_tta
+    val_acc = history[-1]["val_accuracy"] if history else 0.0
+    if tc.flip_tta and history:
+        _, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
     test_loss, test_acc, confusion = evaluate(ddp, splits["test"], d, 512, len(classes), autocast)
     digest = hashlib.sha256(
         b"".join(p.detach().cpu().float().numpy().tobytes() for p in model.parameters())
@@ -290,9 +294,8 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     if not d.main:
         return None
     assert tracker is not None
-    final = history[-1] if history else {}
     metrics = {
-        "val_accuracy": final.get("val_accuracy", 0.0),
+        "val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
     }
@@ -309,6 +312,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         "name": cfg.serving.model_name,
         "architecture": tc.arch,
         "stem": tc.stem,
+        "flip_tta": tc.flip_tta,
         "classes": classes,
         "num_classes": len(classes),
         "input": {

@@ -1,7 +1,8 @@
-"""The KFP train component's cluster path: a PyTorchJob through TrainingClient.
+"""The KFP components' cluster paths: train as a PyTorchJob through TrainingClient, deploy as an
+InferenceService through KServeClient.
 
-FakeTrainingClient is a mock of the Kubernetes API (none can run here). It keeps to the three
-TrainingClient calls the launcher makes; the S3 server holding the result is real."""
+FakeTrainingClient and FakeKServeClient are mocks of the Kubernetes API (none can run here).
+They keep to the calls the steps make; the S3 server holding the train result is real."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 from kubeflow.training.models import KubeflowOrgV1PyTorchJob
 
+from components.inferenceservice import apply_inference_service
 from components.pytorchjob import job_name, run_pytorchjob
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
+from pipelines.manifests import to_dict
 from pipelines.storage import ObjectStore
 from training.result import RESULT_OBJECT
 
@@ -105,3 +108,61 @@ def test_without_a_cluster_the_message_says_what_is_missing(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(PipelineError, match="needs a Kubernetes API"):
         run_pytorchjob(make_cfg(), store, "s3://processed-data/x/h/", "run-4")
+
+
+class FakeKServeClient:
+    """Mock: an in-memory store of InferenceServices that become Ready, or never do."""
+
+    def __init__(self, ready: bool = True):
+        self.ready, self.items, self.calls = ready, {}, []
+
+    def get(self, name: str, namespace: str | None = None) -> Any:
+        if name not in self.items:
+            raise RuntimeError(f"inferenceservices {name!r} not found")
+        return self.items[name]
+
+    def _store(self, isvc: Any, version: str) -> None:
+        doc = to_dict(isvc)
+        doc["metadata"]["resourceVersion"] = version
+        doc["status"] = {"address": {"url": f"http://{doc['metadata']['name']}.mlops.svc"}}
+        self.items[doc["metadata"]["name"]] = doc
+
+    def create(self, inferenceservice: Any, namespace: str | None = None) -> None:
+        self.calls.append("create")
+        self._store(inferenceservice, "1")
+
+    def replace(self, name: str, inferenceservice: Any, namespace: str | None = None) -> None:
+        self.calls.append("replace")
+        assert (
+            inferenceservice.metadata.resource_version
+            == self.items[name]["metadata"]["resourceVersion"]
+        )  # an update must name the version it replaces
+        self._store(inferenceservice, "2")
+
+    def wait_isvc_ready(self, name: str, **kwargs: Any) -> None:
+        if not self.ready:
+            raise RuntimeError(f"Timeout to start the InferenceService {name}.")
+
+
+def test_deploy_creates_then_replaces_the_inference_service(make_cfg: Any) -> None:
+    cfg = make_cfg()
+    client = FakeKServeClient()
+    first = apply_inference_service(cfg, "s3://models/m/run-1/", client)
+    second = apply_inference_service(cfg, "s3://models/m/run-2/", client)
+    assert client.calls == ["create", "replace"]
+    name = cfg.serving.model_name
+    stored = client.items[name]
+    container = stored["spec"]["predictor"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STORAGE_URI"] == "s3://models/m/run-2/"  # the new model rolls out in place
+    assert (
+        first.endpoint_v1
+        == second.endpoint_v1
+        == (f"http://{name}.mlops.svc/v1/models/{name}:predict")
+    )
+
+
+def test_deploy_that_never_gets_ready_fails_the_step(make_cfg: Any) -> None:
+    with pytest.raises(PipelineError, match="Timeout to start") as exc:
+        apply_inference_service(make_cfg(), "s3://models/m/run-1/", FakeKServeClient(ready=False))
+    assert exc.value.exit_code == 1 and "kubectl -n mlops describe" in str(exc.value)
