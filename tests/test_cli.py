@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from data import synthetic
+from pipelines.config import TrainConfig
 from pipelines.processes import free_port
 from pipelines.s3server import EmbeddedS3
 
@@ -47,7 +48,8 @@ def test_help_explains_every_option_with_its_default(command: list[str]) -> None
         assert "{run,config,compile}" in out.stdout
         return
     assert "--profile" in out.stdout and "(default: quick)" in out.stdout
-    assert "train.epochs (default 15)" in out.stdout  # the config keys, generated from the tree
+    epochs = TrainConfig.model_fields["epochs"].default
+    assert f"train.epochs (default {epochs})" in out.stdout  # the config keys, generated from the tree
     assert "--dataset {cifar10,mnist,imagefolder,synthetic}" in out.stdout
 
 

@@ -9,6 +9,7 @@ import yaml
 
 from pipelines.config import (
     PROFILES,
+    TrainConfig,
     config_overrides,
     describe_fields,
     for_cluster,
@@ -82,7 +83,8 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
 
 def test_every_field_is_described() -> None:
     lines = describe_fields()
-    assert any(line.strip().startswith("train.epochs (default 15)") for line in lines)
+    epochs = TrainConfig.model_fields["epochs"].default
+    assert any(line.strip().startswith(f"train.epochs (default {epochs})") for line in lines)
     assert all(not line.endswith(": None") for line in lines), "a field lacks a description"
 
 
