@@ -49,7 +49,8 @@ def test_help_explains_every_option_with_its_default(command: list[str]) -> None
         return
     assert "--profile" in out.stdout and "(default: quick)" in out.stdout
     epochs = TrainConfig.model_fields["epochs"].default
-    assert f"train.epochs (default {epochs})" in out.stdout  # the config keys, generated from the tree
+    # the config keys, generated from the tree
+    assert f"train.epochs (default {epochs})" in out.stdout
     assert "--dataset {cifar10,mnist,imagefolder,synthetic}" in out.stdout
 
 
