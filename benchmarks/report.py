@@ -8,7 +8,7 @@ import sys
 from benchmarks.common import RESULTS, ROOT
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
-# Levers are experiments, not one harness run: their record is written by hand, kept beside the code.
+# Levers are experiments, not one harness run: their record is kept by hand beside the code.
 LEVERS = ROOT / "benchmarks" / "levers.md"
 HEADER = """# Benchmarks
 
