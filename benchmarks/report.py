@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import RESULTS, ROOT, median
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 # Levers are experiments, not one harness run: their record is kept by hand beside the code.
@@ -71,12 +71,19 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
                 r and r["met"],
             )
         )
-    over = docs.get("pipeline_overhead", {}).get("summary")
+    over_doc = docs.get("pipeline_overhead", {})
+    over = over_doc.get("summary")
+    # The strict reading (all but the epochs) decides; the looser one (all but the train step,
+    # whose evaluation, export and registration then count as training) is shown beside it.
+    warm = [r["wall_s"] - r["train_s"] for r in over_doc.get("figures", [])[1:]]
+    loose = f"; {median(warm):.2f} s beyond the whole train step" if warm else ""
     rows.append(
         _row(
             "pipeline overhead (smoke, re-run)",
             "<= 20 s",
-            over and f"{over['overhead_warm_median_s']} s (first run {over['overhead_cold_s']} s)",
+            over
+            and f"{over['overhead_warm_median_s']} s beyond the epochs{loose} "
+            f"(first run {over['overhead_cold_s']} s)",
             over and over["overhead_warm_median_s"] <= 20,
         )
     )
