@@ -107,19 +107,26 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
         )
     )
     from pipelines.config import PipelineConfig
+    from training.precision import Hardware
+    from training.precision import resolve as resolve_precision
 
     tc = PipelineConfig().train
+    throughput = docs.get("train_throughput", {})
+    # The precision the default (auto) resolves to on the machine that measured.
+    cpu = throughput.get("machine", {})
+    hw = Hardware(cuda=False, cpu_bf16=bool(cpu.get("avx512_bf16") or cpu.get("amx")))
+    precision = resolve_precision(tc.precision, hw)[0]
     ddp = next(
         (
             r["ddp_ratio"]
-            for r in docs.get("train_throughput", {}).get("figures", [])
-            if r["stem"] == tc.stem and r["precision"] == tc.precision
+            for r in throughput.get("figures", [])
+            if r["stem"] == tc.stem and r["precision"] == precision
         ),
         None,
     )
     rows.append(
         _row(
-            f"DDP 2 procs / 1 proc x 2 threads ({tc.stem}, {tc.precision})",
+            f"DDP 2 procs / 1 proc x 2 threads ({tc.stem}, {precision})",
             ">= 0.9x",
             ddp and f"{ddp:.2f}x",
             ddp is not None and ddp >= 0.9,

@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp) / "state",
             )
         tc = load_config(profile, environ={}).train
+        precision = report["train"].get("precision", tc.precision)  # what auto resolved to
         accuracy, budget = TARGETS.get(profile, (None, None))
         rows.append(
             {
                 "profile": profile,
-                "recipe": f"{tc.stem} stem, {tc.precision}, batch {tc.batch_size}, lr {tc.lr}, "
+                "recipe": f"{tc.stem} stem, {precision}, batch {tc.batch_size}, lr {tc.lr}, "
                 f"{tc.epochs} epochs, flip TTA {'on' if tc.flip_tta else 'off'}",
                 "wall_s": report["wall_s"],
                 "train_s": report["train"]["seconds"],

@@ -131,8 +131,11 @@ class TrainConfig(_Section):
     seed: int = Field(
         0, ge=0, description="Seed of the initial weights, shuffling and augmentation."
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="fp32, bf16 autocast, or fp16 autocast (CUDA only)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the hardware computes bf16 natively (a CPU with "
+        "AVX512-BF16 or AMX, a GPU from Ampere on), else fp32 on a CPU and fp16 on a GPU; or "
+        "fp32, bf16, fp16 (CUDA only) as given.",
     )
     flip_tta: bool = Field(
         True,

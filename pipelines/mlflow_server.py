@@ -69,6 +69,9 @@ class LocalMlflow:
             AWS_SECRET_ACCESS_KEY=storage.secret_key.get_secret_value(),
             AWS_DEFAULT_REGION=storage.region,
             TMPDIR=str(scratch),  # its db lock files too stay in the state dir
+            # MLflow 3 starts a job runner and a huey consumer for its GenAI jobs by default:
+            # two more processes polling on the cores that train. The pipeline runs no such job.
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
             **self.extra_env,
         )
         db = (self.workdir / "mlflow.db").resolve()

@@ -56,7 +56,8 @@ def summary(report: RunReport) -> str:
     if trained:
         lines += [
             f"accuracy    test {trained['test_accuracy']:.4f}, val {trained['val_accuracy']:.4f}"
-            f" ({trained['epochs']} epochs, {trained['world_size']} process(es))",
+            f" ({trained['epochs']} epochs, {trained['world_size']} process(es),"
+            f" {trained.get('precision', 'precision n/a')})",
             f"model       {trained['model_uri']}model.safetensors",
             f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
@@ -106,7 +107,10 @@ def as_json(report: RunReport) -> str:
             "run_id": report.run_id,
             "metrics": {k: trained.get(k) for k in ("test_accuracy", "val_accuracy")},
             # The training program's own time and curve, apart from the step's start-up.
-            "train": {k: trained.get(k) for k in ("seconds", "epochs", "world_size", "history")},
+            "train": {
+                k: trained.get(k)
+                for k in ("seconds", "epochs", "world_size", "precision", "history")
+            },
             "model_uri": trained.get("model_uri"),
             "mlflow": {
                 "tracking_uri": report.tracking_uri or None,

@@ -23,7 +23,11 @@ def test_targets_are_judged_from_the_results() -> None:
         "pipeline_overhead": {"summary": {"overhead_warm_median_s": 18.0, "overhead_cold_s": 25}},
         "serving": {"summary": {"p50_ratio": 1.2, "throughput_ratio": 0.5}},
         "train_throughput": {
-            "figures": [{"stem": tc.stem, "precision": tc.precision, "ddp_ratio": 0.93}]
+            "machine": {"avx512_bf16": True, "amx": False},
+            "figures": [
+                {"stem": tc.stem, "precision": "bf16", "ddp_ratio": 0.93},
+                {"stem": tc.stem, "precision": "fp32", "ddp_ratio": 0.5},
+            ],
         },
     }
     rows = {r["target"].split(",")[0]: r for r in targets(docs)}
@@ -33,6 +37,12 @@ def test_targets_are_judged_from_the_results() -> None:
     assert rows["pipeline overhead (smoke"]["verdict"] == "met"
     assert rows["serving p50"]["verdict"] == "met"
     assert rows["serving 16-client throughput / in-process batched"]["verdict"] == "NOT met"
-    ddp = next(r for k, r in rows.items() if k.startswith("DDP"))
+    # The default precision (auto) is bf16 on a CPU with AVX512-BF16: its row is the one judged.
+    ddp = rows[f"DDP 2 procs / 1 proc x 2 threads ({tc.stem}"]
     assert ddp["verdict"] == "met" and ddp["measured"] == "0.93x"
+    docs["train_throughput"]["machine"] = {"avx512_bf16": False, "amx": False}
+    rows = {r["target"].split(",")[0]: r for r in targets(docs)}
+    ddp = rows[f"DDP 2 procs / 1 proc x 2 threads ({tc.stem}"]
+    assert ddp["verdict"] == "NOT met" and ddp["measured"] == "0.50x"
+    assert ddp["target"].endswith(", fp32)")
     assert rows["ResNet-18 to 94% on one H100"]["verdict"] == "not measured"

@@ -73,7 +73,7 @@ def test_workflow_key_fields(compiled: Path) -> None:
         "model-name",
     }
     assert params["dataset"]["enum"] == ["cifar10", "mnist", "imagefolder", "synthetic"]
-    assert params["precision"]["enum"] == ["fp32", "bf16", "fp16"]
+    assert params["precision"]["enum"] == ["auto", "fp32", "bf16", "fp16"]
     assert all(p.get("description") for p in params.values())
 
     train = templates["train"]["resource"]

@@ -48,7 +48,7 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
     ("overrides", "message"),
     [
         ({"train.epochs": 0}, r"train\.epochs=0: Input should be greater than or equal to 1"),
-        ({"train.precision": "fp8"}, r"train\.precision='fp8': Input should be 'fp32', 'bf16'"),
+        ({"train.precision": "fp8"}, r"train\.precision='fp8': Input should be 'auto', 'fp32'"),
         ({"dataset.name": "svhn"}, r"dataset\.name='svhn': Input should be 'cifar10'"),
         ({"train.epoch": 3}, r"train\.epoch: unknown setting"),
         ({"serving.model_name": "Bad_Name"}, r"serving\.model_name='Bad_Name'"),

@@ -16,12 +16,16 @@ from types import SimpleNamespace
 import mlflow
 import psutil
 import pytest
+import torch
 
 from components.train import train_model
 from pipelines.errors import ConfigError, PipelineError, StorageError
 from pipelines.mlflow_server import with_tracking
 from pipelines.processes import free_port
 from pipelines.storage import ObjectStore, parse_s3_uri
+from training.precision import Hardware, resolve
+
+CPU = torch.device("cpu")
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -51,6 +55,8 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     tags = run.data.tags
     assert tags["mlops.pipeline_run_id"] == "ddp-test" and tags["mlops.world_size"] == "2"
     assert tags["mlops.feature_hash"] in env.processed
+    # train.precision=auto resolved on this machine's hardware, recorded where users look.
+    assert tags["mlops.precision"] == result.precision == resolve("auto", Hardware.detect(CPU))[0]
     plots = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
     assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png"}
     version = client.get_model_version(result.registered_model, result.version)
@@ -63,6 +69,7 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     assert hashlib.sha256(weights).hexdigest() == record["sha256"] == result.model_sha256
     assert record["lineage"]["mlflow_run_id"] == result.mlflow_run_id
     assert record["input"]["shape"] == [3, 32, 32] and len(record["classes"]) == 10
+    assert record["precision"] == result.precision
 
 
 def test_ranks_hold_identical_parameters(env: SimpleNamespace) -> None:

@@ -25,3 +25,4 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     param_digests: list[str] = field(default_factory=list)  # one per rank: DDP keeps them equal
+    precision: str = ""  # what train.precision resolved to on the hardware that trained

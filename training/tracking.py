@@ -47,7 +47,13 @@ class Tracker:
 
     @classmethod
     def start(
-        cls, cfg: PipelineConfig, pipeline_run_id: str, world: int, meta: dict, commit: str
+        cls,
+        cfg: PipelineConfig,
+        pipeline_run_id: str,
+        world: int,
+        meta: dict,
+        commit: str,
+        precision: str,
     ) -> Tracker:
         uri = cfg.mlflow.tracking_uri
         if not uri:
@@ -73,6 +79,8 @@ class Tracker:
                         "mlops.feature_hash": meta["feature_hash"],
                         "mlops.git_commit": commit,
                         "mlops.world_size": str(world),
+                        # What train.precision=auto resolved to on this hardware.
+                        "mlops.precision": precision,
                     }
                 )
         except mlflow.MlflowException as exc:

@@ -40,6 +40,8 @@ from training import checkpoint, tracking
 from training.data import Tensors, augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.model import build_classifier
+from training.precision import Hardware
+from training.precision import resolve as resolve_precision
 from training.result import RESULT_OBJECT, TrainResult
 
 log = logging.getLogger("mlops.train")
@@ -160,15 +162,18 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     # -- device, backend, threads
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{d.local_rank}" if cuda else "cpu")
-    if tc.precision == "fp16" and not cuda:
-        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on a CPU")
+    precision, warning = resolve_precision(tc.precision, Hardware.detect(device))
+    if d.main:
+        if warning:
+            log.warning("%s", warning)
+        log.info("precision %s (train.precision=%s)", precision, tc.precision)
     if cuda:
         torch.cuda.set_device(device)
     threads = max(1, usable_cores() // d.local_world)
     torch.set_num_threads(threads)
     if d.world > 1:
         init_process_group(d, "nccl" if cuda else "gloo")
-    autocast = make_autocast(device, tc.precision)
+    autocast = make_autocast(device, precision)
 
     # -- data: every shard sha256-checked, held in memory as uint8
     store = ObjectStore(cfg.storage)
@@ -187,7 +192,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    scaler = torch.amp.GradScaler(enabled=tc.precision == "fp16")
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
     # -- resume: every rank reads the same checkpoint
     prefix = f"{cfg.serving.model_name}/{run_id}/"
@@ -212,7 +217,9 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     ddp = wrap_ddp(model, d)
 
     # -- tracking (rank 0 only): one MLflow run per training, found again on resume
-    tracker = tracking.Tracker.start(cfg, run_id, d.world, meta, git_commit()) if d.main else None
+    tracker = None
+    if d.main:
+        tracker = tracking.Tracker.start(cfg, run_id, d.world, meta, git_commit(), precision)
     if tracker is not None:
         tracker.backfill(history)
 
@@ -313,6 +320,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         "architecture": tc.arch,
         "stem": tc.stem,
         "flip_tta": tc.flip_tta,
+        "precision": precision,
         "classes": classes,
         "num_classes": len(classes),
         "input": {
@@ -353,6 +361,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         seconds=round(time.monotonic() - t_start, 2),
         history=history,
         param_digests=digests,
+        precision=precision,
     )
     # What a launcher that cannot read this pod's files (a PyTorchJob) reads back.
     store.write_json(bucket, prefix + RESULT_OBJECT, dataclasses.asdict(result))
