@@ -72,8 +72,8 @@ class LocalMlflow:
             # MLflow 3 starts a job runner and a huey consumer for its GenAI jobs by default:
             # two more processes polling on the cores that train. The pipeline runs no such job.
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-            **self.extra_env,
         )
+        env.update(self.extra_env)
         db = (self.workdir / "mlflow.db").resolve()
         cmd = [
             sys.executable,

@@ -56,6 +56,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
             verify_data(cfg, store)
             processed = engineer_features(cfg, store).processed_uri
             cfg = with_tracking(cfg, server.wait())
-            yield SimpleNamespace(cfg=cfg, store=store, processed=processed, s3=s3, root=root)
+            yield SimpleNamespace(
+                cfg=cfg, store=store, processed=processed, s3=s3, root=root, mlflow=server
+            )
         finally:
             server.stop()

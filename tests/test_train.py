@@ -72,6 +72,15 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     assert record["precision"] == result.precision
 
 
+def test_mlflow_server_runs_no_job_runner_beside_training(env: SimpleNamespace) -> None:
+    # MLflow 3 starts a job runner and a huey consumer by default; idle, they took half a core.
+    assert env.mlflow.proc is not None
+    children = psutil.Process(env.mlflow.proc.pid).children(recursive=True)
+    cmdlines = [" ".join(p.cmdline()) for p in children]
+    assert any("uvicorn" in c for c in cmdlines), cmdlines  # the server proper is there
+    assert not [c for c in cmdlines if "mlflow.server.jobs" in c or "huey" in c]
+
+
 def test_ranks_hold_identical_parameters(env: SimpleNamespace) -> None:
     result_file = env.root / "state" / "runs" / "ddp-test" / "train-result.json"
     digests = json.loads(result_file.read_text())["param_digests"]

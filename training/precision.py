@@ -9,7 +9,7 @@ import torch
 from pipelines.errors import ConfigError
 
 # CPU features with native bf16 matrix arithmetic. Without them oneDNN emulates bf16, which
-# measured 11x slower than fp32 for ResNet-18 on a 2-core AVX2 EPYC (7.4 vs 82.8 img/s).
+# measured 10.5x slower than fp32 for ResNet-18 on a 2-core AVX2 EPYC (7.5 vs 81.5 img/s).
 NATIVE_BF16_CPU = ("avx512_bf16", "amx_bf16")
 
 
