@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp) / "state",
             )
         tc = load_config(profile, environ={}).train
-        precision = report["train"].get("precision", tc.precision)  # what auto resolved to
+        precision = report["train"]["precision"]  # what auto resolved to
         accuracy, budget = TARGETS.get(profile, (None, None))
         rows.append(
             {

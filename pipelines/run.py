@@ -57,7 +57,7 @@ def summary(report: RunReport) -> str:
         lines += [
             f"accuracy    test {trained['test_accuracy']:.4f}, val {trained['val_accuracy']:.4f}"
             f" ({trained['epochs']} epochs, {trained['world_size']} process(es),"
-            f" {trained.get('precision', 'precision n/a')})",
+            f" {trained['precision']})",
             f"model       {trained['model_uri']}model.safetensors",
             f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "

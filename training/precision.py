@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipelines.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # CPU features with native bf16 matrix arithmetic. Without them oneDNN emulates bf16, which
 # measured 10.5x slower than fp32 for ResNet-18 on a 2-core AVX2 EPYC (7.5 vs 81.5 img/s).
@@ -21,6 +23,9 @@ class Hardware:
 
     @classmethod
     def detect(cls, device: torch.device) -> Hardware:
+        # torch only here: resolve() serves the benchmark report, which does not import it.
+        import torch
+
         if device.type == "cuda":
             return cls(cuda=True, cuda_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
         caps = torch.cpu.get_capabilities()

@@ -220,7 +220,6 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     tracker = None
     if d.main:
         tracker = tracking.Tracker.start(cfg, run_id, d.world, meta, git_commit(), precision)
-    if tracker is not None:
         tracker.backfill(history)
 
     # -- the loop
