@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.verify_model import download_model
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.manifests import serving_args
 from pipelines.processes import HOST, require_free, terminate, wait_for_pid, wait_http_ok
 from pipelines.storage import ObjectStore
-from serving.model import ImageClassifier
-from training.data import load_processed
+from serving.launch import download_model, serving_args
 
+# No torch at import time: deploy starts the model server first, then imports torch for the
+# in-process reference answers while the server imports its own (about 4 s each here).
 log = logging.getLogger("mlops.deploy")
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
@@ -68,18 +67,22 @@ def serving_command(model_dir: Path, name: str, port: int, cfg: PipelineConfig) 
     return [sys.executable, "-m", "serving", *args]
 
 
-def start_server(
+def launch_server(
     model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    """Start the model server; return once the model reports ready."""
+    """Start the model server and return at once; wait_ready says when it serves."""
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             serving_command(model_dir, name, port, cfg),
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def wait_ready(proc: subprocess.Popen[bytes], name: str, port: int, log_path: Path) -> None:
+    """Return once the model reports ready; stop the server and fail if it never does."""
     try:
         wait_http_ok(
             f"http://{HOST}:{port}/v2/models/{name}/ready",
@@ -91,14 +94,33 @@ def start_server(
     except PipelineError:
         terminate(proc)
         raise
+
+
+def start_server(
+    model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start the model server; return once the model reports ready."""
+    proc = launch_server(model_dir, name, port, cfg, log_path)
+    wait_ready(proc, name, port, log_path)
     return proc
 
 
-def smoke_test(base: str, name: str, model_dir: Path, images: np.ndarray) -> float:
-    """Served V1 and V2 answers must equal the in-process model's on real test images."""
+def reference_answers(
+    name: str, model_dir: Path, processed_uri: str, store: ObjectStore
+) -> tuple[np.ndarray, list[int]]:
+    """The first test images, NHWC, and the in-process model's classes for them."""
+    from serving.model import ImageClassifier
+    from training.data import load_processed
+
+    _, splits = load_processed(store, processed_uri, only=("test",))
+    images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
     local = ImageClassifier(name, model_dir)
     local.load()
-    expected = local.classify(images).argmax(1).tolist()
+    return images, local.classify(images).argmax(1).tolist()
+
+
+def smoke_test(base: str, name: str, images: np.ndarray, expected: list[int]) -> float:
+    """Served V1 and V2 answers must equal the in-process model's on real test images."""
     code, v1 = post_json(
         f"{base}/v1/models/{name}:predict",
         {"instances": [{"image_bytes": {"b64": png_b64(i)}} for i in images]},
@@ -143,14 +165,17 @@ def deploy(
     shutil.rmtree(model_dir, ignore_errors=True)
     download_model(store, model_uri, model_dir)
     meta = json.loads((model_dir / "model.json").read_text())
-    _, splits = load_processed(store, meta["lineage"]["processed_uri"], only=("test",))
-    images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
     port = cfg.serving.port
     require_free(port, "serving.port")
-    proc = start_server(model_dir, name, port, cfg, model_dir.parent / f"{name}.log")
+    log_path = model_dir.parent / f"{name}.log"
+    proc = launch_server(model_dir, name, port, cfg, log_path)
     base = f"http://{HOST}:{port}"
     try:
-        agreement = smoke_test(base, name, model_dir, images)
+        images, expected = reference_answers(
+            name, model_dir, meta["lineage"]["processed_uri"], store
+        )
+        wait_ready(proc, name, port, log_path)
+        agreement = smoke_test(base, name, images, expected)
     except BaseException:
         terminate(proc)
         raise

@@ -18,7 +18,8 @@ from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
-from serving.loader import MODEL_JSON, load_model
+from serving.launch import download_model
+from serving.loader import load_model
 from training.data import Tensors, load_processed
 from training.dist import Dist
 from training.train import evaluate, make_autocast
@@ -44,18 +45,6 @@ class VerifyModelResult:
     champion_accuracy: float | None  # on the same test split
     promoted: bool
     verification_uri: str
-
-
-def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
-    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
-    storage initializer fetches a model into the predictor's model dir)."""
-    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
-    meta = store.read_json(bucket, prefix + MODEL_JSON)
-    if meta is None:
-        raise PipelineError(f"{model_uri} has no {MODEL_JSON}: the training did not complete")
-    store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
-    store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
-    return dest
 
 
 def test_accuracy(model: torch.nn.Module, test: Tensors, num_classes: int) -> float:

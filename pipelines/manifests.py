@@ -35,7 +35,8 @@ from kubernetes.client import (
     V1VolumeMount,
 )
 
-from pipelines.config import PipelineConfig, Resources, ServingConfig
+from pipelines.config import PipelineConfig, Resources
+from serving.launch import serving_args
 
 UID = 1000  # the image's non-root user (infrastructure/Dockerfile)
 WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
@@ -191,30 +192,6 @@ def pytorchjob(
             ),
         ),
     )
-
-
-def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingConfig) -> list[str]:
-    """The arguments of `python -m serving`, in a pod and locally alike."""
-    return [
-        "--model_dir",
-        model_dir,
-        "--model_name",
-        name,
-        "--http_port",
-        str(port),
-        "--bind_host",
-        host,
-        "--top_k",
-        str(sv.top_k),
-        "--max_instances",
-        str(sv.max_instances),
-        "--threads",
-        str(sv.threads),
-        "--max_batch",
-        str(sv.max_batch),
-        "--batch_wait_ms",
-        str(sv.batch_wait_ms),
-    ]
 
 
 def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceService:

@@ -150,9 +150,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import shutil
 
     from components.deploy import start_server
-    from components.verify_model import download_model
     from pipelines.cli import open_store
     from pipelines.processes import HOST
+    from serving.launch import download_model
 
     cfg = config_from_args(args)
     model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()

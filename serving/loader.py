@@ -11,9 +11,8 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from pipelines.errors import DataError, IntegrityError
+from serving.launch import MODEL_JSON
 from training.model import build_classifier
-
-MODEL_JSON = "model.json"
 
 
 def load_model(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from components.verify_model import download_model
 from pipelines.argo import build
 from pipelines.config import load_config
 from pipelines.manifests import MODEL_DIR
 from pipelines.processes import free_port, terminate, wait_http_ok
+from serving.launch import download_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

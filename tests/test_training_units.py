@@ -87,3 +87,35 @@ def test_flip_tta_averages_the_two_views_in_eval_only() -> None:
     tta.train(), plain.train()
     with torch.no_grad():  # training sees one view (augmentation flips already)
         assert torch.allclose(tta(x), plain(x), atol=1e-5)
+
+
+def _torchvision_model(num_classes: int, in_channels: int, stem: str) -> torch.nn.Module:
+    """What build_model built from torchvision's resnet18 before it was written out."""
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if stem == "imagenet":
+        if in_channels != 3:
+            model.conv1 = torch.nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        return model
+    stride = 1 if stem == "cifar" else 2
+    model.conv1 = torch.nn.Conv2d(in_channels, 64, 3, stride=stride, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize(("stem", "channels"), [("s2", 3), ("cifar", 1), ("imagenet", 3)])
+def test_resnet18_is_torchvisions_weight_for_weight(stem: str, channels: int) -> None:
+    """Same seed, same weights under the same names; same logits: models trained before the
+    network was written out load and answer as they did."""
+    torch.manual_seed(3)
+    ours = build_model(7, channels, stem).eval()
+    torch.manual_seed(3)
+    theirs = _torchvision_model(7, channels, stem).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    x = torch.randn(2, channels, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))

@@ -1,0 +1,49 @@
+"""Starting a model server without torch: its model dir fetched from S3, its command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.config import ServingConfig
+from pipelines.errors import PipelineError
+from pipelines.storage import ObjectStore, parse_s3_uri
+
+# This module imports neither torch nor kserve: a launcher that starts the server first and
+# imports torch afterwards overlaps the two imports (about 4 s each on 2 cores).
+MODEL_JSON = "model.json"
+
+
+def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
+    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
+    storage initializer fetches a model into the predictor's model dir)."""
+    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
+    meta = store.read_json(bucket, prefix + MODEL_JSON)
+    if meta is None:
+        raise PipelineError(f"{model_uri} has no {MODEL_JSON}: the training did not complete")
+    store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
+    store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
+    return dest
+
+
+def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingConfig) -> list[str]:
+    """The arguments of `python -m serving`, in a pod and locally alike."""
+    return [
+        "--model_dir",
+        model_dir,
+        "--model_name",
+        name,
+        "--http_port",
+        str(port),
+        "--bind_host",
+        host,
+        "--top_k",
+        str(sv.top_k),
+        "--max_instances",
+        str(sv.max_instances),
+        "--threads",
+        str(sv.threads),
+        "--max_batch",
+        str(sv.max_batch),
+        "--batch_wait_ms",
+        str(sv.batch_wait_ms),
+    ]
