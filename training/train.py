@@ -437,4 +437,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is closed above: the MLflow run ended, the process group destroyed, and S3
+    # writes are synchronous. Skipping the interpreter's teardown of torch and mlflow saves
+    # about 2 s per process here, on the pipeline's critical path.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
