@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import median, write_result
-from benchmarks.runs import run_pipeline, step_seconds
+from benchmarks.runs import overhead_row, run_pipeline
 from components.deploy import start_server
 from pipelines.config import load_config
 from pipelines.mlflow_server import LocalMlflow
@@ -58,16 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
         state = Path(tmp) / "state"
         for i in range(1 + args.runs):
-            report = run_pipeline(ARGS, state)
-            # The epochs alone: evaluation, checkpoints and tracking count as overhead.
-            train_s = round(sum(h["epoch_seconds"] for h in report["train"]["history"]), 2)
-            row = {
-                "run": "cold" if i == 0 else f"warm {i}",
-                "wall_s": report["wall_s"],
-                "epochs_s": train_s,
-                "overhead_s": round(report["wall_s"] - train_s, 2),
-            }
-            row |= {f"{k}_s": v for k, v in step_seconds(report).items()}
+            row = {"run": "cold" if i == 0 else f"warm {i}"}
+            row |= overhead_row(run_pipeline(ARGS, state))
             rows.append(row)
             print(row, flush=True)
         for _ in range(3):

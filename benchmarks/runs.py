@@ -14,13 +14,15 @@ from benchmarks.common import ROOT
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-train-jpg.tar.gz"
 
 
-def run_pipeline(args: list[str], state_dir: Path, timeout_s: float = 7200) -> dict[str, Any]:
-    """`python pipelines/run.py ARGS --json --state-dir DIR`; the report plus the wall time
-    this process saw (interpreter start-up included, as a user waits for it)."""
+def run_pipeline(
+    args: list[str], state_dir: Path, timeout_s: float = 7200, root: Path = ROOT
+) -> dict[str, Any]:
+    """`python pipelines/run.py ARGS --json --state-dir DIR` in the checkout at root; the report
+    plus the wall time this process saw (interpreter start-up included, as a user waits)."""
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "pipelines/run.py", *args, "--json", "--state-dir", str(state_dir)],
-        cwd=ROOT,
+        cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -38,3 +40,15 @@ def run_pipeline(args: list[str], state_dir: Path, timeout_s: float = 7200) -> d
 
 def step_seconds(report: dict[str, Any]) -> dict[str, float]:
     return {s["name"]: s["seconds"] for s in report["steps"]}
+
+
+def overhead_row(report: dict[str, Any]) -> dict[str, float]:
+    """Wall time, the epochs alone, and the rest (evaluation, checkpoints, tracking, start-ups
+    and the other steps count as overhead), then each step's own seconds."""
+    epochs_s = round(sum(h["epoch_seconds"] for h in report["train"]["history"]), 2)
+    row = {
+        "wall_s": report["wall_s"],
+        "epochs_s": epochs_s,
+        "overhead_s": round(report["wall_s"] - epochs_s, 2),
+    }
+    return row | {f"{k}_s": v for k, v in step_seconds(report).items()}

@@ -46,3 +46,26 @@ def test_targets_are_judged_from_the_results() -> None:
     assert ddp["verdict"] == "NOT met" and ddp["measured"] == "0.50x"
     assert ddp["target"].endswith(", fp32)")
     assert rows["ResNet-18 to 94% on one H100"]["verdict"] == "not measured"
+
+
+def test_ab_refuses_a_ref_that_names_no_commit() -> None:
+    """A usage error (exit 2, the ref named) before any worktree or pipeline starts."""
+    import subprocess
+    import sys
+
+    from benchmarks.ab import git
+    from benchmarks.common import ROOT
+
+    before = git("worktree", "list")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "no-such-ref-anywhere"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "'no-such-ref-anywhere' names no commit" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = git("worktree", "list")
+    assert after.stdout == before.stdout
