@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from pipelines.errors import ConfigError
+from pipelines.storage import ObjectStore
+from training import checkpoint
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
 from training.data import augment, rank_batches
 from training.dist import usable_cores
@@ -119,3 +121,21 @@ def test_resnet18_is_torchvisions_weight_for_weight(stem: str, channels: int) ->
     x = torch.randn(2, channels, 32, 32)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+def test_checkpoints_upload_in_order_as_they_were_when_saved(store: ObjectStore) -> None:
+    """The saver encodes before it returns: training changes the tensors in place while the
+    upload runs, and the checkpoint must hold them as they were. The latest one wins."""
+
+    store.ensure_buckets()
+    bucket = store.buckets.models
+    weights = torch.arange(6, dtype=torch.float32)
+    saver = checkpoint.Saver(store, bucket, "m/run/checkpoints/")
+    for epoch in (1, 2):
+        saver.save(checkpoint.Checkpoint(epoch, {"model.w": weights}, {"history": [epoch]}))
+        weights.add_(100)  # the next epoch's update, at once
+    saver.wait()
+    latest = checkpoint.load_latest(store, bucket, "m/run/checkpoints/")
+    assert latest is not None and latest.epoch == 2
+    assert latest.state["history"] == [2]
+    assert torch.equal(latest.tensors["model.w"], torch.arange(6, dtype=torch.float32) + 100)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,8 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], state: dict) -> dict[s
     return {"state": slots, "param_groups": state["param_groups"]}
 
 
-def save(store: ObjectStore, bucket: str, prefix: str, ckpt: Checkpoint) -> None:
-    """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole."""
+def encode(ckpt: Checkpoint) -> tuple[dict[str, Any], bytes, bytes]:
+    """The pointer and the two objects' bytes: a snapshot, whatever the tensors do next."""
     name = f"epoch-{ckpt.epoch:04d}"
     payload = save_safetensors({k: v.contiguous() for k, v in ckpt.tensors.items()})
     state = json.dumps({**ckpt.state, "epoch": ckpt.epoch}, sort_keys=True).encode()
@@ -61,9 +62,41 @@ def save(store: ObjectStore, bucket: str, prefix: str, ckpt: Checkpoint) -> None
         "tensors": {"key": f"{name}.safetensors", "sha256": hashlib.sha256(payload).hexdigest()},
         "state": {"key": f"{name}.json", "sha256": hashlib.sha256(state).hexdigest()},
     }
+    return pointer, payload, state
+
+
+def upload(
+    store: ObjectStore, bucket: str, prefix: str, encoded: tuple[dict[str, Any], bytes, bytes]
+) -> None:
+    """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole."""
+    pointer, payload, state = encoded
     store.put_bytes(bucket, prefix + pointer["tensors"]["key"], payload)
     store.put_bytes(bucket, prefix + pointer["state"]["key"], state, "application/json")
     store.write_json(bucket, prefix + LATEST, pointer)
+
+
+class Saver:
+    """Checkpoints uploaded while the next epoch trains, one at a time, in order.
+
+    The upload was about 80% of a checkpoint's cost (about 0.9 s an epoch here). The tensors
+    are encoded to bytes first, on the caller's thread, because training changes them in place.
+    An upload that fails is raised by the next save() or by wait(); one cut short by the
+    process's end leaves the previous checkpoint current, as the pointer is written last."""
+
+    def __init__(self, store: ObjectStore, bucket: str, prefix: str):
+        self.store, self.bucket, self.prefix = store, bucket, prefix
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: Future[None] | None = None
+
+    def save(self, ckpt: Checkpoint) -> None:
+        encoded = encode(ckpt)
+        self.wait()
+        self.pending = self.pool.submit(upload, self.store, self.bucket, self.prefix, encoded)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
 
 def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:

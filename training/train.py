@@ -223,6 +223,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         tracker.backfill(history)
 
     # -- the loop
+    saver = checkpoint.Saver(store, bucket, ckpt_prefix)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, tc.epochs):
         t_epoch = time.monotonic()
@@ -277,11 +278,11 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             tensors |= {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
             tensors["rng.torch"] = torch.get_rng_state()
             state = {"config_hash": chash, "history": history, "optim": optim_state}
-            checkpoint.save(
-                store, bucket, ckpt_prefix, checkpoint.Checkpoint(epoch + 1, tensors, state)
-            )
+            saver.save(checkpoint.Checkpoint(epoch + 1, tensors, state))
             assert tracker is not None
             tracker.log_epoch(row)
+
+    saver.wait()  # the last checkpoint is whole in S3 before the model is
 
     # -- final evaluation on val and test as the model will be served; the model and its record
     model.flip_tta = tc.flip_tta
