@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides
     }
     summary = {
-        "ref": f"{args.ref} ({commit[:7]})",
+        "ref": args.ref if commit.startswith(args.ref) else f"{args.ref} ({commit[:7]})",
         "this": git_commit(),
         "medians": medians,
         "ratio_this_over_ref": {

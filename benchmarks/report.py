@@ -77,13 +77,19 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
     # whose evaluation, export and registration then count as training) is shown beside it.
     warm = [r["wall_s"] - r["train_s"] for r in over_doc.get("figures", [])[1:]]
     loose = f"; {median(warm):.2f} s beyond the whole train step" if warm else ""
+    # A later change measured against an earlier commit in one sitting, maybe on another machine:
+    # a ratio, shown beside the absolute figure; the verdict stays with the figure.
+    ab = docs.get("pipeline_overhead_ab", {}).get("summary")
+    if ab:
+        ratio = ab["ratio_this_over_ref"]["overhead_s"]
+        loose += f"; then {ratio}x that of {ab['ref']} at `{ab['this']}` (pipeline_overhead_ab)"
     rows.append(
         _row(
             "pipeline overhead (smoke, re-run)",
             "<= 20 s",
             over
-            and f"{over['overhead_warm_median_s']} s beyond the epochs{loose} "
-            f"(first run {over['overhead_cold_s']} s)",
+            and f"{over['overhead_warm_median_s']} s beyond the epochs "
+            f"(first run {over['overhead_cold_s']} s){loose}",
             over and over["overhead_warm_median_s"] <= 20,
         )
     )

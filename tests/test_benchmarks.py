@@ -46,6 +46,18 @@ def test_targets_are_judged_from_the_results() -> None:
     assert ddp["verdict"] == "NOT met" and ddp["measured"] == "0.50x"
     assert ddp["target"].endswith(", fp32)")
     assert rows["ResNet-18 to 94% on one H100"]["verdict"] == "not measured"
+    # An A/B against an earlier commit is shown beside the figure; it does not judge the target.
+    docs["pipeline_overhead"]["summary"]["overhead_warm_median_s"] = 36.0
+    docs["pipeline_overhead_ab"] = {
+        "summary": {
+            "ref": "abc (abc1234)",
+            "this": "def5678",
+            "ratio_this_over_ref": {"overhead_s": 0.7},
+        }
+    }
+    over = {r["target"].split(",")[0]: r for r in targets(docs)}["pipeline overhead (smoke"]
+    assert over["verdict"] == "NOT met"
+    assert "0.7x that of abc (abc1234) at `def5678`" in over["measured"]
 
 
 def test_ab_refuses_a_ref_that_names_no_commit() -> None:
