@@ -23,7 +23,7 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
 from pipelines.processes import HOST, require_free, terminate, wait_for_pid, wait_http_ok
 from pipelines.storage import ObjectStore
-from serving.launch import download_model, serving_args
+from serving.launch import MODEL_JSON, download_model, serving_args
 
 # No torch at import time: deploy starts the model server first, then imports torch for the
 # in-process reference answers while the server imports its own (about 4 s each here).
@@ -164,7 +164,7 @@ def deploy(
     model_dir = (cfg.state_dir / "serving" / name).resolve()
     shutil.rmtree(model_dir, ignore_errors=True)
     download_model(store, model_uri, model_dir)
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = json.loads((model_dir / MODEL_JSON).read_text())
     port = cfg.serving.port
     require_free(port, "serving.port")
     log_path = model_dir.parent / f"{name}.log"

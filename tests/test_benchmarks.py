@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+from benchmarks.ab import git
+from benchmarks.common import ROOT
 from benchmarks.report import targets
 from pipelines.config import PipelineConfig
 
@@ -62,12 +67,6 @@ def test_targets_are_judged_from_the_results() -> None:
 
 def test_ab_refuses_a_ref_that_names_no_commit() -> None:
     """A usage error (exit 2, the ref named) before any worktree or pipeline starts."""
-    import subprocess
-    import sys
-
-    from benchmarks.ab import git
-    from benchmarks.common import ROOT
-
     before = git("worktree", "list")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ab", "no-such-ref-anywhere"],
