@@ -22,7 +22,7 @@ from serving.launch import download_model
 from serving.loader import load_model
 from training.data import Tensors, load_processed
 from training.dist import Dist
-from training.train import evaluate, make_autocast
+from training.evaluate import evaluate, make_autocast
 
 log = logging.getLogger("mlops.verify_model")
 VERIFICATION = "verification.json"

@@ -37,8 +37,9 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
 from training import checkpoint, tracking
-from training.data import Tensors, augment, load_processed, rank_batches
+from training.data import augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
+from training.evaluate import evaluate, make_autocast
 from training.model import build_classifier
 from training.precision import Hardware
 from training.precision import resolve as resolve_precision
@@ -48,39 +49,7 @@ log = logging.getLogger("mlops.train")
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed environment and threads: see training/dist.py
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Tensors, d: Dist, batch: int, num_classes: int, autocast: Any
-) -> tuple[float, float, torch.Tensor]:
-    """(loss, accuracy, confusion matrix) over the whole split, each rank taking a strided part."""
-    model.eval()
-    part = Tensors(data.images[d.rank :: d.world], data.labels[d.rank :: d.world])
-    device = next(model.parameters()).device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for start in range(0, len(part), batch):
-        x = part.images[start : start + batch].to(device)
-        y = part.labels[start : start + batch].to(device)
-        with autocast():
-            logits = model(x).float()
-        totals[0] += nn.functional.cross_entropy(logits, y, reduction="sum")
-        totals[1] += len(y)
-        confusion += torch.bincount(
-            y * num_classes + logits.argmax(1), minlength=num_classes**2
-        ).view(num_classes, num_classes)
-    if d.world > 1:
-        dist.all_reduce(totals)
-        dist.all_reduce(confusion)
-    model.train()
-    n = max(totals[1].item(), 1)
-    return totals[0].item() / n, confusion.diag().sum().item() / n, confusion.cpu()
+# Distributed environment and threads: training/dist.py; evaluation: training/evaluate.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,12 +63,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.2) -> float
         return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def make_autocast(device: torch.device, precision: str) -> Any:
-    """A factory of autocast contexts for the precision (fp32: a disabled one)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def train_step(
@@ -282,8 +245,6 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             assert tracker is not None
             tracker.log_epoch(row)
 
-    saver.wait()  # the last checkpoint is whole in S3 before the model is
-
     # -- final evaluation on val and test as the model will be served; the model and its record
     model.flip_tta = tc.flip_tta
     val_acc = history[-1]["val_accuracy"] if history else 0.0
@@ -311,6 +272,9 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     )
     sha = store.put_bytes(bucket, prefix + "model.safetensors", weights)
     example = splits["test"].images[:4].cpu()
+    # The last checkpoint uploaded during the evaluations above; it is whole in S3 before the
+    # model is registered or complete, so a failure from here on resumes without training.
+    saver.wait()
     version = tracker.finish(
         model, example, metrics, history, confusion, classes, sha, s3_uri(bucket, prefix)
     )
