@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import mlflow
 import psutil
 import pytest
+import requests
 import torch
 
 from components.train import train_model
@@ -79,6 +80,21 @@ def test_mlflow_server_runs_no_job_runner_beside_training(env: SimpleNamespace) 
     cmdlines = [" ".join(p.cmdline()) for p in children]
     assert any("uvicorn" in c for c in cmdlines), cmdlines  # the server proper is there
     assert not [c for c in cmdlines if "mlflow.server.jobs" in c or "huey" in c]
+
+
+def test_embedded_mlflow_server_refuses_other_hosts_and_origins(env: SimpleNamespace) -> None:
+    """MLflow's DNS-rebinding and CORS guards are on: a page elsewhere cannot drive the server."""
+    uri = env.cfg.mlflow.tracking_uri
+    search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, timeout=30).status_code == 200
+    assert requests.get(search, headers={"Host": "evil.example"}, timeout=30).status_code == 403
+    create = requests.post(
+        f"{uri}/api/2.0/mlflow/experiments/create",
+        json={"name": "cross-origin"},
+        headers={"Origin": "http://evil.example"},
+        timeout=30,
+    )
+    assert create.status_code == 403, create.text
 
 
 def test_ranks_hold_identical_parameters(env: SimpleNamespace) -> None:
