@@ -82,26 +82,26 @@ def launch_server(
 
 
 def wait_ready(proc: subprocess.Popen[bytes], name: str, port: int, log_path: Path) -> None:
-    """Return once the model reports ready; stop the server and fail if it never does."""
-    try:
-        wait_http_ok(
-            f"http://{HOST}:{port}/v2/models/{name}/ready",
-            READY_TIMEOUT_S,
-            proc,
-            "the model server",
-            f"see {log_path}",
-        )
-    except PipelineError:
-        terminate(proc)
-        raise
+    """Return once the model reports ready; fail if the server exits or never gets there."""
+    wait_http_ok(
+        f"http://{HOST}:{port}/v2/models/{name}/ready",
+        READY_TIMEOUT_S,
+        proc,
+        "the model server",
+        f"see {log_path}",
+    )
 
 
 def start_server(
     model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    """Start the model server; return once the model reports ready."""
+    """Start the model server; return once the model reports ready, or stop it and fail."""
     proc = launch_server(model_dir, name, port, cfg, log_path)
-    wait_ready(proc, name, port, log_path)
+    try:
+        wait_ready(proc, name, port, log_path)
+    except BaseException:
+        terminate(proc)
+        raise
     return proc
 
 

@@ -13,7 +13,7 @@ STEMS = ("cifar", "imagenet", "s2")
 # torchvision's ResNet-18, written out: importing torchvision costs 2-3 s per process here (it
 # pulls in torch._dynamo), and the trainer, the gate and the model server each paid it. The
 # module names, the order the weights are created in and their init are torchvision's, so a
-# seed gives the same weights and the state dicts load either way (tests/test_model.py).
+# seed gives the same weights and the state dicts load either way (tests/test_training_units.py).
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

@@ -36,6 +36,7 @@ from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
+from serving.launch import MODEL_JSON
 from training import checkpoint, tracking
 from training.data import augment, load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
@@ -46,6 +47,7 @@ from training.precision import resolve as resolve_precision
 from training.result import RESULT_OBJECT, TrainResult
 
 log = logging.getLogger("mlops.train")
+WEIGHTS = "model.safetensors"  # named in model.json, so readers never assume it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     weights = save_safetensors(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     )
-    sha = store.put_bytes(bucket, prefix + "model.safetensors", weights)
+    sha = store.put_bytes(bucket, prefix + WEIGHTS, weights)
     example = splits["test"].images[:4].cpu()
     # The last checkpoint uploaded during the evaluations above; it is whole in S3 before the
     # model is registered or complete, so a failure from here on resumes without training.
@@ -295,7 +297,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         "normalization": {"mean": meta["mean"], "std": meta["std"], "scale": 255},
         "metrics": metrics,
         "sha256": sha,
-        "weights": "model.safetensors",
+        "weights": WEIGHTS,
         "lineage": {
             "pipeline_run_id": run_id,
             "processed_uri": processed,
@@ -329,7 +331,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     )
     # What a launcher that cannot read this pod's files (a PyTorchJob) reads back.
     store.write_json(bucket, prefix + RESULT_OBJECT, dataclasses.asdict(result))
-    store.write_json(bucket, prefix + "model.json", model_json)  # last: the model is complete
+    store.write_json(bucket, prefix + MODEL_JSON, model_json)  # last: the model is complete
     log.info("test accuracy %.4f; model %s (version %s)", test_acc, s3_uri(bucket, prefix), version)
     return result
 
