@@ -197,6 +197,12 @@ class MlflowConfig(_Section):
     wait_s: float = Field(
         90.0, gt=0, description="How long a step waits for the tracking server to be healthy."
     )
+    telemetry: bool = Field(
+        False,
+        description="MLflow's usage telemetry, which every process that imports mlflow sends to "
+        "its vendor. Off: MLFLOW_DISABLE_TELEMETRY=true in the steps, the trainer and the "
+        "tracking server, so a run calls nothing outside the cluster or this machine.",
+    )
 
 
 class Resources(_Section):
@@ -426,6 +432,12 @@ def storage_env(storage: StorageConfig) -> dict[str, str]:
         "MINIO_ACCESS_KEY": storage.access_key.get_secret_value(),
         "MINIO_SECRET_KEY": storage.secret_key.get_secret_value(),
     }
+
+
+def mlflow_env(mlflow: MlflowConfig) -> dict[str, str]:
+    """What every process that imports mlflow gets: the telemetry switch (the library's own
+    default is on, and tries to reach the internet from each step)."""
+    return {"MLFLOW_DISABLE_TELEMETRY": "false" if mlflow.telemetry else "true"}
 
 
 def public_json(cfg: PipelineConfig) -> str:

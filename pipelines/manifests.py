@@ -35,7 +35,7 @@ from kubernetes.client import (
     V1VolumeMount,
 )
 
-from pipelines.config import PipelineConfig, Resources
+from pipelines.config import PipelineConfig, Resources, mlflow_env
 from serving.launch import serving_args
 
 UID = 1000  # the image's non-root user (infrastructure/Dockerfile)
@@ -79,7 +79,8 @@ def pod_security() -> V1PodSecurityContext:
 
 
 def secret_env(cfg: PipelineConfig) -> list[V1EnvVar]:
-    """Store and tracker addresses as values; the keys only by reference to the Secret."""
+    """Store and tracker addresses as values, the keys only by reference to the Secret, and
+    the MLflow telemetry switch."""
 
     def ref(secret: str, key: str, optional: bool = False) -> V1EnvVarSource:
         return V1EnvVarSource(
@@ -97,6 +98,7 @@ def secret_env(cfg: PipelineConfig) -> list[V1EnvVar]:
             V1EnvVar(name=key, value_from=ref(tracker, key, optional=True))
             for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
         ),
+        *(V1EnvVar(name=key, value=value) for key, value in mlflow_env(cfg.mlflow).items()),
         # A read-only root filesystem: temporary files and caches go to the emptyDir.
         V1EnvVar(name="HOME", value="/tmp"),
         V1EnvVar(name="TMPDIR", value="/tmp"),

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, mlflow_env
 from pipelines.processes import HOST, free_port, terminate, wait_http_ok
 
 log = logging.getLogger("mlops.mlflow")
@@ -72,6 +72,7 @@ class LocalMlflow:
             # MLflow 3 starts a job runner and a huey consumer for its GenAI jobs by default:
             # two more processes polling on the cores that train. The pipeline runs no such job.
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+            **mlflow_env(self.cfg.mlflow),  # also what the UI's /telemetry endpoint answers
         )
         env.update(self.extra_env)
         db = (self.workdir / "mlflow.db").resolve()

@@ -15,7 +15,7 @@ from kserve import ApiClient as KServeApiClient
 from kubeflow.training import ApiClient as TrainingApiClient
 
 from pipelines.compile import write_all
-from pipelines.config import load_config
+from pipelines.config import load_config, mlflow_env
 from pipelines.steps import STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,3 +196,21 @@ def test_no_credentials_in_generated_files(compiled: Path) -> None:
         "value" not in keys["MINIO_SECRET_KEY"]
         and "secretKeyRef" in keys["MINIO_SECRET_KEY"]["valueFrom"]
     )
+
+
+def test_every_pod_that_imports_mlflow_turns_its_telemetry_off(compiled: Path) -> None:
+    """MLflow reports usage to its vendor by default; a pipeline pod calls out only if asked."""
+    off = {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"}
+    # The steps and the trainer; not the model server or the exit handler, which never import it.
+    pods = [(w, c) for w, c, _ in _containers(compiled) if c["command"][1:3] != ["-m", "serving"]]
+    pods = [(w, c) for w, c in pods if c["command"][1] == "-m"]
+    assert len(pods) == 5, [w for w, _ in pods]  # Argo's deploy applies a resource
+    for where, container in pods:
+        assert off in container["env"], where
+    kfp = next(yaml.safe_load_all((compiled / "kfp-pipeline.yaml").read_text()))
+    executors = kfp["deploymentSpec"]["executors"]
+    assert len(executors) == len(STEPS)
+    for name, executor in executors.items():
+        assert off in executor["container"]["env"], name
+    opted_in = load_config(overrides={"mlflow.telemetry": "true"}, environ={})
+    assert mlflow_env(opted_in.mlflow) == {"MLFLOW_DISABLE_TELEMETRY": "false"}

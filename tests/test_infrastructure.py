@@ -116,6 +116,11 @@ def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
+def test_mlflow_server_sends_no_telemetry(rendered: list[dict[str, Any]]) -> None:
+    (mlflow,) = one(rendered, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"} in mlflow["env"]
+
+
 def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:
     """The manifests and the pipeline's pods must name the same namespace, accounts, Secrets."""
     cluster = load_config(environ={}).cluster

@@ -21,6 +21,7 @@ import torch
 
 from components.train import train_model
 from pipelines.errors import ConfigError, PipelineError, StorageError
+from pipelines.local import step_environment
 from pipelines.mlflow_server import with_tracking
 from pipelines.processes import free_port
 from pipelines.storage import ObjectStore, parse_s3_uri
@@ -80,6 +81,21 @@ def test_mlflow_server_runs_no_job_runner_beside_training(env: SimpleNamespace) 
     cmdlines = [" ".join(p.cmdline()) for p in children]
     assert any("uvicorn" in c for c in cmdlines), cmdlines  # the server proper is there
     assert not [c for c in cmdlines if "mlflow.server.jobs" in c or "huey" in c]
+
+
+def test_neither_the_embedded_server_nor_a_step_sends_mlflow_telemetry(env) -> None:
+    assert env.mlflow.proc is not None
+    server = psutil.Process(env.mlflow.proc.pid).environ()
+    assert server.get("MLFLOW_DISABLE_TELEMETRY") == "true"
+    # MLflow also stays quiet under pytest or a CI: take those markers away, as on a laptop.
+    laptop = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "CI")}
+    probe = "from mlflow.telemetry.utils import is_telemetry_disabled as d; print(d())"
+    with step_environment(env.cfg):
+        laptop |= {k: os.environ[k] for k in ("MLFLOW_DISABLE_TELEMETRY", "PYTHONPATH")}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=laptop, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_embedded_mlflow_server_refuses_other_hosts_and_origins(env: SimpleNamespace) -> None:
