@@ -63,6 +63,10 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png"}
     version = client.get_model_version(result.registered_model, result.version)
     assert version.run_id == result.mlflow_run_id
+    # The logged model carries the final figures, as MLflow's model page shows them.
+    (output,) = run.outputs.model_outputs
+    linked = {m.key: m.value for m in client.get_logged_model(output.model_id).metrics}
+    assert linked["test_accuracy"] == result.test_accuracy and "val_accuracy" in linked
 
     # The model object and its record agree, and record the lineage.
     bucket, prefix = parse_s3_uri(result.model_uri)

@@ -136,6 +136,9 @@ class Tracker:
             validate_serving_input=False,
             registered_model_name=self.registered_name,
             await_registration_for=60,
+            # MLflow links the run's metrics at this step to the logged model, so the final
+            # epoch's and the test figures show on the model's page (the default, 0, has none).
+            step=len(history),
         )
         version = str(info.registered_model_version)
         # verify-model finds a champion's weights (and the server its model) through this tag.
