@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -85,6 +86,10 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
     part = path.with_suffix(".part")
     part.write_text(json.dumps(record))
     part.replace(path)
+    # The step is over and its process ends next: keep what it imported (torch and mlflow are
+    # millions of objects) out of the collections the interpreter runs as it exits, which took
+    # about 0.8 s of each step's exit.
+    gc.freeze()
     if record["status"] == "failed":
         print(f"error: {record['error']}", file=sys.stderr)
         raise SystemExit(record["exit_code"])
