@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.cli import step_main
-from pipelines.config import PipelineConfig, storage_env
+from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import ConfigError, DataError, PipelineError
 from pipelines.mlflow_server import wait_healthy
 from pipelines.processes import terminate
@@ -82,6 +82,7 @@ def train_model(
     env = dict(
         os.environ,
         **storage_env(cfg.storage),
+        **mlflow_env(cfg.mlflow),
         MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri,
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",

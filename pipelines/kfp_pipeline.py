@@ -3,13 +3,11 @@
 # No `from __future__ import annotations`: KFP reads the components' annotations as types.
 from kfp import dsl, kubernetes
 
-from pipelines.config import PipelineConfig, mlflow_env
+from pipelines.config import PipelineConfig
 
 # The one image tag of the config tree; every component runs in it.
 IMAGE = PipelineConfig().image
 CLUSTER = PipelineConfig().cluster
-# Like the image, from the default config: a compiled spec cannot read the config parameter.
-MLFLOW_ENV = mlflow_env(PipelineConfig().mlflow)
 PIPELINE_NAME = "image-classifier"
 
 # Each component body runs in its own process (a subprocess locally, a pod on a cluster), so it
@@ -84,8 +82,6 @@ def on_cluster(task: dsl.PipelineTask, shm: bool = False) -> dsl.PipelineTask:
         secret_key_to_env={k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")},
         optional=True,  # only the production overlay's MLflow asks for a login
     )
-    for key, value in MLFLOW_ENV.items():
-        task.set_env_variable(key, value)
     if shm:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     return task

@@ -16,7 +16,7 @@ from typing import Any
 
 from components.train import new_run_id
 from pipelines.cli import open_store
-from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
+from pipelines.config import PipelineConfig, public_json, storage_env
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.steps import STEPS, record_path
@@ -57,7 +57,6 @@ def step_environment(cfg: PipelineConfig) -> Iterator[None]:
     (scratch / "matplotlib").mkdir(parents=True, exist_ok=True)
     values = {
         **storage_env(cfg.storage),
-        **mlflow_env(cfg.mlflow),
         "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         # Temporary files and library caches stay in the state dir too.

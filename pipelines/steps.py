@@ -6,13 +6,14 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PipelineConfig, config_from_json
+from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
 from pipelines.errors import PipelineError
 from pipelines.storage import ObjectStore
@@ -76,6 +77,8 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
     start = time.monotonic()
     try:
         cfg = config_from_json(config)
+        # Before the step imports mlflow, which reads it then; torchrun's workers inherit it.
+        os.environ.update(mlflow_env(cfg.mlflow))
         result = STEPS[step](cfg, ObjectStore(cfg.storage), inputs)
         record |= {"status": "succeeded", "result": dataclasses.asdict(result)}
     except PipelineError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,10 @@ from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
 
 MakeConfig = Callable[..., PipelineConfig]
+
+# The test process imports mlflow before pytest marks a test as running, and MLflow decides on
+# its telemetry at import: no usage report from the tests either.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @pytest.fixture

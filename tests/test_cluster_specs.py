@@ -207,10 +207,6 @@ def test_every_pod_that_imports_mlflow_turns_its_telemetry_off(compiled: Path) -
     assert len(pods) == 5, [w for w, _ in pods]  # Argo's deploy applies a resource
     for where, container in pods:
         assert off in container["env"], where
-    kfp = next(yaml.safe_load_all((compiled / "kfp-pipeline.yaml").read_text()))
-    executors = kfp["deploymentSpec"]["executors"]
-    assert len(executors) == len(STEPS)
-    for name, executor in executors.items():
-        assert off in executor["container"]["env"], name
+    # KFP's steps take it from the config parameter at run time (run_step): see test_train.
     opted_in = load_config(overrides={"mlflow.telemetry": "true"}, environ={})
     assert mlflow_env(opted_in.mlflow) == {"MLFLOW_DISABLE_TELEMETRY": "false"}

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from pipelines import keys
-from pipelines.config import load_config
+from pipelines.config import load_config, mlflow_env
 from pipelines.mlflow_server import LocalMlflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,9 @@ def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]
 
 def test_mlflow_server_sends_no_telemetry(rendered: list[dict[str, Any]]) -> None:
     (mlflow,) = one(rendered, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
-    assert {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"} in mlflow["env"]
+    # A static manifest: it must say what the config's default says.
+    ((key, value),) = mlflow_env(load_config(environ={}).mlflow).items()
+    assert {"name": key, "value": value} in mlflow["env"]
 
 
 def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -20,10 +21,11 @@ import requests
 import torch
 
 from components.train import train_model
+from pipelines.config import public_json, storage_env
 from pipelines.errors import ConfigError, PipelineError, StorageError
-from pipelines.local import step_environment
 from pipelines.mlflow_server import with_tracking
 from pipelines.processes import free_port
+from pipelines.steps import run_step
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.precision import Hardware, resolve
 
@@ -66,7 +68,8 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     # The logged model carries the final figures, as MLflow's model page shows them.
     (output,) = run.outputs.model_outputs
     linked = {m.key: m.value for m in client.get_logged_model(output.model_id).metrics}
-    assert linked["test_accuracy"] == result.test_accuracy and "val_accuracy" in linked
+    assert linked["test_accuracy"] == result.test_accuracy
+    assert linked["final_val_accuracy"] == result.val_accuracy  # with flip TTA, as served
 
     # The model object and its record agree, and record the lineage.
     bucket, prefix = parse_s3_uri(result.model_uri)
@@ -87,19 +90,28 @@ def test_mlflow_server_runs_no_job_runner_beside_training(env: SimpleNamespace) 
     assert not [c for c in cmdlines if "mlflow.server.jobs" in c or "huey" in c]
 
 
-def test_neither_the_embedded_server_nor_a_step_sends_mlflow_telemetry(env) -> None:
+def test_neither_the_embedded_server_nor_a_step_sends_mlflow_telemetry(
+    env: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert env.mlflow.proc is not None
     server = psutil.Process(env.mlflow.proc.pid).environ()
     assert server.get("MLFLOW_DISABLE_TELEMETRY") == "true"
-    # MLflow also stays quiet under pytest or a CI: take those markers away, as on a laptop.
-    laptop = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "CI")}
-    probe = "from mlflow.telemetry.utils import is_telemetry_disabled as d; print(d())"
-    with step_environment(env.cfg):
-        laptop |= {k: os.environ[k] for k in ("MLFLOW_DISABLE_TELEMETRY", "PYTHONPATH")}
-    out = subprocess.run(
-        [sys.executable, "-c", probe], env=laptop, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "True", out.stderr
+    # A step takes the switch from its config parameter, as KFP passes it, and hands it on to
+    # what it starts (torchrun's workers); a user who opts in gets telemetry back.
+    probe = "from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY as v; print(v.get())"
+    for key, value in storage_env(env.cfg.storage).items():
+        monkeypatch.setenv(key, value)
+    for telemetry, disabled in ((False, "True"), (True, "False")):
+        cfg = env.cfg.model_copy(
+            update={"mlflow": env.cfg.mlflow.model_copy(update={"telemetry": telemetry})}
+        )
+        monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "neither")  # restored after the test
+        run_step("verify-data", public_json(cfg), str(tmp_path / str(telemetry)))
+        gc.unfreeze()  # run_step freezes this process's objects for its exit
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == disabled, (telemetry, out.stderr)
 
 
 def test_embedded_mlflow_server_refuses_other_hosts_and_origins(env: SimpleNamespace) -> None:

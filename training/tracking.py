@@ -113,9 +113,6 @@ class Tracker:
         model_uri: str,
     ) -> str:
         """Final metrics, plots, and the model, registered as a new version. Returns it."""
-        # val_accuracy is already in the per-epoch history; only the test figures are new.
-        tests = {k: v for k, v in metrics.items() if k.startswith("test_")}
-        mlflow.log_metrics(tests, step=len(history))
         mlflow.set_tag("mlops.model_sha256", sha256)
         mlflow.log_figure(_curves(history), "plots/training_curves.png")
         mlflow.log_figure(_confusion(confusion, classes), "plots/confusion_matrix.png")
@@ -136,10 +133,12 @@ class Tracker:
             validate_serving_input=False,
             registered_model_name=self.registered_name,
             await_registration_for=60,
-            # MLflow links the run's metrics at this step to the logged model, so the final
-            # epoch's and the test figures show on the model's page (the default, 0, has none).
-            step=len(history),
         )
+        # The model's own figures, linked to it so that MLflow's model page shows them: the test
+        # ones, and val as the model is served (with flip TTA, not the last epoch's one view).
+        final = {k: v for k, v in metrics.items() if k.startswith("test_")}
+        final["final_val_accuracy"] = metrics["val_accuracy"]
+        mlflow.log_metrics(final, step=len(history), model_id=info.model_id)
         version = str(info.registered_model_version)
         # verify-model finds a champion's weights (and the server its model) through this tag.
         mlflow.MlflowClient().set_model_version_tag(
