@@ -82,7 +82,7 @@ def train_model(
     env = dict(
         os.environ,
         **storage_env(cfg.storage),
-        **mlflow_env(cfg.mlflow),
+        **mlflow_env(cfg.mlflow),  # run_step set it already; the step's own CLI has not
         MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri,
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",

@@ -201,9 +201,13 @@ def test_no_credentials_in_generated_files(compiled: Path) -> None:
 def test_every_pod_that_imports_mlflow_turns_its_telemetry_off(compiled: Path) -> None:
     """MLflow reports usage to its vendor by default; a pipeline pod calls out only if asked."""
     off = {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"}
-    # The steps and the trainer; not the model server or the exit handler, which never import it.
-    pods = [(w, c) for w, c, _ in _containers(compiled) if c["command"][1:3] != ["-m", "serving"]]
-    pods = [(w, c) for w, c in pods if c["command"][1] == "-m"]
+    # The steps and the trainer (`python -m ...`); not the model server or the exit handler
+    # (`python -c`), which never import it.
+    pods = [
+        (w, c)
+        for w, c, _ in _containers(compiled)
+        if c["command"][1] == "-m" and c["command"][2] != "serving"
+    ]
     assert len(pods) == 5, [w for w, _ in pods]  # Argo's deploy applies a resource
     for where, container in pods:
         assert off in container["env"], where
