@@ -8,7 +8,8 @@ the config's settings, once with micro-batching (max_batch from the config) and 
 (max_batch 1). A second process (benchmarks.loadgen) sends the load to 127.0.0.1. In-process,
 the same ImageClassifier, with the server's thread count, runs `infer` (forward, softmax, top-k:
 the work of one batch in the server) on 1 image for latency and on max_batch images for
-throughput. Throughput over HTTP is V1 batch-1 requests from 1, 4 and 16 closed-loop clients.
+throughput, with the served backend (serving.backend) and with each other one, in alternating
+rounds. Throughput over HTTP is V1 batch-1 requests from 1, 4 and 16 closed-loop clients.
 Figures are medians over the repeats; each repeat follows a warm-up.
 """
 
@@ -25,14 +26,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import psutil
 
 from benchmarks.common import ROOT, median, write_result
 from components.deploy import start_server
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, ServingConfig
 from pipelines.processes import HOST, free_port, terminate
 from serving.model import ImageClassifier
 from serving.untrained import write_untrained_model
@@ -42,6 +43,7 @@ CLASSES = [f"class{i}" for i in range(10)]
 CLIENTS = (1, 4, 16)
 PROTOCOLS = ("v1", "v2")
 PERCENTILES = (50, 95, 99)
+BACKENDS = get_args(ServingConfig.model_fields["backend"].annotation)
 
 
 def flip_tta(cfg: PipelineConfig) -> bool:
@@ -90,26 +92,43 @@ def timed(call: Callable[[], object], seconds: float, warmup_s: float = 0.5) -> 
 
 
 def in_process(model_dir: Path, cfg: PipelineConfig, seconds: float, repeats: int) -> dict:
+    """Each backend's figures, the config's own first; their rounds alternate, so that a
+    change in the machine's load falls on all of them alike."""
     sv = cfg.serving
-    model = ImageClassifier(NAME, model_dir, sv.top_k, sv.max_instances, sv.threads)
-    model.load()  # sets the server's intra-op thread count in this process
+    backends = [sv.backend, *(b for b in BACKENDS if b != sv.backend)]
+    models = {}
+    for backend in backends:
+        model = ImageClassifier(
+            NAME, model_dir, sv.top_k, sv.max_instances, sv.threads, backend=backend
+        )
+        model.load()  # sets the server's intra-op thread count in this process
+        models[backend] = model
     rng = np.random.default_rng(0)
+    sizes = {"latency": 1, "batched": sv.max_batch, "clients": max(CLIENTS)}
+    batches = {k: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for k, n in sizes.items()}
+    rounds: dict[str, dict[str, list]] = {b: {key: [] for key in sizes} for b in backends}
+    for _ in range(repeats):
+        for backend, model in models.items():
+            for key, batch in batches.items():
+                ms = timed(lambda m=model, x=batch: m.infer(x), seconds)
+                rounds[backend][key].append(ms)
 
-    def images_per_s(size: int) -> float:
-        batch = rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
-        rounds = [timed(lambda: model.infer(batch), seconds) for _ in range(repeats)]
-        return round(median([len(ms) * size * 1000 / sum(ms) for ms in rounds]), 1)
+    def images_per_s(backend: str, key: str) -> float:
+        per_round = [len(ms) * sizes[key] * 1000 / sum(ms) for ms in rounds[backend][key]]
+        return round(median(per_round), 1)
 
-    one = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-    rounds = [percentiles(timed(lambda: model.infer(one), seconds)) for _ in range(repeats)]
     return {
-        "what": "ImageClassifier.infer: forward + softmax + top-k, as one server batch",
-        "threads": sv.threads,
-        "latency_ms": median_of(rounds),
-        "batch": sv.max_batch,
-        "batched_images_per_s": images_per_s(sv.max_batch),
-        # 16 clients with one image each make batches of 16 at most: their ceiling.
-        f"batch_{max(CLIENTS)}_images_per_s": images_per_s(max(CLIENTS)),
+        backend: {
+            "what": "ImageClassifier.infer: forward + softmax + top-k, as one server batch",
+            "backend": backend,
+            "threads": sv.threads,
+            "latency_ms": median_of([percentiles(ms) for ms in rounds[backend]["latency"]]),
+            "batch": sv.max_batch,
+            "batched_images_per_s": images_per_s(backend, "batched"),
+            # 16 clients with one image each make batches of 16 at most: their ceiling.
+            f"batch_{max(CLIENTS)}_images_per_s": images_per_s(backend, "clients"),
+        }
+        for backend in backends
     }
 
 
@@ -170,7 +189,8 @@ def over_http(model_dir: Path, cfg: PipelineConfig, seconds: float, repeats: int
     return figures
 
 
-def summarize(local: dict, batched: dict, unbatched: dict) -> dict[str, float]:
+def summarize(by_backend: dict, batched: dict, unbatched: dict) -> dict[str, float]:
+    local = next(iter(by_backend.values()))  # the served backend's
     forward_p50 = local["latency_ms"]["p50"]
     ratios = {
         f"p50_ratio_{p}": round(batched["latency_ms"][p]["p50"] / forward_p50, 3) for p in PROTOCOLS
@@ -185,15 +205,29 @@ def summarize(local: dict, batched: dict, unbatched: dict) -> dict[str, float]:
         "throughput_ratio_ceiling": round(
             local[f"batch_{max(CLIENTS)}_images_per_s"] / local["batched_images_per_s"], 3
         ),
+        # The served backend against each other one, in-process: > 1 means it is faster.
+        **{
+            f"vs_{name}_p50_speedup": round(other["latency_ms"]["p50"] / forward_p50, 3)
+            for name, other in list(by_backend.items())[1:]
+        },
+        **{
+            f"vs_{name}_batched_ratio": round(
+                local["batched_images_per_s"] / other["batched_images_per_s"], 3
+            )
+            for name, other in list(by_backend.items())[1:]
+        },
     }
 
 
-def report(local: dict, batched: dict, unbatched: dict, summary: dict) -> None:
-    lat = local["latency_ms"]
-    print(f"in-process infer, 1 image:  p50 {lat['p50']} p95 {lat['p95']} p99 {lat['p99']} ms")
-    print(f"in-process infer, batch {local['batch']}: {local['batched_images_per_s']} images/s")
+def report(by_backend: dict, batched: dict, unbatched: dict, summary: dict) -> None:
     top = max(CLIENTS)
-    print(f"in-process infer, batch {top}: {local[f'batch_{top}_images_per_s']} images/s")
+    for name, local in by_backend.items():
+        lat = local["latency_ms"]
+        print(
+            f"in-process infer ({name}), 1 image: p50 {lat['p50']} p95 {lat['p95']} "
+            f"p99 {lat['p99']} ms; batch {local['batch']}: {local['batched_images_per_s']} "
+            f"images/s; batch {top}: {local[f'batch_{top}_images_per_s']} images/s"
+        )
     for label, figures in (("batched", batched), ("max_batch 1", unbatched)):
         for protocol, lat in figures["latency_ms"].items():
             print(
@@ -235,18 +269,23 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = write_untrained_model(
             Path(tmp) / "model", CLASSES, cfg.train.stem, flip_tta=flip_tta(cfg)
         )
-        local = in_process(model_dir, cfg, args.seconds, args.repeats)
+        by_backend = in_process(model_dir, cfg, args.seconds, args.repeats)
         batched = over_http(model_dir, cfg, args.seconds, args.repeats)
         unbatched = over_http(model_dir, unbatched_cfg, args.seconds, args.repeats)
-    summary = summarize(local, batched, unbatched)
-    report(local, batched, unbatched, summary)
+    summary = summarize(by_backend, batched, unbatched)
+    report(by_backend, batched, unbatched, summary)
     share = machine_load["other_processes_cpu_share"]
     print(f"other processes used {share:.0%} of the machine's CPU meanwhile")
     if share > 0.1:
         print("warning: the machine was not quiet, so these figures understate the server")
     path = write_result(
         "serving",
-        {"in_process": local, "http_batched": batched, "http_unbatched": unbatched},
+        {
+            "in_process": by_backend[cfg.serving.backend],
+            "in_process_by_backend": by_backend,
+            "http_batched": batched,
+            "http_unbatched": unbatched,
+        },
         summary=summary,
         model={
             "arch": cfg.train.arch,
@@ -254,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "flip_tta": flip_tta(cfg),
             "input": [3, 32, 32],
         },
+        backend=cfg.serving.backend,
         payloads={
             "v1": "instances: [{image_bytes: {b64: PNG}}]",
             "v2": "one UINT8 [1,32,32,3] tensor, JSON data",

@@ -108,13 +108,14 @@ def start_server(
 def reference_answers(
     name: str, model_dir: Path, processed_uri: str, store: ObjectStore
 ) -> tuple[np.ndarray, list[int]]:
-    """The first test images, NHWC, and the in-process model's classes for them."""
+    """The first test images, NHWC, and the classes eager PyTorch gives them in-process: the
+    model as verify-model gated it, whatever backend (serving.backend) the server runs."""
     from serving.model import ImageClassifier
     from training.data import load_processed
 
     _, splits = load_processed(store, processed_uri, only=("test",))
     images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
-    local = ImageClassifier(name, model_dir)
+    local = ImageClassifier(name, model_dir, backend="torch")
     local.load()
     return images, local.classify(images).argmax(1).tolist()
 
@@ -179,7 +180,12 @@ def deploy(
     except BaseException:
         terminate(proc)
         raise
-    log.info("model server on %s: %d test images answered as in-process", base, len(images))
+    log.info(
+        "model server (%s) on %s: %d test images answered as PyTorch does in-process",
+        cfg.serving.backend,
+        base,
+        len(images),
+    )
     if not serve:
         terminate(proc)
     return DeployResult(

@@ -183,6 +183,12 @@ class ServingConfig(_Section):
         description="How long a batch may wait for more requests after its first one, in ms, "
         "and only under concurrent load (0: batch only what queued during the last forward).",
     )
+    backend: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime",
+        description="What runs the forward pass: onnxruntime (the PyTorch model, its weights "
+        "loaded from safetensors, exported to an in-memory ONNX graph at start-up, about 1 s) "
+        "or torch (eager PyTorch). See docs/BENCHMARKS.md for the latency of each.",
+    )
 
 
 class MlflowConfig(_Section):

@@ -7,6 +7,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 # `python -m serving` from the repository root, or a container's WORKDIR.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,7 +22,7 @@ from serving.model import ImageClassifier, load_or_exit
 
 DEFAULTS = ServingConfig()
 # The server's settings from the config tree: flag, type, default and help come from the field.
-CONFIG_FLAGS = ("top_k", "max_instances", "threads", "max_batch", "batch_wait_ms")
+CONFIG_FLAGS = ("top_k", "max_instances", "threads", "max_batch", "batch_wait_ms", "backend")
 
 
 def bind_rest_server(host: str) -> None:
@@ -56,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in CONFIG_FLAGS:
         field = ServingConfig.model_fields[name]
+        choices = get_args(field.annotation) or None  # a Literal's values
         parser.add_argument(
             f"--{name}",
-            type=field.annotation,
+            type=str if choices else field.annotation,
+            choices=choices,
             default=getattr(DEFAULTS, name),
             help=field.description,
         )
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         sv.threads,
         sv.max_batch,
         sv.batch_wait_ms,
+        sv.backend,
     )
     load_or_exit(model)
     bind_rest_server(args.bind_host)

@@ -46,4 +46,6 @@ def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingCon
         str(sv.max_batch),
         "--batch_wait_ms",
         str(sv.batch_wait_ms),
+        "--backend",
+        sv.backend,
     ]

@@ -17,6 +17,7 @@ from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.errors import PipelineError
+from serving.backend import Forward, build_forward
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
 
@@ -33,14 +34,17 @@ class ImageClassifier(Model):
         threads: int = 1,
         max_batch: int = 64,
         batch_wait_ms: float = 0.0,
+        backend: str = "torch",
     ):
         super().__init__(name)
+        self.backend = backend
         self.model_dir = model_dir
         self.top_k = top_k
         self.max_instances = max_instances
         self.threads = threads
         self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms)
         self.net: torch.nn.Module | None = None
+        self.forward: Forward | None = None
         self.meta: dict[str, Any] = {}
 
     def load(self) -> bool:
@@ -49,6 +53,8 @@ class ImageClassifier(Model):
         self.net, self.meta = load_model(self.model_dir)
         self.classes: list[str] = self.meta["classes"]
         self.channels, self.height, self.width = self.meta["input"]["shape"]
+        shape = (self.height, self.width, self.channels)
+        self.forward = build_forward(self.net, self.backend, self.threads, shape)
         self.top_k = min(self.top_k, len(self.classes))
         self.ready = True
         return self.ready
@@ -140,10 +146,8 @@ class ImageClassifier(Model):
 
     def classify(self, images: np.ndarray) -> torch.Tensor:
         """Probabilities for uint8 NHWC images (also the in-process reference for tests)."""
-        assert self.net is not None
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        with torch.inference_mode():
-            return torch.softmax(self.net(batch).float(), dim=1)
+        assert self.forward is not None
+        return torch.softmax(torch.from_numpy(self.forward(images)), dim=1)
 
     def infer(self, images: np.ndarray) -> Rows:
         """Class index, top-k probabilities and top-k indices of a batch (the forward thread)."""

@@ -21,6 +21,7 @@ from kserve.errors import InferenceError
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from pipelines.config import load_config
+from pipelines.errors import PipelineError
 from pipelines.processes import free_port, terminate
 from serving.batcher import MicroBatcher
 from serving.model import ImageClassifier
@@ -363,3 +364,50 @@ def test_batching_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--model_dir", "unused", "--max_batch", "0"])
     assert exit_info.value.code == 2
     assert "--max_batch 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_a_backend_outside_the_choices_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_dir", "unused", "--backend", "tensorrt"])
+    assert exit_info.value.code == 2
+    assert "--backend: invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_the_server_runs_the_configured_backend(server: SimpleNamespace) -> None:
+    """The fixture's server has the config's default, ONNX Runtime, and it checked itself."""
+    assert load_config("smoke", environ={}).serving.backend == "onnxruntime"
+    log = (server.dir / "server.log").read_text()
+    assert "onnxruntime backend ready" in log and "of PyTorch's" in log
+
+
+@pytest.mark.parametrize("stem,flip_tta", [("s2", True), ("cifar", False)])
+def test_onnxruntime_answers_as_pytorch_does(tmp_path: Path, stem: str, flip_tta: bool) -> None:
+    """The exported graph computes what the PyTorch model does, flip TTA included, at batch
+    sizes other than the one it was exported at."""
+    model_dir = write_untrained_model(tmp_path, CLASSES, stem, seed=3, flip_tta=flip_tta)
+    eager, onnx = (ImageClassifier(NAME, model_dir, backend=b) for b in ("torch", "onnxruntime"))
+    eager.load()
+    onnx.load()
+    for n in (1, 7):
+        images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        want, got = eager.classify(images), onnx.classify(images)
+        assert got.shape == want.shape == (n, len(CLASSES))
+        assert (got - want).abs().max().item() <= 1e-5
+        assert got.argmax(1).tolist() == want.argmax(1).tolist()
+
+
+def test_a_backend_that_disagrees_with_pytorch_is_refused() -> None:
+    from serving.backend import check_agreement
+
+    probe = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+
+    def reference(images: np.ndarray) -> np.ndarray:
+        return images.reshape(len(images), -1)[:, :5].astype(np.float32) / 50
+
+    assert check_agreement(reference, reference, probe, "same") == 0.0
+    with pytest.raises(PipelineError, match="the skewed backend's probabilities differ"):
+        check_agreement(reference, lambda x: reference(x) * 1.1, probe, "skewed")
+    with pytest.raises(PipelineError, match=r"serving\.backend=torch"):
+        check_agreement(reference, lambda x: reference(x) * np.nan, probe, "nan")
