@@ -255,8 +255,17 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=1.5, help="per round and setting (default: 1.5)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default: 3)")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=ServingConfig().backend,
+        help="the served backend, measured first (default: serving.backend's default, %(default)s)",
+    )
     args = parser.parse_args(argv)
     cfg = PipelineConfig()
+    cfg = cfg.model_copy(
+        update={"serving": cfg.serving.model_copy(update={"backend": args.backend})}
+    )
     unbatched_cfg = cfg.model_copy(
         update={"serving": cfg.serving.model_copy(update={"max_batch": 1})}
     )
