@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pipelines.errors import ConfigError
 
 DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
+ServingBackend = Literal["onnxruntime", "torch"]
 
 # Environment variables that feed the config. Credentials come only from here, never from a
 # file or a flag, so they never land in a committed YAML file or a process listing.
@@ -183,7 +184,7 @@ class ServingConfig(_Section):
         description="How long a batch may wait for more requests after its first one, in ms, "
         "and only under concurrent load (0: batch only what queued during the last forward).",
     )
-    backend: Literal["onnxruntime", "torch"] = Field(
+    backend: ServingBackend = Field(
         "onnxruntime",
         description="What runs the forward pass: onnxruntime (the PyTorch model, its weights "
         "loaded from safetensors, exported to an in-memory ONNX graph at start-up, about 1 s) "

@@ -7,7 +7,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 # `python -m serving` from the repository root, or a container's WORKDIR.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in CONFIG_FLAGS:
         field = ServingConfig.model_fields[name]
-        choices = get_args(field.annotation) or None  # a Literal's values
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         parser.add_argument(
             f"--{name}",
             type=str if choices else field.annotation,

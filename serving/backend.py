@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.config import ServingBackend as Backend
 from pipelines.errors import PipelineError
 
 log = logging.getLogger("mlops.serving")
@@ -80,7 +81,9 @@ def check_agreement(reference: Forward, served: Forward, probe: np.ndarray, name
     return gap
 
 
-def build_forward(net: nn.Module, backend: str, threads: int, shape: tuple[int, ...]) -> Forward:
+def build_forward(
+    net: nn.Module, backend: Backend, threads: int, shape: tuple[int, ...]
+) -> Forward:
     """The forward pass of `backend` for the loaded, eval-mode `net`; images are `shape` (HWC)."""
     reference = torch_forward(net)
     if backend == "torch":
@@ -89,7 +92,16 @@ def build_forward(net: nn.Module, backend: str, threads: int, shape: tuple[int, 
         raise PipelineError(f"backend {backend!r}: choose onnxruntime or torch")
     start = time.monotonic()
     probe = np.random.default_rng(0).integers(0, 256, (4, *shape), dtype=np.uint8)
-    served = onnxruntime_forward(net, probe, threads)
+    try:
+        served = onnxruntime_forward(net, probe, threads)
+    # Broad on purpose: a missing package (ImportError), the exporter (OnnxExporterError, a
+    # RuntimeError) and ONNX Runtime (its own Exception subclasses) fail in different types, and
+    # each means the same to the user: this backend cannot start here.
+    except Exception as exc:
+        raise PipelineError(
+            f"the {backend} backend could not start ({type(exc).__name__}: {exc}); "
+            "serve with serving.backend=torch (--backend torch)"
+        ) from None
     gap = check_agreement(reference, served, probe, backend)
     log.info(
         "%s backend ready in %.1f s; its probabilities are within %.1g of PyTorch's",

@@ -17,13 +17,14 @@ from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.errors import PipelineError
-from serving.backend import Forward, build_forward
+from serving.backend import Backend, Forward, build_forward
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
 
 
 class ImageClassifier(Model):
-    """Ready only once the weights are loaded (sha256-checked, safetensors only)."""
+    """Ready only once the weights are loaded (sha256-checked, safetensors only). Its backend is
+    eager PyTorch unless told: the in-process reference; the server passes serving.backend."""
 
     def __init__(
         self,
@@ -34,7 +35,7 @@ class ImageClassifier(Model):
         threads: int = 1,
         max_batch: int = 64,
         batch_wait_ms: float = 0.0,
-        backend: str = "torch",
+        backend: Backend = "torch",
     ):
         super().__init__(name)
         self.backend = backend

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -382,16 +383,21 @@ def test_the_server_runs_the_configured_backend(server: SimpleNamespace) -> None
     assert "onnxruntime backend ready" in log and "of PyTorch's" in log
 
 
-@pytest.mark.parametrize("stem,flip_tta", [("s2", True), ("cifar", False)])
-def test_onnxruntime_answers_as_pytorch_does(tmp_path: Path, stem: str, flip_tta: bool) -> None:
-    """The exported graph computes what the PyTorch model does, flip TTA included, at batch
-    sizes other than the one it was exported at."""
-    model_dir = write_untrained_model(tmp_path, CLASSES, stem, seed=3, flip_tta=flip_tta)
+@pytest.mark.parametrize(
+    "stem,flip_tta,shape", [("s2", True, (32, 32, 3)), ("cifar", False, (28, 28, 1))]
+)
+def test_onnxruntime_answers_as_pytorch_does(
+    tmp_path: Path, stem: str, flip_tta: bool, shape: tuple[int, int, int]
+) -> None:
+    """The exported graph computes what the PyTorch model does, flip TTA and one channel
+    included, at batch sizes other than the one it was exported at."""
+    chw = (shape[2], shape[0], shape[1])
+    model_dir = write_untrained_model(tmp_path, CLASSES, stem, chw, seed=3, flip_tta=flip_tta)
     eager, onnx = (ImageClassifier(NAME, model_dir, backend=b) for b in ("torch", "onnxruntime"))
     eager.load()
     onnx.load()
     for n in (1, 7):
-        images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        images = np.random.default_rng(n).integers(0, 256, (n, *shape), dtype=np.uint8)
         want, got = eager.classify(images), onnx.classify(images)
         assert got.shape == want.shape == (n, len(CLASSES))
         assert (got - want).abs().max().item() <= 1e-5
@@ -411,3 +417,24 @@ def test_a_backend_that_disagrees_with_pytorch_is_refused() -> None:
         check_agreement(reference, lambda x: reference(x) * 1.1, probe, "skewed")
     with pytest.raises(PipelineError, match=r"serving\.backend=torch"):
         check_agreement(reference, lambda x: reference(x) * np.nan, probe, "nan")
+
+
+def test_a_backend_that_cannot_start_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    model = ImageClassifier(NAME, write_model_dir(tmp_path), backend="onnxruntime")
+    with pytest.raises(
+        PipelineError, match=r"onnxruntime backend could not start \(ModuleNotFoundError"
+    ):
+        model.load()
+    assert not model.ready
+
+
+def test_the_backend_flag_reaches_the_model_settings() -> None:
+    from serving.__main__ import build_parser, settings
+
+    parser = build_parser()
+    args = parser.parse_args(["--model_dir", "m", "--backend", "torch"])
+    assert settings(parser, args).backend == "torch"
+    assert settings(parser, parser.parse_args(["--model_dir", "m"])).backend == "onnxruntime"
