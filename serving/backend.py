@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +37,9 @@ def torch_forward(net: nn.Module) -> Forward:
 def onnxruntime_forward(net: nn.Module, example: np.ndarray, threads: int) -> Forward:
     """Export `net` to an ONNX graph in memory and open an ONNX Runtime session on it. The
     weights come from the loaded model, so they are still read only through safetensors."""
+    # ONNX Runtime 1.32's telemetry, on by default, writes a device id and an event store to
+    # ~/.cache/Microsoft; this variable, read when the runtime starts, turns it off.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime  # only this backend needs it
 
     graph = io.BytesIO()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -438,3 +439,28 @@ def test_the_backend_flag_reaches_the_model_settings() -> None:
     args = parser.parse_args(["--model_dir", "m", "--backend", "torch"])
     assert settings(parser, args).backend == "torch"
     assert settings(parser, parser.parse_args(["--model_dir", "m"])).backend == "onnxruntime"
+
+
+def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path) -> None:
+    """Its telemetry would leave a device id and an event store in ~/.cache/Microsoft."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")
+    }
+    code = (
+        "import sys; from pathlib import Path; from serving.model import ImageClassifier; "
+        "m = ImageClassifier('t', Path(sys.argv[1]), backend='onnxruntime'); m.load(); "
+        "import os; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(write_model_dir(tmp_path / "model"))],
+        cwd=ROOT,
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert not list(home.rglob("*"))
