@@ -17,7 +17,7 @@ from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.errors import PipelineError
-from serving.backend import Backend, Forward, build_forward
+from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
 
@@ -44,18 +44,17 @@ class ImageClassifier(Model):
         self.max_instances = max_instances
         self.threads = threads
         self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms)
-        self.net: torch.nn.Module | None = None
         self.forward: Forward | None = None
         self.meta: dict[str, Any] = {}
 
     def load(self) -> bool:
         # One intra-op thread: on 2 cores the default pool gave ~500 ms latency spikes.
         torch.set_num_threads(self.threads)
-        self.net, self.meta = load_model(self.model_dir)
+        net, self.meta = load_model(self.model_dir)
         self.classes: list[str] = self.meta["classes"]
         self.channels, self.height, self.width = self.meta["input"]["shape"]
         shape = (self.height, self.width, self.channels)
-        self.forward = build_forward(self.net, self.backend, self.threads, shape)
+        self.forward = build_forward(net, self.backend, self.threads, shape)
         self.top_k = min(self.top_k, len(self.classes))
         self.ready = True
         return self.ready
@@ -148,7 +147,7 @@ class ImageClassifier(Model):
     def classify(self, images: np.ndarray) -> torch.Tensor:
         """Probabilities for uint8 NHWC images (also the in-process reference for tests)."""
         assert self.forward is not None
-        return torch.softmax(torch.from_numpy(self.forward(images)), dim=1)
+        return torch.from_numpy(softmax(self.forward(images)))
 
     def infer(self, images: np.ndarray) -> Rows:
         """Class index, top-k probabilities and top-k indices of a batch (the forward thread)."""
