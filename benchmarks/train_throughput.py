@@ -24,8 +24,8 @@ from pipelines.config import PipelineConfig
 from training.data import augment
 from training.dist import detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import make_autocast
+from training.loop import param_groups, train_step
 from training.model import STEMS, build_classifier
-from training.train import param_groups, train_step
 
 PRECISIONS = ("fp32", "bf16")
 LAYOUTS = {"1 proc x 2 threads": 1, "2 procs x 1 thread": 2}

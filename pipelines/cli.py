@@ -93,7 +93,7 @@ def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> No
     )
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -104,7 +104,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     for name, value in vars(args).items():
         if name.startswith("cfg:") and value is not None:
             overrides[name[4:]] = value

@@ -11,8 +11,8 @@ from training import checkpoint
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
 from training.data import augment, rank_batches
 from training.dist import usable_cores
+from training.loop import lr_at
 from training.model import build_classifier, build_model
-from training.train import lr_at
 
 
 def test_ranks_split_each_epoch_disjointly_and_reshuffle() -> None:

@@ -55,10 +55,18 @@ def load_processed(
 
 
 def rank_batches(
-    n: int, batch_size: int, *, epoch: int, seed: int, rank: int, world: int
+    n: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world: int,
+    device: torch.device | str = "cpu",
 ) -> Iterator[torch.Tensor]:
     """This rank's index batches for one epoch, as DistributedSampler(drop_last=True) gives them:
-    one seeded permutation shared by all ranks, each rank taking every world-th index."""
+    one seeded permutation shared by all ranks, each rank taking every world-th index. The
+    permutation is drawn on the CPU (the same on every device) and moved to `device` once."""
     if batch_size % world:
         raise ConfigError(f"train.batch_size={batch_size} must be a multiple of the {world} ranks")
     per_rank = batch_size // world
@@ -69,7 +77,7 @@ def rank_batches(
         )
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=gen)[: steps * batch_size][rank::world]
-    yield from order.split(per_rank)
+    yield from order.to(device).split(per_rank)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

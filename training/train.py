@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -38,9 +37,10 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
 from training import checkpoint, tracking
-from training.data import augment, load_processed, rank_batches
+from training.data import load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import evaluate, make_autocast
+from training.loop import epoch_generator, param_groups, run_epoch
 from training.model import build_classifier
 from training.precision import Hardware
 from training.precision import resolve as resolve_precision
@@ -51,47 +51,8 @@ WEIGHTS = "model.safetensors"  # named in model.json, so readers never assume it
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed environment and threads: training/dist.py; evaluation: training/evaluate.py
-
-
-# ----------------------------------------------------------------------------------------------
-# Schedule: linear warm-up, then cosine to zero, as a pure function of the step (so a resumed
-# run needs only the step count to be back on the same curve).
-
-
-def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.2) -> float:
-    warm = max(1, int(total * warmup_frac))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    criterion: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns the (detached) loss and logits."""
-    with autocast():
-        logits = model(x)
-        loss = criterion(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach(), logits.detach()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+# Distributed environment and threads: training/dist.py; the schedule, the step and the epoch:
+# training/loop.py; evaluation: training/evaluate.py
 
 
 def config_hash(cfg: PipelineConfig, processed: str) -> str:
@@ -134,6 +95,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         log.info("precision %s (train.precision=%s)", precision, tc.precision)
     if cuda:
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: time the kernels once
     threads = max(1, usable_cores() // d.local_world)
     torch.set_num_threads(threads)
     if d.world > 1:
@@ -192,38 +154,39 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, tc.epochs):
         t_epoch = time.monotonic()
-        gen = torch.Generator(device).manual_seed(tc.seed * 7919 + epoch * 131 + d.rank)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         batches = rank_batches(
-            len(train_set), tc.batch_size, epoch=epoch, seed=tc.seed, rank=d.rank, world=d.world
+            len(train_set),
+            tc.batch_size,
+            epoch=epoch,
+            seed=tc.seed,
+            rank=d.rank,
+            world=d.world,
+            device=device,
         )
-        for batch in batches:
-            lr = lr_at(step, total_steps, tc.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = batch.to(device)
-            x, y = augment(train_set.images[idx], gen), train_set.labels[idx]
-            loss, logits = train_step(ddp, optimizer, scaler, criterion, x, y, autocast)
-            step += 1
-            sums += torch.stack(
-                [
-                    loss * len(y),
-                    (logits.argmax(1) == y).sum(),
-                    torch.tensor(len(y), device=device),
-                ]
-            ).double()
+        sums, step, lr = run_epoch(
+            ddp,
+            optimizer,
+            scaler,
+            criterion,
+            train_set,
+            batches,
+            epoch_generator(device, tc.seed, epoch, d.rank),
+            autocast,
+            (step, total_steps, tc.lr),
+        )
         if d.world > 1:
             dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()  # waits for the device: the epoch is done
         seconds = time.monotonic() - t_epoch
         val_loss, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
         row = {
             "epoch": epoch + 1,
-            "train_loss": sums[0].item() / sums[2].item(),
-            "train_accuracy": sums[1].item() / sums[2].item(),
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct / count,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "lr": lr,
-            "images_per_s": sums[2].item() / seconds,
+            "images_per_s": count / seconds,
             "epoch_seconds": seconds,
         }
         history.append(row)
