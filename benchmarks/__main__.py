@@ -18,6 +18,7 @@ BENCHMARKS = {
     "serving": ("benchmarks.serving", []),
     "overhead": ("benchmarks.overhead", []),
     "accuracy": ("benchmarks.time_to_accuracy", []),
+    "gpu": ("benchmarks.gpu_time_to_accuracy", []),  # skips, saying so, without CUDA
 }
 
 

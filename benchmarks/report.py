@@ -19,7 +19,8 @@ shared and noisy, so no test asserts a timing.
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
+    # A per-epoch curve is data for plots, not a cell.
+    keys = [k for k in rows[0] if k != "curve"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -34,8 +35,11 @@ def section(doc: dict) -> str:
     notes = {
         k: v
         for k, v in doc.items()
-        if k not in ("name", "date", "commit", "machine", "versions", "figures")
+        if k not in ("name", "date", "commit", "machine", "versions", "figures") and not _is_rows(v)
     }
+    tables = "".join(
+        f"\n\n{k}:\n\n{table(v)}" for k, v in doc.items() if k != "figures" and _is_rows(v)
+    )
     figures = doc["figures"]
     body = (
         table(figures)
@@ -43,7 +47,11 @@ def section(doc: dict) -> str:
         else "```\n" + json.dumps(figures, indent=2) + "\n```"
     )
     extra = ("\n\nSettings: " + ", ".join(f"{k} {v}" for k, v in notes.items())) if notes else ""
-    return f"{head}{extra}\n\n{body}\n"
+    return f"{head}{extra}\n\n{body}{tables}\n"
+
+
+def _is_rows(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
 def _row(target: str, goal: str, measured: str | None, met: bool | None) -> dict[str, str]:
@@ -141,13 +149,23 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
             ddp is not None and ddp >= 0.9,
         )
     )
-    gpu = docs.get("gpu_time_to_94")
+    gpu = docs.get("gpu_time_to_accuracy", {}).get("summary")
+    measured = None
+    if gpu:
+        best = max(docs["gpu_time_to_accuracy"]["figures"], key=lambda r: r["val_accuracy"])
+        seconds = gpu["time_to_target_s"]
+        measured = (
+            f"{seconds} s ({gpu['epochs_to_target']} epochs)"
+            if seconds is not None
+            else f"not reached: at best {best['val_accuracy']:.2%} held-out in {best['train_s']} s "
+            f"({best['epochs']} epochs)"
+        ) + f", {gpu['device']}, {gpu['recipe']}"
     rows.append(
         _row(
-            "ResNet-18 to 94% on one H100",
+            f"ResNet-18 to {gpu['target'] if gpu else 0.94:.0%} on one H100",
             "<= 60 s",
-            gpu and f"{gpu['figures']['seconds']} s",
-            gpu and gpu["figures"]["seconds"] <= 60,
+            measured,
+            bool(gpu) and gpu["time_to_target_s"] is not None and gpu["time_to_target_s"] <= 60,
         )
     )
     return rows

@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import gpu_time_to_accuracy as gpu
 from benchmarks.ab import git
 from benchmarks.common import ROOT
 from benchmarks.report import targets
@@ -51,6 +54,14 @@ def test_targets_are_judged_from_the_results() -> None:
     assert ddp["verdict"] == "NOT met" and ddp["measured"] == "0.50x"
     assert ddp["target"].endswith(", fp32)")
     assert rows["ResNet-18 to 94% on one H100"]["verdict"] == "not measured"
+    summary = {"device": "H100", "recipe": "r", "target": 0.94, "epochs_to_target": 24}
+    runs = [{"epochs": 40, "train_s": 70.0, "val_accuracy": 0.91}]
+    for seconds, verdict in ((50.0, "met"), (61.0, "NOT met"), (None, "NOT met")):
+        docs["gpu_time_to_accuracy"] = {"summary": summary | {"time_to_target_s": seconds}}
+        docs["gpu_time_to_accuracy"]["figures"] = runs
+        row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
+        assert row["verdict"] == verdict
+    assert row["measured"].startswith("not reached: at best 91.00% held-out in 70.0 s (40 epochs)")
     # An A/B against an earlier commit is shown beside the figure; it does not judge the target.
     docs["pipeline_overhead"]["summary"]["overhead_warm_median_s"] = 36.0
     docs["pipeline_overhead_ab"] = {
@@ -80,3 +91,44 @@ def test_ab_refuses_a_ref_that_names_no_commit() -> None:
     assert "Traceback" not in proc.stderr
     after = git("worktree", "list")
     assert after.stdout == before.stdout
+
+
+def fake_trial(threshold: int, seconds_per_epoch: float) -> tuple[list[int], object]:
+    """A run that reaches the target from `threshold` epochs on, and the epochs it was asked."""
+    asked: list[int] = []
+
+    def trial(epochs: int) -> dict:
+        asked.append(epochs)
+        return {
+            "epochs": epochs,
+            "train_s": epochs * seconds_per_epoch,
+            "eval_s": 0.0,
+            "val_accuracy": 0.95 if epochs >= threshold else 0.9,
+        }
+
+    return asked, trial
+
+
+def test_gpu_search_brackets_the_shortest_schedule_that_reaches_the_target() -> None:
+    asked, trial = fake_trial(24, 0.01)
+    runs = gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
+    assert asked == [20, 32, 24]  # the middle, up after a miss, down after a hit
+    assert [r["met"] for r in runs] == [False, True, True]
+    asked, trial = fake_trial(99, 0.01)
+    assert [r["met"] for r in gpu.search([12, 16, 20], 0.94, 300.0, trial)] == [False, False]
+    assert asked == [16, 20]
+
+
+def test_gpu_search_starts_no_run_the_budget_cannot_hold() -> None:
+    """After one 20-epoch run at 10 s an epoch, 32 epochs (~350 s) do not fit in 300 s."""
+    asked, trial = fake_trial(99, 10.0)
+    gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
+    assert asked == [20]
+
+
+def test_gpu_benchmark_says_it_skips_without_cuda(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)  # as on CI's machines
+    assert gpu.main([]) == 0
+    assert "skipped: no CUDA device" in capsys.readouterr().out

@@ -9,9 +9,9 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore
 from training import checkpoint
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
-from training.data import augment, rank_batches
+from training.data import Tensors, augment, rank_batches
 from training.dist import usable_cores
-from training.loop import lr_at
+from training.loop import epoch_generator, lr_at, param_groups, run_epoch
 from training.model import build_classifier, build_model
 
 
@@ -47,6 +47,30 @@ def test_schedule_warms_up_then_anneals_to_zero() -> None:
     lrs = [lr_at(s, 100, 0.4) for s in range(100)]
     assert lrs[0] < lrs[19] == pytest.approx(0.4) and lrs[-1] < 0.01
     assert max(lrs) == pytest.approx(0.4)
+
+
+def test_an_epoch_counts_its_images_and_follows_the_schedule() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(3, 3, "s2", [0.5] * 3, [0.25] * 3)
+    data = Tensors(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 3)
+    optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = list(rank_batches(40, 16, epoch=0, seed=0, rank=0, world=1))
+    sums, step, lr = run_epoch(
+        model,
+        optimizer,
+        torch.amp.GradScaler(enabled=False),
+        torch.nn.CrossEntropyLoss(),
+        data,
+        batches,
+        epoch_generator(torch.device("cpu"), 0, 0, 0),
+        lambda: torch.autocast("cpu", enabled=False),
+        (5, 10, 0.4),
+    )
+    assert step == 7 and sums[2].item() == 32  # 2 full batches of 16, from step 5 of 10
+    assert lr == lr_at(6, 10, 0.4) == optimizer.param_groups[0]["lr"]
+    assert 0 <= sums[1].item() <= 32 and sums[0].item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(("stem", "channels"), [("cifar", 3), ("imagenet", 1), ("s2", 3)])
