@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,19 @@ def test_gpu_benchmark_says_it_skips_without_cuda(
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)  # as on CI's machines
     assert gpu.main([]) == 0
     assert "skipped: no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_refuses_bad_input_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for argv, problem in (
+        (["--schedules", "12,x"], "'12,x': expected epoch counts"),
+        (["--device", "tpu9"], "'tpu9': expected cuda, cuda:N or cpu"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            gpu.main(argv)
+        assert exit_.value.code == 2 and problem in capsys.readouterr().err
+    assert gpu.main(["--set", "train.lr=-1"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert gpu.main(["--data", str(tmp_path / "none.tar.gz")]) == 2
+    assert "none.tar.gz: no such file" in capsys.readouterr().err
