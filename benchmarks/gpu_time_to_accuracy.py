@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         type=device_arg,
         default="cuda",
         help="where to train; cpu runs the same code as a check of it, with tiny schedules, and "
-        "records nothing "
-        "(default: cuda)",
+        "records nothing (default: cuda)",
     )
     parser.add_argument(
         "--profile", choices=list(PROFILES), default="full", help="the recipe (default: full)"
