@@ -48,7 +48,7 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):  # a copy of the tree without its history (a GPU lease)
+    if os.environ.get("GIT_COMMIT"):  # a copy of the tree without .git
         return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(

@@ -41,9 +41,9 @@ from pipelines.cli import parse_set, run_main
 from pipelines.config import PROFILES, TrainConfig, load_config
 from pipelines.errors import ConfigError
 from training.data import Tensors, rank_batches
-from training.dist import detect_dist
+from training.dist import Dist
 from training.evaluate import evaluate, make_autocast
-from training.loop import epoch_generator, param_groups, run_epoch
+from training.loop import epoch_generator, optimisation, run_epoch
 from training.model import build_classifier
 from training.precision import Hardware
 from training.precision import resolve as resolve_precision
@@ -84,7 +84,6 @@ class Trainer:
         self.model = self.model.to(device, memory_format=torch.channels_last)
         self.initial = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.net: nn.Module = torch.compile(self.model) if compile_ else self.model
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     def run(self, data: dict[str, Tensors], epochs: int, *, steps: int | None = None) -> dict:
         """Train `epochs` epochs (or only `steps` steps, for the warm-up) from the initial
@@ -92,13 +91,11 @@ class Trainer:
         tc, device = self.tc, self.device
         self.model.load_state_dict(self.initial)
         self.model.flip_tta = False
-        optimizer = torch.optim.SGD(
-            param_groups(self.model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
-        )
-        scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
-        train, d = data["train"], detect_dist()
+        optimizer, scaler, criterion = optimisation(self.model, tc, self.precision)
+        # One process, whatever RANK or WORLD_SIZE the environment holds (a pod, torchrun).
+        train, d = data["train"], Dist()
         total = len(train) // tc.batch_size * epochs
-        step, train_s, eval_s, curve = 0, 0.0, 0.0, []
+        step, train_s, eval_s, images, curve = 0, 0.0, 0.0, 0, []
         for epoch in range(epochs):
             batches = rank_batches(
                 len(train), tc.batch_size, epoch=epoch, seed=tc.seed, rank=0, world=1, device=device
@@ -111,14 +108,14 @@ class Trainer:
                 self.net,
                 optimizer,
                 scaler,
-                self.criterion,
+                criterion,
                 train,
                 batches,
                 epoch_generator(device, tc.seed, epoch, 0),
                 self.autocast,
                 (step, total, tc.lr),
             )
-            count = sums[2].item()  # waits for the device
+            images += int(sums[2].item())  # waits for the device
             train_s += time.perf_counter() - t0
             if steps is not None:
                 return {"steps": step, "seconds": train_s}
@@ -133,15 +130,18 @@ class Trainer:
             "epochs": epochs,
             "train_s": round(train_s, 2),
             "eval_s": round(eval_s, 2),
-            "images_per_s": round(count * epochs / train_s),
+            "images_per_s": round(images / train_s),
             "val_accuracy": final,
             "curve": curve,
         }
 
 
-def search(schedules: list[int], target: float, budget_s: float, trial: Any) -> list[dict]:
+def search(
+    schedules: list[int], target: float, budget_s: float, trial: Any
+) -> tuple[list[dict], bool]:
     """Runs from the middle of the sorted schedules, down after a hit and up after a miss,
-    until the shortest hit is bracketed, the list ends, or the next run would exceed the budget."""
+    until the shortest hit is bracketed or the list ends (complete: True), or until the next
+    run would exceed the budget (False). The first run always starts: it measures the rate."""
     runs: list[dict] = []
     lo, hi = 0, len(schedules) - 1  # the unresolved range
     start, rate = time.monotonic(), None  # rate: seconds per epoch, train and evaluation
@@ -151,7 +151,7 @@ def search(schedules: list[int], target: float, budget_s: float, trial: Any) -> 
         left = budget_s - (time.monotonic() - start)
         if rate is not None and epochs * rate > left:
             print(f"  {epochs} epochs would take ~{epochs * rate:.0f} s; {left:.0f} s left: stop")
-            break
+            return runs, False
         run = trial(epochs)
         run["met"] = run["val_accuracy"] >= target
         runs.append(run)
@@ -161,7 +161,7 @@ def search(schedules: list[int], target: float, budget_s: float, trial: Any) -> 
             hi = mid - 1
         else:
             lo = mid + 1
-    return runs
+    return runs, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the archive (default: {SHARED_CIFAR}, and a skip, saying so, where it is absent)",
     )
     parser.add_argument(
-        "--target", type=float, default=0.94, help="held-out accuracy to reach (default: 0.94)"
+        "--target",
+        type=bounded(0.0, 1.0),
+        default=0.94,
+        help="held-out accuracy to reach, in (0, 1] (default: 0.94)",
     )
     parser.add_argument(
         "--schedules",
@@ -186,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--budget-s",
-        type=float,
+        type=bounded(0.0, float("inf")),
         default=330.0,
-        help="no run starts that would end after this many seconds of search (default: 330)",
+        help="after the first run, none starts that would end after this many seconds of "
+        "search (default: 330)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model (default: eager)"
@@ -227,9 +231,27 @@ def epoch_list(text: str) -> list[int]:
 
 def device_arg(text: str) -> torch.device:
     try:
-        return torch.device(text)
+        device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected cuda, cuda:N or cpu") from None
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected cuda, cuda:N or cpu")
+    return device
+
+
+def bounded(low: float, high: float) -> Any:
+    """An argparse type: a number in (low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low < value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number in ({low:g}, {high:g}]")
+        return value
+
+    return parse
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -240,6 +262,8 @@ def measure(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device (this measures time to accuracy on one GPU)")
         return
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
     path = args.data or SHARED_CIFAR
     if not path.exists():
         print(f"skipped: {path} is absent (the real images this measures)")
@@ -252,7 +276,9 @@ def measure(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg.train, stats, device, args.compile)
     warm = trainer.run(data, 1, steps=WARMUP_STEPS)
     print(f"decode {decode_s:.1f} s; warm-up {warm['seconds']:.1f} s ({warm['steps']} steps)")
-    runs = search(args.schedules, args.target, args.budget_s, lambda e: trainer.run(data, e))
+    runs, complete = search(
+        args.schedules, args.target, args.budget_s, lambda e: trainer.run(data, e)
+    )
     hits = [r for r in runs if r["met"]]
     best = min(hits, key=lambda r: r["epochs"]) if hits else None
     tc = cfg.train
@@ -263,7 +289,12 @@ def measure(args: argparse.Namespace) -> None:
         f"flip TTA {'on' if tc.flip_tta else 'off'}, {'compiled' if args.compile else 'eager'}",
         "train_images": len(data["train"]),
         "val_images": len(data["val"]),
+        "overrides": args.set,
         "target": args.target,
+        "schedules": args.schedules,
+        "budget_s": args.budget_s,
+        # False: the budget stopped the search, so a shorter schedule may also reach the target.
+        "search_complete": complete,
         "time_to_target_s": best["train_s"] if best else None,
         "epochs_to_target": best["epochs"] if best else None,
         "decode_s": round(decode_s, 1),

@@ -22,7 +22,7 @@ def table(rows: list[dict]) -> str:
     # A per-epoch curve is data for plots, not a cell.
     keys = [k for k in rows[0] if k != "curve"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -149,25 +149,29 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
             ddp is not None and ddp >= 0.9,
         )
     )
-    gpu = docs.get("gpu_time_to_accuracy", {}).get("summary")
-    measured = None
-    if gpu:
-        best = max(docs["gpu_time_to_accuracy"]["figures"], key=lambda r: r["val_accuracy"])
+    gpu_doc = docs.get("gpu_time_to_accuracy", {})
+    gpu = gpu_doc.get("summary")
+    measured, met = None, None
+    # The target names its accuracy and its card: another run is shown, not judged.
+    if gpu and (gpu["target"] != 0.94 or "H100" not in gpu["device"]):
+        measured = f"not measured: the record is of {gpu['device']}, target {gpu['target']}"
+    elif gpu:
         seconds = gpu["time_to_target_s"]
-        measured = (
-            f"{seconds} s ({gpu['epochs_to_target']} epochs)"
-            if seconds is not None
-            else f"not reached: at best {best['val_accuracy']:.2%} held-out in {best['train_s']} s "
-            f"({best['epochs']} epochs)"
-        ) + f", {gpu['device']}, {gpu['recipe']}"
-    rows.append(
-        _row(
-            f"ResNet-18 to {gpu['target'] if gpu else 0.94:.0%} on one H100",
-            "<= 60 s",
-            measured,
-            bool(gpu) and gpu["time_to_target_s"] is not None and gpu["time_to_target_s"] <= 60,
-        )
-    )
+        if seconds is not None:
+            measured = f"{seconds} s ({gpu['epochs_to_target']} epochs)"
+            met = seconds <= 60
+        else:
+            best = max(gpu_doc["figures"], key=lambda r: r["val_accuracy"])
+            measured = (
+                f"not reached: at best {best['val_accuracy']:.2%} held-out in "
+                f"{best['train_s']} s ({best['epochs']} epochs)"
+            )
+            met = False
+        measured += f", {gpu['device']}, {gpu['recipe']}"
+    row = _row("ResNet-18 to 94% on one H100", "<= 60 s", measured, met)
+    if met is None and measured:
+        row["verdict"] = "not measured"
+    rows.append(row)
     return rows
 
 

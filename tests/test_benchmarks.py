@@ -63,6 +63,10 @@ def test_targets_are_judged_from_the_results() -> None:
         row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
         assert row["verdict"] == verdict
     assert row["measured"].startswith("not reached: at best 91.00% held-out in 70.0 s (40 epochs)")
+    for other in ({"device": "H200"}, {"target": 0.9}):
+        docs["gpu_time_to_accuracy"]["summary"] = summary | {"time_to_target_s": 5.0} | other
+        row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
+        assert row["verdict"] == "not measured" and "the record is of" in row["measured"]
     # An A/B against an earlier commit is shown beside the figure; it does not judge the target.
     docs["pipeline_overhead"]["summary"]["overhead_warm_median_s"] = 36.0
     docs["pipeline_overhead_ab"] = {
@@ -112,19 +116,20 @@ def fake_trial(threshold: int, seconds_per_epoch: float) -> tuple[list[int], obj
 
 def test_gpu_search_brackets_the_shortest_schedule_that_reaches_the_target() -> None:
     asked, trial = fake_trial(24, 0.01)
-    runs = gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
-    assert asked == [20, 32, 24]  # the middle, up after a miss, down after a hit
+    runs, complete = gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
+    assert asked == [20, 32, 24] and complete  # the middle, up after a miss, down after a hit
     assert [r["met"] for r in runs] == [False, True, True]
     asked, trial = fake_trial(99, 0.01)
-    assert [r["met"] for r in gpu.search([12, 16, 20], 0.94, 300.0, trial)] == [False, False]
+    runs, complete = gpu.search([12, 16, 20], 0.94, 300.0, trial)
+    assert [r["met"] for r in runs] == [False, False] and complete
     assert asked == [16, 20]
 
 
 def test_gpu_search_starts_no_run_the_budget_cannot_hold() -> None:
     """After one 20-epoch run at 10 s an epoch, 32 epochs (~350 s) do not fit in 300 s."""
     asked, trial = fake_trial(99, 10.0)
-    gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
-    assert asked == [20]
+    _, complete = gpu.search([12, 16, 20, 24, 32, 40], 0.94, 300.0, trial)
+    assert asked == [20] and not complete
 
 
 def test_gpu_benchmark_says_it_skips_without_cuda(
@@ -141,6 +146,9 @@ def test_gpu_benchmark_refuses_bad_input_in_one_line(
     for argv, problem in (
         (["--schedules", "12,x"], "'12,x': expected epoch counts"),
         (["--device", "tpu9"], "'tpu9': expected cuda, cuda:N or cpu"),
+        (["--device", "meta"], "'meta': expected cuda, cuda:N or cpu"),
+        (["--target", "1.5"], "'1.5': expected a number in (0, 1]"),
+        (["--budget-s", "0"], "'0': expected a number in (0, inf]"),
     ):
         with pytest.raises(SystemExit) as exit_:
             gpu.main(argv)

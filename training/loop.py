@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from training.data import Tensors, augment
+
+if TYPE_CHECKING:
+    from pipelines.config import TrainConfig
 
 # ----------------------------------------------------------------------------------------------
 # Schedule: linear warm-up, then cosine to zero, as a pure function of the step (so a resumed
@@ -29,6 +32,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def optimisation(
+    model: nn.Module, tc: TrainConfig, precision: str
+) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, nn.Module]:
+    """The recipe's optimiser, gradient scaler (on for fp16 only) and loss for `model`."""
+    optimizer = torch.optim.SGD(
+        param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
+    )
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    return optimizer, scaler, nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
 
 def train_step(
@@ -72,11 +86,11 @@ def run_epoch(
     from schedule = (first step, total steps, peak lr). Returns (loss sum, correct, count) as a
     float64 tensor on the device, the next step and the last lr.
 
-    Nothing in here waits for the device: the counts stay on it and the indices are already
-    there, so a GPU runs ahead of Python instead of syncing twice a step."""
+    Nothing in here waits for the device, so a GPU can run ahead of Python: the counts stay on
+    it and the indices are already there. (In fp16, the gradient scaler's inf check does wait.)"""
     step, total, peak = schedule
     sums = torch.zeros(3, dtype=torch.float64, device=data.images.device)
-    lr = peak
+    lr = lr_at(step, total, peak)
     for idx in batches:
         lr = lr_at(step, total, peak)
         for group in optimizer.param_groups:

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
@@ -40,7 +39,7 @@ from training import checkpoint, tracking
 from training.data import load_processed, rank_batches
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import evaluate, make_autocast
-from training.loop import epoch_generator, param_groups, run_epoch
+from training.loop import epoch_generator, optimisation, run_epoch
 from training.model import build_classifier
 from training.precision import Hardware
 from training.precision import resolve as resolve_precision
@@ -95,7 +94,9 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         log.info("precision %s (train.precision=%s)", precision, tc.precision)
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: time the kernels once
+        # Fixed batch shapes: time cuDNN's kernels once and keep the fastest. The choice may
+        # differ between runs, so a resumed run is close to, not bitwise, an unbroken one.
+        torch.backends.cudnn.benchmark = True
     threads = max(1, usable_cores() // d.local_world)
     torch.set_num_threads(threads)
     if d.world > 1:
@@ -115,11 +116,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     model = build_classifier(len(classes), image["channels"], tc.stem, meta["mean"], meta["std"])
     model.flip_tta = False  # per-epoch validation stays single-view: it is for the curve
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    optimizer, scaler, criterion = optimisation(model, tc, precision)
 
     # -- resume: every rank reads the same checkpoint
     prefix = f"{cfg.serving.model_name}/{run_id}/"
