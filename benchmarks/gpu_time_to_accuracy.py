@@ -63,8 +63,8 @@ def load(path: Path, val_fraction: float, seed: int) -> tuple[dict[str, Tensors]
     mean, std = channel_stats(split.images[keep])
 
     def tensors(idx: np.ndarray) -> Tensors:
-        images = torch.from_numpy(split.images[idx]).permute(0, 3, 1, 2).contiguous()
-        return Tensors(images, torch.from_numpy(split.labels[idx]))
+        images, labels = split.images[idx], split.labels[idx]
+        return Tensors.from_nhwc(torch.from_numpy(images), torch.from_numpy(labels))
 
     return {"train": tensors(keep), "val": tensors(held)}, {"mean": mean, "std": std}
 

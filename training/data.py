@@ -26,6 +26,11 @@ class Tensors:
     def to(self, device: torch.device) -> Tensors:
         return Tensors(self.images.to(device), self.labels.to(device))
 
+    @classmethod
+    def from_nhwc(cls, images: torch.Tensor, labels: torch.Tensor) -> Tensors:
+        # NHWC as stored and decoded; NCHW here, the layout convolutions and channels_last expect.
+        return cls(images.permute(0, 3, 1, 2).contiguous(), labels)
+
 
 def load_processed(
     store: ObjectStore, uri: str, only: tuple[str, ...] | None = None
@@ -47,10 +52,7 @@ def load_processed(
                 raise DataError(f"{s3_uri(bucket, prefix + shard['key'])}: wrong image count")
             images.append(tensors["images"])
             labels.append(tensors["labels"])
-        # NHWC on disk; NCHW here, the layout convolutions and channels_last expect.
-        splits[split] = Tensors(
-            torch.cat(images).permute(0, 3, 1, 2).contiguous(), torch.cat(labels)
-        )
+        splits[split] = Tensors.from_nhwc(torch.cat(images), torch.cat(labels))
     return meta, splits
 
 
