@@ -106,18 +106,23 @@ def start_server(
 
 
 def reference_answers(
-    name: str, model_dir: Path, processed_uri: str, store: ObjectStore
+    model_dir: Path, processed_uri: str, store: ObjectStore
 ) -> tuple[np.ndarray, list[int]]:
     """The first test images, NHWC, and the classes eager PyTorch gives them in-process: the
     model as verify-model gated it, whatever backend (serving.backend) the server runs."""
-    from serving.model import ImageClassifier
+    # The served forward pass itself, without the KServe model around it: importing kserve
+    # here took about 2 s of the two cores while the server starts and imports its own.
+    import torch
+
+    from serving.backend import torch_forward
+    from serving.loader import load_model
     from training.data import load_processed
 
+    torch.set_num_threads(1)  # the other core is the starting server's
     _, splits = load_processed(store, processed_uri, only=("test",))
     images = splits["test"].images[:SMOKE_IMAGES].permute(0, 2, 3, 1).numpy()
-    local = ImageClassifier(name, model_dir, backend="torch")
-    local.load()
-    return images, local.classify(images).argmax(1).tolist()
+    net, _ = load_model(model_dir)
+    return images, torch_forward(net)(images).argmax(1).tolist()
 
 
 def smoke_test(base: str, name: str, images: np.ndarray, expected: list[int]) -> float:
@@ -172,9 +177,7 @@ def deploy(
     proc = launch_server(model_dir, name, port, cfg, log_path)
     base = f"http://{HOST}:{port}"
     try:
-        images, expected = reference_answers(
-            name, model_dir, meta["lineage"]["processed_uri"], store
-        )
+        images, expected = reference_answers(model_dir, meta["lineage"]["processed_uri"], store)
         wait_ready(proc, name, port, log_path)
         agreement = smoke_test(base, name, images, expected)
     except BaseException:

@@ -1,4 +1,4 @@
-"""Step train: training/train.py under torchrun here, or as a PyTorchJob (components/pytorchjob)."""
+"""Step train: training/train.py on this machine (pipelines/launcher), or as a PyTorchJob."""
 
 from __future__ import annotations
 
@@ -6,24 +6,21 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import yaml
 
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import ConfigError, DataError, PipelineError
+from pipelines.launcher import run_single, run_torchrun
 from pipelines.mlflow_server import wait_healthy
-from pipelines.processes import terminate
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.dist import usable_cores
 from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def new_run_id() -> str:
@@ -50,7 +47,8 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
 def train_model(
     cfg: PipelineConfig, store: ObjectStore, processed_uri: str, run_id: str | None = None
 ) -> TrainResult:
-    """Launch `torchrun --nproc_per_node=<workers>` and return what rank 0 recorded."""
+    """Run training/train.py (torchrun for several workers, one process for one) and return
+    what rank 0 recorded."""
     run_id = run_id or new_run_id()
     if not cfg.mlflow.tracking_uri:
         raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
@@ -69,12 +67,7 @@ def train_model(
     result_file = run_dir / "train-result.json"
     result_file.unlink(missing_ok=True)
     workers = cfg.train.workers
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={workers}",
-        f"--max-restarts={cfg.train.max_restarts}",
-        "--tee=3", "--log-line-prefix-template=[rank${rank}] ",
-        f"--log-dir={run_dir / 'torchrun'}",
+    program = [
         "-m", "training.train",
         "--processed", processed_uri, "--run-id", run_id,
         "--result", str(result_file), "--profile", cfg.profile, "--config", str(config_file),
@@ -87,22 +80,20 @@ def train_model(
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",
     )
-    log.info("torchrun: %d process(es), run %s", workers, run_id)
-    # Worker output goes to stderr, so this step's stdout carries only its JSON result.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr)
-    try:
-        # The tracking server may still be starting (a local one starts beside the data steps):
-        # wait for it while the workers import torch and load the data, not before.
-        wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
-        proc.wait()
-    except BaseException:
-        terminate(proc)
-        raise
-    if proc.returncode != 0 or not result_file.exists():
+    # The tracking server may still be starting (a local one starts beside the data steps):
+    # wait for it while the workers import torch and load the data, not before.
+    ready = lambda: wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)  # noqa: E731
+    log.info("%s: %d process(es), run %s", "torchrun" if workers > 1 else "train", workers, run_id)
+    if workers == 1:
+        logs = run_dir / "train-logs"
+        code = run_single(program, env, cfg.train.max_restarts, logs, ready)
+    else:
+        logs = run_dir / "torchrun"
+        code = run_torchrun(program, env, workers, cfg.train.max_restarts, logs, ready)
+    if code != 0 or not result_file.exists():
         raise PipelineError(
-            f"training failed (torchrun exit code {proc.returncode}, after up to "
-            f"{cfg.train.max_restarts} restart(s)); the rank logs above and in "
-            f"{run_dir / 'torchrun'} say why"
+            f"training failed (exit code {code}, after up to {cfg.train.max_restarts} "
+            f"restart(s)); the rank logs above and in {logs} say why"
         )
     return TrainResult(**json.loads(result_file.read_text()))
 

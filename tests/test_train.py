@@ -143,8 +143,14 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     ]
 
 
-def test_sigkill_one_rank_then_resume_with_full_history(env: SimpleNamespace) -> None:
+# Two ranks run under torchrun, which restarts both; one rank runs as a plain process, which
+# the step restarts itself (pipelines/launcher.py).
+@pytest.mark.parametrize(("workers", "epochs"), [(2, 5), (1, 3)])
+def test_sigkill_one_rank_then_resume_with_full_history(
+    env: SimpleNamespace, workers: int, epochs: int
+) -> None:
     cfg = env.cfg
+    run_id = f"kill-test-{workers}"
     child_env = {**os.environ, **env.s3.env(), "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
     cmd = [
         sys.executable,
@@ -153,27 +159,27 @@ def test_sigkill_one_rank_then_resume_with_full_history(env: SimpleNamespace) ->
         "--processed",
         env.processed,
         "--run-id",
-        "kill-test",
+        run_id,
         "--profile",
         "smoke",
         "--workers",
-        "2",
+        str(workers),
         "--set",
-        "train.epochs=5",
+        f"train.epochs={epochs}",
         "--state-dir",
         str(cfg.state_dir),
     ]
     launcher = subprocess.Popen(
         cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    pointer = f"{cfg.serving.model_name}/kill-test/checkpoints/latest.json"
+    pointer = f"{cfg.serving.model_name}/{run_id}/checkpoints/latest.json"
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and launcher.poll() is None:
         latest = env.store.read_json("models", pointer)
-        if latest and 1 <= latest["epoch"] < 4:
+        if latest and 1 <= latest["epoch"] < epochs - 1:
             pids = _rank_pids(launcher)
-            if len(pids) == 2:
+            if len(pids) == workers:
                 killed = pids[-1]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
@@ -181,11 +187,15 @@ def test_sigkill_one_rank_then_resume_with_full_history(env: SimpleNamespace) ->
     assert killed is not None, f"never saw a mid-run checkpoint: {err[-2000:]}"
     assert launcher.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["resumed_from_epoch"] >= 1 and result["epochs"] == 5
-    assert "resuming kill-test from epoch" in err
+    assert result["resumed_from_epoch"] >= 1 and result["epochs"] == epochs
+    assert f"resuming {run_id} from epoch" in err
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "val_accuracy")
-    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5]
+    assert sorted({m.step for m in history}) == list(range(1, epochs + 1))
+    if workers == 1:
+        assert "restart 1 of 1, from its last checkpoint" in err
+        (launch,) = (cfg.state_dir / "runs" / run_id / "train-logs").iterdir()
+        assert sorted(p.name for p in launch.iterdir()) == ["attempt-0.log", "attempt-1.log"]
 
 
 def test_corrupt_shard_fails_naming_it(env: SimpleNamespace) -> None:
@@ -284,6 +294,17 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
     bucket, prefix = parse_s3_uri(weak.model_uri)
     record = env.store.read_json(bucket, prefix + "verification.json")
     assert record["passed"] is False and record["promoted"] is False
+
+
+def test_a_config_error_in_the_trainer_is_not_restarted(env, trained) -> None:
+    # The run's checkpoint is of 2 epochs: the trainer refuses another config with exit 2, and
+    # a restart could only fail the same way.
+    with pytest.raises(PipelineError, match="exit code 2"):
+        train_model(_cfg(env, workers=1, epochs=3), env.store, env.processed, "verify-base")
+    logs = env.cfg.state_dir / "runs" / "verify-base" / "train-logs"
+    last = max(logs.iterdir())
+    assert [p.name for p in last.iterdir()] == ["attempt-0.log"]
+    assert "holds a checkpoint of another config" in (last / "attempt-0.log").read_text()
 
 
 def test_tampered_model_fails_verification(env, trained) -> None:
