@@ -65,7 +65,7 @@ def run_single(
     log_dir: Path,
     ready: Callable[[], None],
 ) -> int:
-    """One rank without torchrun's agent, the way a one-pod PyTorchJob runs it. The agent
+    """One rank without torchrun's agent, under the variables torchrun would set. The agent
     imports torch before it starts its worker, about 4 s on the critical path here, and for one
     rank it has no peers to rendezvous or restart together. What it does for one rank is kept:
     up to max_restarts restarts (each resumes from the last checkpoint), rank-prefixed lines on

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from pipelines.config import PipelineConfig, mlflow_env
 from pipelines.processes import HOST, free_port, terminate, wait_http_ok
 
@@ -105,5 +107,19 @@ class LocalMlflow:
         return self.uri
 
     def stop(self) -> None:
-        terminate(self.proc, timeout_s=15)
-        self.proc = None
+        """SIGTERM to `mlflow server`, which forwards it to its uvicorn child: a graceful
+        shutdown of the server that holds the database. The CLI left behind only tears its
+        interpreter down then (about 1.8 s at the end of every run, against 0.25 s for the
+        server itself); it holds no state, so it is killed once its child has gone."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            servers = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            servers = []
+        proc.terminate()
+        _, alive = psutil.wait_procs(servers, timeout=15)
+        if servers and not alive:
+            proc.kill()
+        terminate(proc, timeout_s=15)

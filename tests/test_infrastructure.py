@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import psutil
 import pytest
 import requests
 import yaml
@@ -196,6 +197,8 @@ def test_production_auth_config_guards_a_real_mlflow_server(make_cfg, tmp_path: 
     )
     try:
         uri = server.start().wait()  # /health stays open: the readiness probe needs it
+        assert server.proc is not None
+        pids = [server.proc.pid, *(p.pid for p in psutil.Process(server.proc.pid).children())]
         create = f"{uri}/api/2.0/mlflow/experiments/create"
         anonymous = requests.post(create, json={"name": "x"}, timeout=30)
         assert anonymous.status_code == 401
@@ -206,6 +209,9 @@ def test_production_auth_config_guards_a_real_mlflow_server(make_cfg, tmp_path: 
         assert ok.status_code == 200, ok.text
     finally:
         server.stop()
+    # stop() kills the CLI only once its server (the child) has shut down gracefully.
+    assert len(pids) == 2 and not any(psutil.pid_exists(p) for p in pids)
+    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
 
 
 def test_upstream_installs_are_pinned_in_one_place() -> None:
