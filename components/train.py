@@ -86,14 +86,16 @@ def train_model(
     log.info("%s: %d process(es), run %s", "torchrun" if workers > 1 else "train", workers, run_id)
     if workers == 1:
         logs = run_dir / "train-logs"
-        code = run_single(program, env, cfg.train.max_restarts, logs, ready)
+        code, attempts = run_single(program, env, cfg.train.max_restarts, logs, ready)
+        tries = f"{attempts} attempt(s)"
     else:
         logs = run_dir / "torchrun"
         code = run_torchrun(program, env, workers, cfg.train.max_restarts, logs, ready)
+        tries = f"up to {cfg.train.max_restarts} restart(s)"
     if code != 0 or not result_file.exists():
         raise PipelineError(
-            f"training failed (exit code {code}, after up to {cfg.train.max_restarts} "
-            f"restart(s)); the rank logs above and in {logs} say why"
+            f"training failed (exit code {code}, after {tries}); the rank logs above and in "
+            f"{logs} say why"
         )
     return TrainResult(**json.loads(result_file.read_text()))
 

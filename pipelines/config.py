@@ -126,7 +126,11 @@ class TrainConfig(_Section):
         1, ge=1, le=64, description="DDP processes locally; PyTorchJob replicas on a cluster."
     )
     max_restarts: int = Field(
-        1, ge=0, le=10, description="Restarts of the whole worker group after a failure."
+        1,
+        ge=0,
+        le=10,
+        description="Restarts of the whole worker group after a failure (one local worker: "
+        "none after a config error).",
     )
     nproc_per_node: int = Field(1, ge=1, le=16, description="Processes per PyTorchJob replica.")
     seed: int = Field(
@@ -278,9 +282,10 @@ class PipelineConfig(_Section):
     )
     runtime: Literal["local", "kubernetes"] = Field(
         "local",
-        description="Where train and deploy run their work. local: torchrun and a model server "
-        "on this machine; kubernetes: a PyTorchJob (TrainingClient) and an InferenceService "
-        "(KServeClient), as `submit --backend kfp` sets it.",
+        description="Where train and deploy run their work. local: torchrun (a plain process "
+        "for one worker) and a model server on this machine; kubernetes: a PyTorchJob "
+        "(TrainingClient) and an InferenceService (KServeClient), as `submit --backend kfp` "
+        "sets it.",
     )
     image: str = Field(
         "mlops-pipeline:0.1.0",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -51,11 +53,14 @@ def run_torchrun(
     return _supervise(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sys.stderr), ready)
 
 
-def _tee(source: TextIO, log_file: TextIO) -> None:
-    for line in source:
-        sys.stderr.write(PREFIX + line)
-        log_file.write(line)
-    log_file.flush()
+def _tee(source: TextIO, path: Path) -> None:
+    """Copy the worker's lines to stderr, prefixed, and to its log, until the pipe closes. A
+    failed write is dropped, never fatal: a reader that stopped would block the worker."""
+    with open(path, "w", encoding="utf-8", errors="replace", buffering=1) as log_file:
+        for line in source:
+            for out, text in ((sys.stderr, PREFIX + line), (log_file, line)):
+                with contextlib.suppress(OSError, ValueError):
+                    out.write(text)
 
 
 def run_single(
@@ -64,42 +69,47 @@ def run_single(
     max_restarts: int,
     log_dir: Path,
     ready: Callable[[], None],
-) -> int:
+) -> tuple[int, int]:
     """One rank without torchrun's agent, under the variables torchrun would set. The agent
     imports torch before it starts its worker, about 4 s on the critical path here, and for one
     rank it has no peers to rendezvous or restart together. What it does for one rank is kept:
-    up to max_restarts restarts (each resumes from the last checkpoint), rank-prefixed lines on
-    stderr, and each attempt's log in a folder of log_dir per launch, as torchrun keeps them."""
-    log_dir = log_dir / time.strftime("%Y%m%d-%H%M%S")
-    log_dir.mkdir(parents=True, exist_ok=True)
+    up to max_restarts restarts (each resumes from the last checkpoint; none after a config
+    error), rank-prefixed lines on stderr, and each attempt's log in a folder of log_dir per
+    launch, as torchrun keeps them. Returns the exit code and the number of attempts."""
+    log_dir = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_dir.mkdir(parents=True)
     env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    code = 0
-    for attempt in range(max_restarts + 1):
-        env["TORCHELASTIC_RESTART_COUNT"] = str(attempt)  # as torchrun counts them
-        with open(log_dir / f"attempt-{attempt}.log", "w") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, *program],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                errors="replace",
-            )
-            assert proc.stdout is not None
-            tee = threading.Thread(target=_tee, args=(proc.stdout, log_file), daemon=True)
-            tee.start()
-            try:
-                code = _supervise(proc, ready if attempt == 0 else lambda: None)
-            finally:
-                tee.join(timeout=10)  # the pipe closes once the process has gone
-        if code in (0, USAGE_EXIT) or attempt == max_restarts:
+    code, attempts = 0, 0
+    while attempts <= max_restarts:
+        env["TORCHELASTIC_RESTART_COUNT"] = str(attempts)  # as torchrun counts them
+        proc = subprocess.Popen(
+            [sys.executable, *program],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        assert proc.stdout is not None
+        path = log_dir / f"attempt-{attempts}.log"
+        tee = threading.Thread(target=_tee, args=(proc.stdout, path), daemon=True)
+        tee.start()
+        attempts += 1
+        try:
+            code = _supervise(proc, ready if attempts == 1 else lambda: None)
+        finally:
+            tee.join(timeout=10)  # the pipe closes once the process has gone
+            if tee.is_alive():  # something the worker started holds it open
+                log.warning("%s may miss the end of the worker's output", path)
+        if code in (0, USAGE_EXIT) or attempts > max_restarts:
             break
         log.warning(
             "the trainer exited with code %d: restart %d of %d, from its last checkpoint",
             code,
-            attempt + 1,
+            attempts,
             max_restarts,
         )
-    return code
+    return code, attempts

@@ -112,11 +112,12 @@ class LocalMlflow:
         interpreter down then (about 1.8 s at the end of every run, against 0.25 s for the
         server itself); it holds no state, so it is killed once its child has gone."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
+        if proc is None or proc.poll() is not None:
+            return  # already exited (and reaped: its pid may be another process's by now)
         try:
-            servers = psutil.Process(proc.pid).children()
-        except psutil.NoSuchProcess:
+            children = psutil.Process(proc.pid).children()
+            servers = [c for c in children if "uvicorn" in " ".join(c.cmdline())]
+        except psutil.Error:
             servers = []
         proc.terminate()
         _, alive = psutil.wait_procs(servers, timeout=15)

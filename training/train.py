@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=2 -m training.train --processed s3://processed-data/x/h/ --run-id r1
 
 Distributed settings come from the environment, as torchrun or the Kubeflow Training Operator
-set them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and LOCAL_RANK under torchrun); with none
-set it runs as one process. Only rank 0 logs to MLflow and writes checkpoints and the model.
+set them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and LOCAL_RANK under torchrun, or from the
+train step's launcher for one worker); with none set it runs as one process. Only rank 0 logs
+to MLflow and writes checkpoints and the model.
 """
 
 from __future__ import annotations
