@@ -17,7 +17,8 @@ from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.train_step")
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = "[rank0] "  # as torchrun's --log-line-prefix-template writes it
+PREFIX_TEMPLATE = "[rank${rank}] "  # torchrun's --log-line-prefix-template
+PREFIX = PREFIX_TEMPLATE.replace("${rank}", "0")  # the one rank run_single starts
 USAGE_EXIT = 2  # a config error in the trainer: a restart would fail the same way
 
 
@@ -45,7 +46,7 @@ def run_torchrun(
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={workers}",
         f"--max-restarts={max_restarts}",
-        "--tee=3", "--log-line-prefix-template=[rank${rank}] ",
+        "--tee=3", f"--log-line-prefix-template={PREFIX_TEMPLATE}",
         f"--log-dir={log_dir}",
         *program,
     ]  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -19,6 +18,7 @@ from kserve.protocol.rest import server as rest_server
 from pydantic import ValidationError
 
 from pipelines.config import ServingConfig
+from pipelines.processes import exit_now
 from serving.model import ImageClassifier, load_or_exit
 
 DEFAULTS = ServingConfig()
@@ -108,11 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # The server has shut down (uvicorn drained its requests) and holds no state to save:
-    # skipping the interpreter's teardown of torch, KServe and ONNX Runtime ends it sooner
-    # after a SIGTERM, which the deploy step waits for at the end of every local run.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # The server has shut down (uvicorn drained its requests) and holds no state to save: it
+    # ends sooner after a SIGTERM, which the deploy step waits for at the end of every local run.
+    exit_now(main())
