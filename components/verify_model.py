@@ -45,6 +45,9 @@ class VerifyModelResult:
     champion_accuracy: float | None  # on the same test split
     promoted: bool
     verification_uri: str
+    # What deploy serves: this model if promoted, else the alias's, which stays in service
+    # (None after a failed gate with no champion to fall back on).
+    serving_uri: str | None
 
 
 def test_accuracy(model: torch.nn.Module, test: Tensors, num_classes: int) -> float:
@@ -77,7 +80,7 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
             champion = client.get_model_version_by_alias(name, gate.alias)
         except MlflowException:
             champion = None
-        champion_acc = None
+        champion_acc, champion_uri = None, None
         if champion is not None and champion.version != version:
             champion_uri = champion.tags.get("mlops.model_uri")
             if champion_uri:
@@ -105,6 +108,8 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
         champion_accuracy=champion_acc,
         promoted=promoted,
         verification_uri=s3_uri(bucket, prefix + VERIFICATION),
+        # Passed but not promoted means the champion scored higher: its model_uri tag exists.
+        serving_uri=model_uri if promoted else champion_uri,
     )
     client.log_metric(lineage["mlflow_run_id"], "verify_test_accuracy", accuracy)
     client.log_metric(lineage["mlflow_run_id"], "verify_promoted", float(promoted))
@@ -118,7 +123,8 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
         )
     if not promoted:
         log.info(
-            "kept champion v%s (%.4f >= %.4f); set gate.force_promote to override",
+            "kept champion v%s (%.4f > %.4f), which deploy serves; set gate.force_promote "
+            "to override",
             champion.version if champion else "?",
             champion_acc or 0.0,
             accuracy,

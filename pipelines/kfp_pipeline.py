@@ -61,7 +61,8 @@ def deploy(config: str, run_dir: str, verified: str, serve: bool) -> str:
 
     from pipelines.steps import run_step
 
-    model_uri = json.loads(verified)["model_uri"]
+    # The model the gate left in service: the new one if promoted, else the champion.
+    model_uri = json.loads(verified)["serving_uri"]
     return json.dumps(run_step("deploy", config, run_dir, model_uri=model_uri, serve=serve))
 
 

@@ -68,7 +68,7 @@ def summary(report: RunReport) -> str:
         champion = (
             f"promoted to {verified['alias']}"
             if verified["promoted"]
-            else f"{verified['alias']} stays v{verified['champion_version']}"
+            else f"{verified['alias']} stays v{verified['champion_version']} and is deployed"
         )
         lines.append(
             f"gate        test {verified['test_accuracy']:.4f} >= "

@@ -280,6 +280,7 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
 
     first = verify_model(env.cfg, env.store, trained.model_uri)
     assert first.passed and first.promoted and first.test_accuracy > 0.2
+    assert first.serving_uri == trained.model_uri
     client = mlflow.MlflowClient(env.cfg.mlflow.tracking_uri)
     assert client.get_model_version_by_alias(trained.registered_model, "champion").version == (
         trained.version
@@ -295,6 +296,17 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
     bucket, prefix = parse_s3_uri(weak.model_uri)
     record = env.store.read_json(bucket, prefix + "verification.json")
     assert record["passed"] is False and record["promoted"] is False
+    assert record["serving_uri"] == trained.model_uri  # the champion stays in service
+
+    # Through the gate but not better than the champion: deploy gets the champion's model.
+    lenient = env.cfg.model_copy(
+        update={"gate": env.cfg.gate.model_copy(update={"min_accuracy": 0})}
+    )
+    second = verify_model(lenient, env.store, weak.model_uri)
+    assert second.passed and second.champion_version == trained.version
+    assert second.champion_accuracy is not None
+    assert second.promoted == (second.test_accuracy >= second.champion_accuracy)
+    assert second.serving_uri == (weak.model_uri if second.promoted else trained.model_uri)
 
 
 def test_a_config_error_in_the_trainer_is_not_restarted(env: SimpleNamespace) -> None:
