@@ -36,7 +36,7 @@ format: $(STAMP) ## ruff format and autofix
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: $(STAMP) ## all five benchmarks into benchmarks/results/ and docs/BENCHMARKS.md (~80 min; ARGS="--only serving")
+bench: $(STAMP) ## every benchmark into benchmarks/results/ and docs/BENCHMARKS.md (~80 min; ARGS="--only serving")
 	$(PY) -m benchmarks $(ARGS)
 
 IMAGE = $(shell $(PY) -c 'from pipelines.config import PipelineConfig; print(PipelineConfig().image)' 2>/dev/null)

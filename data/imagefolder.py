@@ -74,7 +74,10 @@ def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        # PIL's own message names only the in-memory buffer it read from.
+        raise DataError(f"{name}: does not decode as an image (no format PIL reads)") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{name}: does not decode as an image ({exc})") from None
     return array[..., None] if array.ndim == 2 else array
 
