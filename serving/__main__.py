@@ -14,30 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kserve
 from kserve import model_server
-from kserve.protocol.rest import server as rest_server
 from pydantic import ValidationError
 
 from pipelines.config import ServingConfig
+from pipelines.errors import PipelineError
 from pipelines.processes import exit_now
-from serving.model import ImageClassifier, load_or_exit
+from serving.model import ImageClassifier
+from serving.rest import check_listen, install_rest_server
 
 DEFAULTS = ServingConfig()
 # The server's settings from the config tree: flag, type, default and help come from the field.
 CONFIG_FLAGS = ("top_k", "max_instances", "threads", "max_batch", "batch_wait_ms", "backend")
-
-
-def bind_rest_server(host: str) -> None:
-    """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
-    server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
-    binds `host`. In a pod, --bind_host 0.0.0.0 keeps KServe's own behaviour."""
-
-    class BoundRESTServer(rest_server.RESTServer):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)
-            self.config.host = host
-            self._server = rest_server._RefreshingServer(self.config)
-
-    model_server.RESTServer = BoundRESTServer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sv = settings(parser, args)
+    if not 1 <= args.http_port <= 65535:
+        parser.error(f"--http_port {args.http_port}: choose a port in 1..65535")
     logging.basicConfig(level=logging.INFO)
     model = ImageClassifier(
         args.model_name,
@@ -92,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         sv.batch_wait_ms,
         sv.backend,
     )
-    load_or_exit(model)
-    bind_rest_server(args.bind_host)
+    try:
+        check_listen(args.bind_host, args.http_port)  # before the load, which takes seconds
+        model.load()
+    except PipelineError as exc:
+        # A bad flag or model dir is one line and the error's exit code, not a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    install_rest_server(args.bind_host)
     # What is loaded by now (torch, KServe, the weights: ~0.5 M objects) lives as long as the
     # server. Frozen, the collector's full passes skip it; scanning it stalled every request
     # in flight for 0.1-0.25 s, a few times a minute under load.

@@ -6,17 +6,17 @@ import base64
 import binascii
 import io
 import json
+import math
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.errors import PipelineError
 from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
@@ -62,16 +62,27 @@ class ImageClassifier(Model):
     # --- decoding ------------------------------------------------------------------------------
 
     def _decode_image(self, data: bytes, where: str) -> np.ndarray:
+        # The size comes from the header and is checked before any pixel is decoded: a PNG of a
+        # few KB can expand to gigabytes, and decoding it would hold up every request.
         try:
-            with Image.open(io.BytesIO(data)) as opened:
-                img = opened.convert("L" if self.channels == 1 else "RGB")
+            opened = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise InvalidInput(
+                f"{where}: image is larger than the decoder accepts; the model takes "
+                f"{self.width}x{self.height}"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
-        if img.size != (self.width, self.height):
-            raise InvalidInput(
-                f"{where}: image is {img.size[0]}x{img.size[1]}, the model takes "
-                f"{self.width}x{self.height}"
-            )
+        with opened:
+            if opened.size != (self.width, self.height):
+                raise InvalidInput(
+                    f"{where}: image is {opened.size[0]}x{opened.size[1]}, the model takes "
+                    f"{self.width}x{self.height}"
+                )
+            try:
+                img = opened.convert("L" if self.channels == 1 else "RGB")
+            except (OSError, ValueError, SyntaxError):  # a valid header over damaged pixel data
+                raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
         array = np.asarray(img, dtype=np.uint8)
         return array[..., None] if array.ndim == 2 else array
 
@@ -93,10 +104,18 @@ class ImageClassifier(Model):
             raise InvalidInput(f"{where}: values must be integers in 0..255 (uint8)")
         return array.astype(np.uint8)
 
+    def _check_count(self, count: int) -> None:
+        """Checked before anything is decoded, so an oversized request costs no decoding."""
+        if count < 1:
+            raise InvalidInput("empty batch: send at least one image")
+        if count > self.max_instances:
+            raise InvalidInput(f"{count} instances exceed the maximum of {self.max_instances}")
+
     def _from_v1(self, payload: dict) -> list[np.ndarray]:
         instances = payload.get("instances")
         if not isinstance(instances, list):
             raise InvalidInput('expected {"instances": [...]}')
+        self._check_count(len(instances))
         images = []
         for i, inst in enumerate(instances):
             where = f"instances[{i}]"
@@ -114,33 +133,44 @@ class ImageClassifier(Model):
                 images.append(self._check_array(array, where))
         return images
 
-    def _from_v2(self, request: InferRequest) -> list[np.ndarray]:
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"expected one input tensor, got {len(request.inputs)}")
-        tensor = request.inputs[0]
+    def _tensor(self, tensor: InferInput) -> np.ndarray:
+        """The tensor's data in its shape; UINT8 values as sent, for _check_array to judge."""
         try:
-            data = tensor.as_numpy()
+            # Not as_numpy() for UINT8: its cast fails on 300 or -1 (a 500) and truncates 0.5.
+            data = np.asarray(tensor.data) if tensor.datatype == "UINT8" else tensor.as_numpy()
+            return data.reshape(tensor.shape)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(
                 f"input {tensor.name}: data does not match its shape ({exc})"
             ) from None
+
+    def _from_v2(self, request: InferRequest) -> list[np.ndarray]:
+        if len(request.inputs) != 1:
+            raise InvalidInput(f"expected one input tensor, got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        shape = list(tensor.shape)
+        if tensor.datatype not in ("UINT8", "BYTES"):
+            raise InvalidInput(
+                f"input {tensor.name}: datatype {tensor.datatype}; use BYTES or UINT8"
+            )
+        if any(n < 0 for n in shape):
+            raise InvalidInput(f"input {tensor.name}: shape {shape} has a negative size")
         if tensor.datatype == "UINT8":
-            if data.ndim != 4:
-                raise InvalidInput(
-                    f"input {tensor.name}: UINT8 must be [N,H,W,C], got {data.shape}"
-                )
+            if len(shape) != 4:
+                raise InvalidInput(f"input {tensor.name}: UINT8 must be [N,H,W,C], got {shape}")
+            self._check_count(shape[0])
+            data = self._tensor(tensor)
             return [self._check_array(a, f"{tensor.name}[{i}]") for i, a in enumerate(data)]
-        if tensor.datatype == "BYTES":
-            images = []
-            for i, item in enumerate(data.reshape(-1)):
-                where = f"{tensor.name}[{i}]"
-                raw = item if isinstance(item, bytes) else str(item).encode()
-                # JSON carries images as base64 text; the binary extension carries raw bytes.
-                if not raw.startswith((b"\x89PNG", b"\xff\xd8")):
-                    raw = self._b64(raw, where)
-                images.append(self._decode_image(raw, where))
-            return images
-        raise InvalidInput(f"input {tensor.name}: datatype {tensor.datatype}; use BYTES or UINT8")
+        self._check_count(math.prod(shape))
+        images = []
+        for i, item in enumerate(self._tensor(tensor).reshape(-1)):
+            where = f"{tensor.name}[{i}]"
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            # JSON carries images as base64 text; the binary extension carries raw bytes.
+            if not raw.startswith((b"\x89PNG", b"\xff\xd8")):
+                raw = self._b64(raw, where)
+            images.append(self._decode_image(raw, where))
+        return images
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -170,12 +200,6 @@ class ImageClassifier(Model):
         )
         if images is None:
             raise InvalidInput("expected a V1 instances object or a V2 inference request")
-        if not images:
-            raise InvalidInput("empty batch: send at least one image")
-        if len(images) > self.max_instances:
-            raise InvalidInput(
-                f"{len(images)} instances exceed the maximum of {self.max_instances}"
-            )
         return payload, np.stack(images)
 
     async def predict(
@@ -218,11 +242,3 @@ class ImageClassifier(Model):
         return InferResponse(
             response_id=request.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs
         )
-
-
-def load_or_exit(model: ImageClassifier) -> None:
-    """Load at start-up; a bad model dir is a clear one-line error, not a traceback."""
-    try:
-        model.load()
-    except PipelineError as exc:
-        raise SystemExit(f"error: {exc}") from None

@@ -6,11 +6,13 @@ import asyncio
 import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,9 +25,10 @@ from kserve.errors import InferenceError
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from pipelines.config import load_config
-from pipelines.errors import PipelineError
+from pipelines.errors import DataError, PipelineError
 from pipelines.processes import free_port, terminate
 from serving.batcher import MicroBatcher
+from serving.loader import load_model
 from serving.model import ImageClassifier
 from serving.untrained import write_untrained_model
 
@@ -126,6 +129,25 @@ def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
     assert index.tolist() == server.local.classify(server.images[:2]).argmax(1).tolist()
 
 
+def png_header(width: int, height: int) -> str:
+    """base64 of a 1-bit PNG that declares width x height over one row of pixel data: it fails
+    to decode, so an answer that names its size shows the size was checked before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    pixels = zlib.compress(bytes(width // 8 + 2))
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + png).decode()
+
+
+def uint8_input(value: object, shape: tuple[int, ...] = (1, 32, 32, 3)) -> list[dict]:
+    data = [value] * int(np.prod(shape))
+    return [{"name": "x", "datatype": "UINT8", "shape": list(shape), "data": data}]
+
+
 BAD_V1 = [
     ([{"image_bytes": {"b64": "@@not base64@@"}}], "invalid base64"),
     ([{"image_bytes": {"b64": base64.b64encode(b"not an image").decode()}}], "not a decodable"),
@@ -135,6 +157,12 @@ BAD_V1 = [
     ([], "empty batch"),
     ([np.zeros((32, 32, 3), int).tolist()] * 9, "9 instances exceed the maximum of 8"),
     ([{"wrong": 1}], "image_bytes"),
+    # A decompression bomb: 400 M pixels in 80 bytes, refused from its header.
+    ([{"image_bytes": {"b64": png_header(20000, 20000)}}], "larger than the decoder accepts"),
+    ([{"image_bytes": {"b64": png_header(12000, 12000)}}], "is 12000x12000, the model takes 32x32"),
+    ([{"image_bytes": {"b64": png_header(32, 32)}}], "not a decodable PNG or JPEG"),
+    # Counted before any is decoded: else this would answer "invalid base64".
+    ([{"image_bytes": {"b64": "@@"}}] * 9, "9 instances exceed the maximum of 8"),
 ]
 
 
@@ -152,16 +180,61 @@ def test_bad_v1_input_is_a_400_and_the_server_stays_up(server, instances, messag
     [
         ([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "use BYTES or UINT8"),
         ([{"name": "x", "datatype": "UINT8", "shape": [2, 32, 32, 3], "data": [1, 2]}], "shape"),
+        (uint8_input(0, (32, 32, 3)), "[N,H,W,C]"),
+        (uint8_input(0, (-1, 32, 32, 3)), "shape [-1, 32, 32, 3] has a negative size"),
+        (uint8_input(300), "x[0]: values must be integers in 0..255"),
+        (uint8_input(-1), "x[0]: values must be integers in 0..255"),
+        (uint8_input(0.5), "x[0]: values must be integers in 0..255"),
+        (uint8_input(0, (9, 32, 32, 3)), "9 instances exceed the maximum of 8"),
+        ([{"name": "x", "datatype": "FOO", "shape": [1], "data": [1]}], "datatype FOO; use BYTES"),
         (
-            [{"name": "x", "datatype": "UINT8", "shape": [32, 32, 3], "data": [0] * 3072}],
-            "[N,H,W,C]",
+            [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [png_header(20000, 20000)]}],
+            "x[0]: image is larger than the decoder accepts",
         ),
+        ([{"name": "x", "datatype": "BYTES", "shape": [9], "data": ["@@"] * 9}], "9 instances"),
     ],
 )
 def test_bad_v2_input_is_a_400(server, inputs, message) -> None:
     code, body = v2(server, inputs)
     assert code == 400, body
     assert message in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{nope", "the body is not valid JSON (Expecting property name"),
+        (b'{"foo": 1}', "inputs: Field required; a V2 request is {inputs: [{name,"),
+        (b'{"inputs": 5}', "inputs: Input should be a valid list (got 5)"),
+        (b'{"inputs": [{"name": "x", "shape": [1], "data": [0]}]}', "inputs[0].datatype: Field"),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "UINT8", "shape": ["a"], "data": [0]}]}',
+            "inputs[0].shape[0]: Input should be a valid integer",
+        ),
+    ],
+)
+def test_a_v2_body_outside_the_schema_is_a_one_line_400(server, body, message) -> None:
+    """Not FastAPI's 422 with a dump of every error: the field and its problem, in one line."""
+    url = f"{server.base}/v2/models/{NAME}/infer"
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 400
+    answer = json.loads(err.value.read())
+    assert list(answer) == ["error"] and "\n" not in answer["error"]
+    assert message in answer["error"]
+
+
+def test_client_errors_log_one_line_each_and_no_traceback(server: SimpleNamespace) -> None:
+    """KServe's own handlers log each 400 and 404 at ERROR with a 30-line traceback."""
+    mark = "log-mark"
+    assert v2(server, [{"name": mark, "datatype": "FP32", "shape": [1], "data": [1.0]}])[0] == 400
+    assert post_json(f"{server.base}/v2/models/{mark}/infer", {"inputs": []})[0] == 404
+    log = (server.dir / "server.log").read_text()
+    assert f"WARNING:mlops.serving:400 POST /v2/models/{NAME}/infer: input {mark}: datatype" in log
+    assert f"WARNING:mlops.serving:404 POST /v2/models/{mark}/infer: Model with name" in log
+    # The bad requests of the tests before this one, too, left no traceback.
+    assert "Traceback" not in log and "ERROR:" not in log
 
 
 def forward_images(server: SimpleNamespace) -> tuple[float, float]:
@@ -259,11 +332,41 @@ def test_a_taken_port_is_a_config_error(server: SimpleNamespace) -> None:
         require_free(port, "serving.port")
 
 
-def test_tampered_weights_refuse_to_load(tmp_path: Path) -> None:
-    model_dir = write_model_dir(tmp_path / "model")
+def tamper_weights(model_dir: Path) -> None:
     weights = bytearray((model_dir / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF
     (model_dir / "model.safetensors").write_bytes(bytes(weights))
+
+
+def edit_record(model_dir: Path, edit: Callable[[dict], object]) -> None:
+    record = json.loads((model_dir / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps(edit(record)))
+
+
+def drop(key: str) -> Callable[[dict], dict]:
+    return lambda record: {k: v for k, v in record.items() if k != key}
+
+
+def change(**fields: object) -> Callable[[dict], dict]:
+    return lambda record: {**record, **fields}
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (tamper_weights, "model.safetensors: sha256 mismatch"),
+        (
+            lambda model_dir: edit_record(model_dir, drop("sha256")),
+            "model.json: not a valid model record (sha256: Field required)",
+        ),
+    ],
+    ids=["tampered", "no-sha256"],
+)
+def test_a_model_that_does_not_load_is_one_line_and_exit_1(
+    tmp_path: Path, spoil: Callable[[Path], None], message: str
+) -> None:
+    model_dir = write_model_dir(tmp_path / "model")
+    spoil(model_dir)
     cfg = load_config("smoke", environ={})
     proc = subprocess.run(
         serving_command(model_dir, NAME, free_port(), cfg),
@@ -273,9 +376,46 @@ def test_tampered_weights_refuse_to_load(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
-    assert proc.returncode != 0
-    assert "sha256 mismatch" in proc.stderr and "refusing to load it" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1  # DataError's: a failed step
+    [line] = proc.stderr.strip().splitlines()  # one line: no traceback
+    assert line.startswith("error: ") and message in line
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda record: [], "not a valid model record (the record: Input should be an object)"),
+        (drop("sha256"), "(sha256: Field required)"),
+        (drop("input"), "(input: Field required)"),
+        (change(num_classes="5"), "(num_classes: Input should be a valid integer)"),
+        (change(input={"shape": [3, 32]}), "input.shape: List should have at least 3 items"),
+        (change(input={"shape": ["3", 32, 32]}), "input.shape.0: Input should be a valid integer"),
+        # Every request would have been a 500 (an IndexError naming a class).
+        (change(classes=CLASSES[:4]), "names 4 classes but num_classes is 5"),
+        (change(stem="zzz"), "cannot build the network it describes from model.safetensors "),
+        (change(num_classes=7, classes=[*CLASSES, "x", "y"]), "(size mismatch for "),
+    ],
+    ids=[
+        "list",
+        "no-sha256",
+        "no-input",
+        "str-int",
+        "short",
+        "str-channels",
+        "classes",
+        "stem",
+        "width",
+    ],
+)
+def test_a_bad_model_record_is_a_data_error(
+    tmp_path: Path, edit: Callable[[dict], object], message: str
+) -> None:
+    model_dir = write_model_dir(tmp_path)
+    edit_record(model_dir, edit)
+    with pytest.raises(DataError) as err:
+        load_model(model_dir)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{model_dir / 'model.json'}")
 
 
 # --- the micro-batcher alone ------------------------------------------------------------------
@@ -366,6 +506,34 @@ def test_batching_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--model_dir", "unused", "--max_batch", "0"])
     assert exit_info.value.code == 2
     assert "--max_batch 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_dir", "unused", "--http_port", "70000"])
+    assert exit_info.value.code == 2
+    assert "--http_port 70000: choose a port in 1..65535" in capsys.readouterr().err
+
+
+def test_a_taken_port_or_unknown_host_fails_before_the_load(
+    server: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model dir that does not exist: it would fail differently had the load come first."""
+    from serving.__main__ import main
+
+    port = int(server.base.rsplit(":", 1)[1])
+    assert main(["--model_dir", "unused", "--http_port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --http_port {port}: cannot listen on 127.0.0.1:{port} (Address already in "
+        "use); pass a free port\n"
+    )
+    host = "no.such.host.invalid"
+    assert (
+        main(["--model_dir", "unused", "--http_port", str(free_port()), "--bind_host", host]) == 2
+    )
+    assert f"error: --bind_host {host}: not an address of this machine" in capsys.readouterr().err
 
 
 def test_a_backend_outside_the_choices_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

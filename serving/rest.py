@@ -1,0 +1,100 @@
+"""KServe's REST server, adapted: the host it binds, and 400s that log one line each."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import model_server
+from kserve.errors import InvalidInput, ModelNotFound
+from kserve.protocol.rest import server as rest_server
+
+from pipelines.errors import ConfigError
+
+log = logging.getLogger("mlops.serving")
+V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind once as uvicorn will, before the model loads (seconds): a taken port or a host this
+    machine does not have is a one-line usage error now, not KServe's exit 3 after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(
+                    f"--bind_host {host}: not an address of this machine ({why}); pass one it "
+                    "has, such as 127.0.0.1 (or 0.0.0.0 in a pod)"
+                ) from None
+            raise ConfigError(
+                f"--http_port {port}: cannot listen on {host}:{port} ({why}); pass a free port"
+            ) from None
+
+
+def client_error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler answering `status` with {"error": message} and logging one line."""
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        # KServe's own handlers log every client error at ERROR with a 30-line traceback: one
+        # bad client would flood the log. The client's mistake needs one line, no traceback.
+        log.warning("%d %s %s: %s", status, request.method, request.url.path, exc)
+        return JSONResponse(status_code=status, content={"error": str(exc)})
+
+    return handler
+
+
+invalid_input = client_error(400)
+
+
+def describe(errors: list[dict[str, Any]]) -> str:
+    """FastAPI's validation errors of a request body as one line: the field, then the problem."""
+    # The V2 body is InferenceRequest | bytes; the bytes alternative's error says nothing useful.
+    errors = [e for e in errors if e["loc"][1:] != ("bytes",)] or errors
+    if errors[0]["type"] == "json_invalid":
+        why = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+        return f"the body is not valid JSON ({why} at character {errors[0]['loc'][-1]})"
+    problems = []
+    for e in errors[:3]:
+        parts = [p for p in e["loc"] if p not in ("body", "InferenceRequest")]
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+        got = e.get("input")
+        shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+        problems.append(f"{field or 'the body'}: {e['msg']}{shown}")
+    return f"{'; '.join(problems)}; {V2_HINT}"
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI answers a body that fails its model with a 422 and a long dump of every error.
+    assert isinstance(exc, RequestValidationError)
+    return await invalid_input(request, InvalidInput(describe(list(exc.errors()))))
+
+
+def install_rest_server(host: str) -> None:
+    """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
+    server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
+    binds `host`. In a pod, --bind_host 0.0.0.0 keeps KServe's own behaviour. The same class
+    registers the 400 handlers above over KServe's and FastAPI's own."""
+
+    class BoundRESTServer(rest_server.RESTServer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.config.host = host
+            self._server = rest_server._RefreshingServer(self.config)
+
+        def _add_exception_handlers(self, app: FastAPI) -> None:
+            super()._add_exception_handlers(app)
+            app.add_exception_handler(InvalidInput, invalid_input)
+            app.add_exception_handler(ModelNotFound, client_error(404))
+            app.add_exception_handler(RequestValidationError, invalid_request)
+
+    model_server.RESTServer = BoundRESTServer
