@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bind_host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)"
     )
+    # KServe's defaults where this server differs: REST only (its gRPC server would listen on
+    # every address, whatever --bind_host says), and the config tree's model name.
+    parser.set_defaults(enable_grpc=False, model_name=DEFAULTS.model_name)
     for name in CONFIG_FLAGS:
         field = ServingConfig.model_fields[name]
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     sv = settings(parser, args)
     if not 1 <= args.http_port <= 65535:
         parser.error(f"--http_port {args.http_port}: choose a port in 1..65535")
+    if args.enable_grpc:
+        parser.error("--enable_grpc: this server answers REST only (V1 and V2 over HTTP)")
+    if args.workers != 1:
+        # The micro-batcher gathers requests within one process; more replicas scale it out.
+        parser.error(f"--workers {args.workers}: the server runs one process; add replicas")
     logging.basicConfig(level=logging.INFO)
     model = ImageClassifier(
         args.model_name,

@@ -508,13 +508,32 @@ def test_batching_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--max_batch 0: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
-def test_a_port_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--http_port", "70000"], "--http_port 70000: choose a port in 1..65535"),
+        (["--enable_grpc", "true"], "--enable_grpc: this server answers REST only"),
+        (["--workers", "2"], "--workers 2: the server runs one process"),
+    ],
+)
+def test_flags_it_cannot_honour_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from serving.__main__ import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model_dir", "unused", "--http_port", "70000"])
+        main(["--model_dir", "unused", *flags])
     assert exit_info.value.code == 2
-    assert "--http_port 70000: choose a port in 1..65535" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_it_runs_with() -> None:
+    from pipelines.config import ServingConfig
+    from serving.__main__ import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "Enable gRPC for the model server. (default: False)" in text
+    assert f"(default: {ServingConfig().model_name})" in text
 
 
 def test_a_taken_port_or_unknown_host_fails_before_the_load(
