@@ -95,7 +95,12 @@ def feature_hash(manifest: dict[str, Any], transform: dict[str, Any]) -> str:
 def _complete(store: ObjectStore, bucket: str, prefix: str, meta: dict[str, Any]) -> bool:
     shards = [s for split in meta["shards"].values() for s in split]
     infos = parallel_map(lambda s: store.stat(bucket, prefix + s["key"]), shards, "checking shards")
-    return all(i is not None and i.size == s["size"] for i, s in zip(infos, shards, strict=True))
+    # The sha256 is the one put_bytes stored with the shard, read without a download: an object
+    # replaced since (same size or not) is written again, not found corrupt by every reader.
+    return all(
+        i is not None and i.size == s["size"] and i.sha256 == s["sha256"]
+        for i, s in zip(infos, shards, strict=True)
+    )
 
 
 def _result(key: str, uri: str, fhash: str, skipped: bool, meta: dict[str, Any]) -> FeaturesResult:

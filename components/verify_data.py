@@ -100,6 +100,11 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
             for k, p in progress(files.items(), "hashing source", total=len(files), unit="file")
         }
         unchanged = manifest is not None and mf.object_hashes(manifest) == hashes
+        if not unchanged:
+            # Decoded from the local files before the store is touched: a source that does not
+            # decode leaves the stored dataset, and its manifest, as they were.
+            raw = READERS[ds.name](files, ds.image_size)
+            check_expected(ds.name, raw)
         if manifest is not None and not unchanged:
             # The content changes: drop the old commit marker first, so that a reader never
             # sees a manifest that describes half-replaced objects.
@@ -108,8 +113,6 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
         uploaded = _upload(store, bucket, prefix, files, hashes)
         _check_store(store, bucket, prefix, hashes)
         if not unchanged:
-            raw = READERS[ds.name](files, ds.image_size)
-            check_expected(ds.name, raw)
             sizes = {k: (hashes[k], p.stat().st_size) for k, p in files.items()}
             manifest = mf.build(ds.name, ds.key, sizes, raw, str(source))
             store.write_json(bucket, prefix + mf.MANIFEST, manifest)  # last: the commit marker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +78,22 @@ def test_rerun_with_unchanged_inputs_is_skipped(make_cfg, store) -> None:
     assert not other.skipped and other.feature_hash != first.feature_hash
 
 
-def test_missing_shard_is_recomputed_not_skipped(make_cfg, store) -> None:
+def test_missing_or_replaced_shard_is_recomputed_not_skipped(make_cfg, store) -> None:
     cfg = make_cfg(dataset__name="synthetic")
     verify_data(cfg, store)
     first = engineer_features(cfg, store)
     prefix = first.processed_uri.removeprefix("s3://processed-data/")
-    store.remove("processed-data", prefix + "train-00000.safetensors")
+    key = prefix + "train-00000.safetensors"
+    good = store.get_bytes("processed-data", key)
+    store.remove("processed-data", key)
     assert not engineer_features(cfg, store).skipped
-    assert store.stat("processed-data", prefix + "train-00000.safetensors") is not None
+    assert store.get_bytes("processed-data", key) == good
+    # Same size, one byte flipped, written by another client (so no sha256 of ours).
+    damaged = bytearray(good)
+    damaged[-1] ^= 0xFF
+    store.client.put_object("processed-data", key, io.BytesIO(bytes(damaged)), len(damaged))
+    assert not engineer_features(cfg, store).skipped
+    assert store.get_bytes("processed-data", key) == good
 
 
 def test_test_split_is_carved_when_the_source_has_none(make_cfg, store, tmp_path: Path) -> None:

@@ -105,12 +105,22 @@ def test_wrong_image_size_is_named(make_cfg, store, tmp_path: Path) -> None:
     assert ok.decoded
 
 
-def test_undecodable_image_is_named(make_cfg, store, tmp_path: Path) -> None:
+def test_undecodable_image_is_named_and_the_stored_dataset_kept(
+    make_cfg, store, tmp_path: Path
+) -> None:
     folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
-    (folder / "train/class4/00001.png").write_bytes(b"not a png at all")
-    with pytest.raises(DataError, match=r"class4/00001\.png: does not decode") as err:
-        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(folder)), store)
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    good = verify_data(cfg, store)
+    bad = min((folder / "train/class4").iterdir())
+    original = bad.read_bytes()
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=rf"class4/{bad.name}: does not decode") as err:
+        verify_data(cfg, store)
     assert "BytesIO" not in str(err.value)  # PIL's message names its buffer, not the file
+    # Refused before the store was touched: the manifest and the objects are the good ones.
+    assert store.get_bytes("raw-data", f"imagefolder/train/class4/{bad.name}") == original
+    kept = verify_data(make_cfg(dataset__name="imagefolder"), store)  # from the store alone
+    assert kept.content_sha256 == good.content_sha256 and kept.uploaded == 0
 
 
 def test_cifar_pickle_that_runs_code_is_refused(make_cfg, store, tmp_path: Path) -> None:
