@@ -40,6 +40,8 @@ def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:
     if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{key}: not an IDX file of the expected kind (magic {raw[:4].hex()})")
     ndim = magic & 0xFF
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{key}: truncated IDX header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):

@@ -163,3 +163,12 @@ def test_checkpoints_upload_in_order_as_they_were_when_saved(store: ObjectStore)
     assert latest is not None and latest.epoch == 2
     assert latest.state["history"] == [2]
     assert torch.equal(latest.tensors["model.w"], torch.arange(6, dtype=torch.float32) + 100)
+
+
+def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:
+    from pipelines.config import load_config
+    from training.loop import optimisation
+
+    tc = load_config("smoke", overrides={"train.momentum": 0}).train
+    optimizer, _, _ = optimisation(torch.nn.Linear(2, 2), tc, "fp32")
+    assert optimizer.param_groups[0]["nesterov"] is False

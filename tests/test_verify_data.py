@@ -169,3 +169,12 @@ def test_class_signal_is_learnable() -> None:
     xt = test.images.reshape(len(test), -1).astype(np.float32)
     pred = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (pred == test.labels).mean() > 0.3  # chance is 0.1
+
+
+def test_truncated_mnist_header_is_named(tmp_path: Path) -> None:
+    from data import mnist
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes.fromhex("00000803") + b"\0\0\0\1")  # 3 dimensions, 1 given
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated IDX header"):
+        mnist._read_idx(path.name, path, 0x0803)

@@ -39,7 +39,10 @@ def optimisation(
 ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler, nn.Module]:
     """The recipe's optimiser, gradient scaler (on for fp16 only) and loss for `model`."""
     optimizer = torch.optim.SGD(
-        param_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum, nesterov=True
+        param_groups(model, tc.weight_decay),
+        lr=tc.lr,
+        momentum=tc.momentum,
+        nesterov=tc.momentum > 0,  # PyTorch refuses Nesterov without momentum: plain SGD then
     )
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     return optimizer, scaler, nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
