@@ -31,8 +31,11 @@ class VerifyDataResult:
     counts: dict[str, int]
 
 
-def _check_store(store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str]) -> None:
-    """Read every object back and compare its sha256: S3 itself gives no such guarantee."""
+def _failures(
+    store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str]
+) -> dict[str, str]:
+    """Read every object back and compare its sha256 (S3 itself gives no such guarantee); the
+    keys that differ, with why."""
 
     def check(key: str) -> str | None:
         try:
@@ -41,13 +44,34 @@ def _check_store(store: ObjectStore, bucket: str, prefix: str, expected: dict[st
             return str(exc)
         return None
 
-    failures = [f for f in parallel_map(check, sorted(expected), "verifying stored objects") if f]
+    keys = sorted(expected)
+    found = parallel_map(check, keys, "verifying stored objects")
+    return {k: why for k, why in zip(keys, found, strict=True) if why}
+
+
+def _check_store(
+    store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str], hint: str
+) -> None:
+    failures = list(_failures(store, bucket, prefix, expected).values())
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         raise IntegrityError(
             f"{len(failures)} stored object(s) failed verification: {'; '.join(failures[:3])}"
-            f"{more}. Re-run with --data pointing at the original source to re-upload them"
+            f"{more}. {hint}"
         )
+
+
+def _put(
+    store: ObjectStore,
+    bucket: str,
+    prefix: str,
+    files: Files,
+    hashes: dict[str, str],
+    keys: list[str],
+) -> None:
+    parallel_map(
+        lambda k: store.put_file(bucket, prefix + k, files[k], hashes[k]), keys, "uploading"
+    )
 
 
 def _upload(
@@ -65,10 +89,23 @@ def _upload(
         if d
     ]
     if stale:
-        parallel_map(
-            lambda k: store.put_file(bucket, prefix + k, files[k], hashes[k]), stale, "uploading"
-        )
+        _put(store, bucket, prefix, files, hashes, stale)
     return stale
+
+
+def _store_intact(
+    store: ObjectStore, bucket: str, prefix: str, files: Files, hashes: dict[str, str]
+) -> list[str]:
+    """Read everything back; what differs from the source is uploaded again and checked once
+    more (bit rot, or a copy that kept the metadata, looks current to _upload). Returns those
+    keys."""
+    damaged = sorted(_failures(store, bucket, prefix, hashes))
+    if damaged:
+        log.warning("%d stored object(s) differ from the source: uploading again", len(damaged))
+        _put(store, bucket, prefix, files, hashes, damaged)
+        again = {k: hashes[k] for k in damaged}
+        _check_store(store, bucket, prefix, again, "The store returns other bytes than it took")
+    return damaged
 
 
 def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
@@ -92,7 +129,13 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
     if source is None:
         assert manifest is not None
         log.info("no local source: verifying %s against its manifest", s3_uri(bucket, prefix))
-        _check_store(store, bucket, prefix, mf.object_hashes(manifest))
+        _check_store(
+            store,
+            bucket,
+            prefix,
+            mf.object_hashes(manifest),
+            "Re-run with --data pointing at the original source to re-upload them",
+        )
     else:
         files = source_files(ds.name, source)
         hashes = {
@@ -111,7 +154,9 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
             log.info("source differs from %s: replacing the stored dataset", manifest_uri)
             store.remove(bucket, prefix + mf.MANIFEST)
         uploaded = _upload(store, bucket, prefix, files, hashes)
-        _check_store(store, bucket, prefix, hashes)
+        uploaded += [
+            k for k in _store_intact(store, bucket, prefix, files, hashes) if k not in uploaded
+        ]
         if not unchanged:
             sizes = {k: (hashes[k], p.stat().st_size) for k, p in files.items()}
             manifest = mf.build(ds.name, ds.key, sizes, raw, str(source))

@@ -62,6 +62,20 @@ def test_corrupted_object_is_named(make_cfg, store: ObjectStore, tmp_path: Path)
     assert repaired.uploaded == 1
     verify_data(make_cfg(dataset__name="imagefolder"), store)
 
+    # Damage that kept the recorded sha256 (bit rot, a copy with its metadata) is repaired too.
+    recorded = store.stat("raw-data", "imagefolder/images.tar.gz").sha256
+    store.client.put_object(
+        "raw-data",
+        "imagefolder/images.tar.gz",
+        io.BytesIO(data),
+        len(data),
+        metadata={"sha256": recorded},
+    )
+    assert store.stat("raw-data", "imagefolder/images.tar.gz").sha256 == recorded
+    again = verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(archive)), store)
+    assert again.uploaded == 1
+    verify_data(make_cfg(dataset__name="imagefolder"), store)
+
 
 def test_truncated_archive_fails_and_writes_no_manifest(make_cfg, store, tmp_path) -> None:
     archive = synthetic.write("cifar10", tmp_path / "full" / cifar10.ARCHIVE, per_class=20)
