@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from datetime import UTC, datetime
 
@@ -14,10 +15,11 @@ import yaml
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import ConfigError, DataError, PipelineError
-from pipelines.launcher import run_single, run_torchrun
+from pipelines.launcher import USAGE_EXIT, Ready, error_line, run_single, run_torchrun
 from pipelines.mlflow_server import wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.dist import usable_cores
+from training.precision import check_here
 from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
@@ -27,21 +29,44 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
+def check_ranks(cfg: PipelineConfig) -> None:
+    """The batch splits evenly over the ranks: torchrun's `workers` here, `workers` replicas of
+    `nproc_per_node` processes in a PyTorchJob."""
+    tc = cfg.train
+    ranks = tc.workers * (tc.nproc_per_node if cfg.runtime == "kubernetes" else 1)
+    if tc.batch_size % ranks:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of {ranks} ranks")
+
+
 def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) -> None:
     """Fail before any process starts when the data cannot satisfy the config."""
     bucket, prefix = parse_s3_uri(processed_uri.rstrip("/") + "/")
     meta = store.read_json(bucket, prefix + "metadata.json")
     if meta is None:
         raise DataError(f"{processed_uri} has no metadata.json: run feature-engineering first")
+    check_ranks(cfg)
     tc, n = cfg.train, meta["counts"]["train"]
-    ranks = tc.workers * tc.nproc_per_node
-    if tc.batch_size % ranks:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of {ranks} ranks")
     if n < tc.batch_size:
         raise ConfigError(
             f"train.batch_size={tc.batch_size} exceeds the {n} training images: "
             "lower the batch size or use more data"
         )
+
+
+def tracking_ready(uri: str, wait_s: float) -> Ready:
+    """The tracking server may still be starting (a local one starts beside the data steps):
+    the launcher waits for it while the trainer imports torch and loads the data, not before.
+    The trainer's exit ends the wait too: its exit code then says why, where a config error
+    would otherwise wait wait_s and be blamed on the tracking server."""
+
+    def ready(trainer: subprocess.Popen) -> None:
+        try:
+            wait_healthy(uri, wait_s, trainer)
+        except PipelineError:
+            if trainer.poll() is None:  # the server's failure, not the trainer's
+                raise
+
+    return ready
 
 
 def train_model(
@@ -52,6 +77,8 @@ def train_model(
     run_id = run_id or new_run_id()
     if not cfg.mlflow.tracking_uri:
         raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
+    if cfg.runtime == "local":
+        check_here(cfg.train.precision)
     check_feasible(cfg, store, processed_uri)
     if cfg.runtime == "kubernetes":
         from components.pytorchjob import run_pytorchjob
@@ -80,14 +107,16 @@ def train_model(
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",
     )
-    # The tracking server may still be starting (a local one starts beside the data steps):
-    # wait for it while the workers import torch and load the data, not before.
-    ready = lambda: wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)  # noqa: E731
+    ready = tracking_ready(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
     log.info("%s: %d process(es), run %s", "torchrun" if workers > 1 else "train", workers, run_id)
     if workers == 1:
         logs = run_dir / "train-logs"
-        code, attempts = run_single(program, env, cfg.train.max_restarts, logs, ready)
+        code, attempts, last_log = run_single(program, env, cfg.train.max_restarts, logs, ready)
         tries = f"{attempts} attempt(s)"
+        if code == USAGE_EXIT:  # the trainer refused the config: so does this step (exit 2)
+            raise ConfigError(
+                error_line(last_log) or f"the trainer refused the config; {last_log} says why"
+            )
     else:
         logs = run_dir / "torchrun"
         code = run_torchrun(program, env, workers, cfg.train.max_restarts, logs, ready)

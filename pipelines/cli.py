@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -74,7 +75,9 @@ def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> No
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any config key, e.g. --set train.lr=0.1 (repeatable; keys listed below)",
+        help="override any config key, e.g. --set train.lr=0.1: the value is YAML, but a text "
+        "key takes it as typed, and KEY= unsets an optional key (repeatable; keys listed "
+        "below; default: none)",
     )
     for flag in shortcuts:
         dotted = SHORTCUTS[flag]
@@ -93,13 +96,40 @@ def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> No
     )
 
 
+def _takes_text(dotted: str) -> bool:
+    """Whether the key's field holds text: a string, a path or a choice of words."""
+    try:
+        annotation = field_info(dotted).annotation
+    except (KeyError, AttributeError):  # not a key of the tree: validation names it
+        return False
+    kinds = typing.get_args(annotation) or (annotation,)
+    return any(kind in (str, Path) or isinstance(kind, str) for kind in kinds)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A --set value: YAML, except that a text field takes the text as typed (YAML reads 4,
+    2024 and on as numbers and a boolean); quotes still make anything a string."""
+    if not text:
+        return None  # `--set KEY=` unsets an optional key
+    text_field = _takes_text(key)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        if text_field:
+            return text
+        problem = getattr(exc, "problem", None) or "unreadable"
+        raise ConfigError(f"--set {key}={text}: not a YAML value ({problem})") from None
+    return text if text_field and not isinstance(value, str) else value
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
-        out[key.strip()] = yaml.safe_load(value) if value else None
+        out[key] = parse_value(key, text)
     return out
 
 
@@ -125,9 +155,45 @@ def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def make_dir(path: Path, setting: str, hint: str) -> None:
+    """Create the folder `setting` names, if need be, and check this process can write in
+    it: a bad path is a config error before any work, not an OSError after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{setting}: {path} is a file, not a folder; {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot create {path} ({exc.strerror}); {hint}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting}: the folder {path} is not writable; {hint}")
+
+
+def check_state_dir(cfg: PipelineConfig) -> None:
+    make_dir(cfg.state_dir, "state_dir", "pass --state-dir DIR")
+
+
+def check_storage(cfg: PipelineConfig) -> None:
+    """Keys for a configured store (an embedded one makes its own)."""
+    storage = cfg.storage
+    if storage.endpoint and (storage.access_key is None or storage.secret_key is None):
+        raise ConfigError(
+            f"storage.endpoint={storage.endpoint} needs credentials: set MINIO_ACCESS_KEY and "
+            "MINIO_SECRET_KEY, or unset MINIO_ENDPOINT to use an embedded store"
+        )
+
+
+def check_result(path: Path) -> None:
+    """A step's --result file can be written: checked before the step's work, not after."""
+    if path.is_dir():
+        raise ConfigError(f"--result {path} is a folder: pass --result FILE")
+    make_dir(path.parent, f"--result {path}", "pass --result FILE in a writable folder")
+
+
 @contextmanager
 def open_store(cfg: PipelineConfig) -> Iterator[tuple[PipelineConfig, ObjectStore]]:
     """The configured store, or an embedded one for as long as the block runs."""
+    check_state_dir(cfg)
+    check_storage(cfg)
     if cfg.storage.endpoint:
         yield cfg, ObjectStore(cfg.storage)
         return
@@ -175,7 +241,10 @@ def step_main(
     args = parser.parse_args(argv)
 
     def body() -> None:
-        with open_store(config_from_args(args)) as (cfg, store):
-            emit(step(cfg, store, args), args.result)
+        cfg = config_from_args(args)
+        if args.result is not None:
+            check_result(args.result)
+        with open_store(cfg) as (live, store):
+            emit(step(live, store, args), args.result)
 
     return run_main(body, args.verbose)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pipelines.errors import ConfigError
 
 DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
+ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
 
 # Environment variables that feed the config. Credentials come only from here, never from a
@@ -276,7 +277,11 @@ class ClusterConfig(_Section):
 class PipelineConfig(_Section):
     """The whole pipeline: every step and builder derives its settings from this tree."""
 
-    profile: str = Field("quick", description="Name of the profile this config started from.")
+    profile: ProfileName = Field(
+        "quick",
+        description="Name of the profile this config started from: chosen with --profile, "
+        "never with --set or in a file.",
+    )
     state_dir: Path = Field(
         Path(".mlops"), description="Local state: embedded S3 data, MLflow db, caches."
     )
@@ -307,6 +312,15 @@ class PipelineConfig(_Section):
         if not name or "/" in tag or tag in ("", "latest") or any(c.isspace() for c in image):
             raise ValueError("needs a pinned tag, not latest (e.g. mlops-pipeline:0.1.0)")
         return image
+
+    @field_validator("state_dir")
+    @classmethod
+    def _home(cls, path: Path) -> Path:
+        # A shell leaves `--state-dir=~/x` alone; unexpanded, it would make a folder named ~.
+        try:
+            return path.expanduser()
+        except RuntimeError as exc:  # ~user of no such user, or no home directory at all
+            raise ValueError(str(exc)) from None
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, credentials masked (for logs and MLflow params)."""
@@ -341,6 +355,7 @@ def full() -> dict[str, Any]:
 
 
 PROFILES = {"smoke": smoke, "quick": quick, "full": full}
+assert list(PROFILES) == list(get_args(ProfileName)), "ProfileName must list PROFILES"
 
 
 # --- Loading ----------------------------------------------------------------------------------
@@ -378,17 +393,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML config file; credentials in it are refused."""
+def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
+    """Read a YAML config file; credentials in it are refused, and so is a profile other than
+    `profile` (a dumped config names the one it came from; only --profile chooses it)."""
+    path = path.expanduser()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: pass a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): pass a YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data)}")
-    leaked = SECRET_FIELDS & set(_flatten(data))
+    if profile is not None and data.get("profile", profile) != profile:
+        raise ConfigError(
+            f"config file {path} sets profile: {data['profile']}, but --profile is {profile}: "
+            "choose the profile with --profile NAME, and remove it from the file"
+        )
+    # `run.py config` prints the keys as null: such a file reads back.
+    leaked = {k for k, v in _flatten(data).items() if k in SECRET_FIELDS and v is not None}
     if leaked:
         raise ConfigError(
             f"config file {path} sets {', '.join(sorted(leaked))}: credentials come only from "
@@ -406,7 +437,9 @@ def format_validation_error(exc: ValidationError) -> str:
             lines.append(f"{field}: unknown setting (see `python pipelines/run.py config`)")
             continue
         value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
-        lines.append(f"{field}={value}: {err['msg']}")
+        # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
+        quote = " (quote it in a YAML file)" if err["type"] == "string_type" else ""
+        lines.append(f"{field}={value}: {err['msg']}{quote}")
     return "; ".join(lines)
 
 
@@ -421,7 +454,7 @@ def load_config(
         raise ConfigError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
     tree = _merge({"profile": profile}, PROFILES[profile]())
     if config_file is not None:
-        tree = _merge(tree, read_yaml(config_file))
+        tree = _merge(tree, read_yaml(config_file, profile))
     env = os.environ if environ is None else environ
     for var, dotted in ENV_VARS.items():
         if env.get(var):
@@ -429,6 +462,9 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if dotted in SECRET_FIELDS:
             raise ConfigError(f"{dotted} comes only from the environment, not from a flag")
+        if dotted == "profile":
+            # Setting the label alone would apply none of the profile's values.
+            raise ConfigError(f"profile={value}: choose the profile with --profile NAME")
         _set_path(tree, dotted, value)
     try:
         return PipelineConfig.model_validate(tree)
@@ -498,6 +534,8 @@ def describe_fields(node: BaseModel | None = None, prefix: str = "") -> list[str
     node = PipelineConfig() if node is None else node
     lines = []
     for name, field in type(node).model_fields.items():
+        if not prefix and name == "profile":
+            continue  # --profile sets it, and its help lists the profiles
         value = getattr(node, name)
         if isinstance(value, BaseModel):
             lines.extend(describe_fields(value, f"{prefix}{name}."))

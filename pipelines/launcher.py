@@ -22,11 +22,14 @@ PREFIX = PREFIX_TEMPLATE.replace("${rank}", "0")  # the one rank run_single star
 USAGE_EXIT = 2  # a config error in the trainer: a restart would fail the same way
 
 
-def _supervise(proc: subprocess.Popen, ready: Callable[[], None]) -> int:
+Ready = Callable[[subprocess.Popen], None]  # waits for what the process needs, given it
+
+
+def _supervise(proc: subprocess.Popen, ready: Ready) -> int:
     """Wait for `ready` (run while the process starts), then for the process; stop it if
     either is interrupted or fails."""
     try:
-        ready()
+        ready(proc)
         return proc.wait()
     except BaseException:
         terminate(proc)
@@ -39,7 +42,7 @@ def run_torchrun(
     workers: int,
     max_restarts: int,
     log_dir: Path,
-    ready: Callable[[], None],
+    ready: Ready,
 ) -> int:
     """`torchrun --standalone --nproc_per_node=<workers> PROGRAM`; its exit code."""
     cmd = [
@@ -69,14 +72,15 @@ def run_single(
     env: dict[str, str],
     max_restarts: int,
     log_dir: Path,
-    ready: Callable[[], None],
-) -> tuple[int, int]:
+    ready: Ready,
+) -> tuple[int, int, Path]:
     """One rank without torchrun's agent, under the variables torchrun would set. The agent
     imports torch before it starts its worker, about 4 s on the critical path here, and for one
     rank it has no peers to rendezvous or restart together. What it does for one rank is kept:
     up to max_restarts restarts (each resumes from the last checkpoint; none after a config
     error), rank-prefixed lines on stderr, and each attempt's log in a folder of log_dir per
-    launch, as torchrun keeps them. Returns the exit code and the number of attempts."""
+    launch, as torchrun keeps them. Returns the exit code, the number of attempts and the
+    last attempt's log."""
     log_dir = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True)
     env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -100,7 +104,7 @@ def run_single(
         tee.start()
         attempts += 1
         try:
-            code = _supervise(proc, ready if attempts == 1 else lambda: None)
+            code = _supervise(proc, ready if attempts == 1 else lambda _: None)
         finally:
             tee.join(timeout=10)  # the pipe closes once the process has gone
             if tee.is_alive():  # something the worker started holds it open
@@ -113,4 +117,13 @@ def run_single(
             attempts,
             max_restarts,
         )
-    return code, attempts
+    return code, attempts, path
+
+
+def error_line(log_file: Path) -> str | None:
+    """The last one-line failure (run_main's `error: ...`) a worker wrote in its log."""
+    try:
+        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:  # the log could not be written: the caller falls back to the exit code
+        return None
+    return next((line[7:] for line in reversed(lines) if line.startswith("error: ")), None)

@@ -12,14 +12,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from components.train import new_run_id
-from pipelines.cli import open_store
+from components.train import check_ranks, new_run_id
+from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, public_json, storage_env
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
+from pipelines.processes import require_free
 from pipelines.steps import STEPS, record_path
+from training.precision import check_here
 
 log = logging.getLogger("mlops.local")
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,75 @@ def step_environment(cfg: PipelineConfig) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def check_before_run(cfg: PipelineConfig) -> None:
+    """Refuse now (exit 2) what would fail the run later and is known before it starts. The
+    config model cannot check these: the same config may be compiled for a cluster, whose
+    GPUs and ports are its own."""
+    check_state_dir(cfg)
+    check_storage(cfg)
+    check_ranks(cfg)
+    if cfg.runtime == "local":  # train and deploy run on this machine
+        check_here(cfg.train.precision)
+        require_free(cfg.serving.port, "serving.port")
+
+
+class QuietKfp:
+    """kfp.local's stdout, passed on to `out` less KFP's bookkeeping: each step process logs
+    its whole executor input (the config as one line of ~1,800 characters) and where it
+    loaded its component from, and the driver logs each step's output again, which the
+    summary shows. The steps' own lines, the task boundaries and the failures pass. (A log
+    level cannot do this: kfp.local logs on the root logger, which it resets to INFO for each
+    task, and the step processes set up their logging themselves.)"""
+
+    INDENT = "    "  # kfp.local's, before every line of a step process
+    NOISE = (
+        "Looking for component",
+        "Loading KFP component",
+        "Wrote executor output file",
+        "Did not write output file",
+    )
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.pending = ""
+        self.in_input = False  # inside the JSON dump of an executor input
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if self.keep(line):
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def keep(self, line: str) -> bool:
+        if self.in_input:
+            body = line.removeprefix(self.INDENT)
+            if body == "}":  # the dump's last line
+                self.in_input = False
+                return False
+            if body.startswith((" ", "{")):
+                return False
+            self.in_input = False  # not JSON: the dump ended unseen, so show this line
+        if line.startswith(self.INDENT + "[KFP Executor "):
+            self.in_input = line.endswith("Got executor_input:")
+            return not self.in_input and not any(n in line for n in self.NOISE)
+        task_outputs = " - INFO - Task " in line and line.endswith(" outputs:")
+        return not (task_outputs or line.startswith(self.INDENT + "Output: "))
+
+    def __enter__(self) -> QuietKfp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pending:
+            self.out.write(self.pending)
+        self.pending = ""
+        self.flush()
 
 
 def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) -> None:
@@ -131,7 +202,8 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
                 live = with_tracking(live, mlflow_server.uri)
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.
-            with step_environment(live), contextlib.redirect_stdout(sys.stderr):
+            quiet = QuietKfp(sys.stderr)
+            with step_environment(live), quiet, contextlib.redirect_stdout(quiet):
                 run_kfp_local(live, run_dir, report.run_id, serve)
             collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start

@@ -18,15 +18,15 @@ log = logging.getLogger("mlops.mlflow")
 READY_TIMEOUT_S = 90.0  # about 12 s on 2 idle cores; slower while the data steps run
 
 
-def wait_healthy(uri: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(
+    uri: str,
+    timeout_s: float,
+    proc: subprocess.Popen | None = None,
+    hint: str = "check MLFLOW_TRACKING_URI, or unset it to use a local server",
+) -> None:
     """Poll <uri>/health until it answers 200, the process exits, or the time is up."""
     wait_http_ok(
-        f"{uri.rstrip('/')}/health",
-        timeout_s,
-        proc,
-        f"the MLflow server at {uri}",
-        "check MLFLOW_TRACKING_URI, or unset it to use a local server",
-        state="healthy",
+        f"{uri.rstrip('/')}/health", timeout_s, proc, f"the MLflow server at {uri}", hint, "healthy"
     )
 
 
@@ -102,7 +102,8 @@ class LocalMlflow:
         return self
 
     def wait(self) -> str:
-        wait_healthy(self.uri, READY_TIMEOUT_S, self.proc)
+        # This server is ours: its log, not the user's MLFLOW_TRACKING_URI, says what failed.
+        wait_healthy(self.uri, READY_TIMEOUT_S, self.proc, f"see {self.workdir / 'server.log'}")
         log.info("MLflow server on %s (UI and API)", self.uri)
         return self.uri
 

@@ -13,22 +13,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
-from pipelines.local import STEPS, RunReport, run_pipeline  # noqa: E402
-from pipelines.processes import wait_for_pid  # noqa: E402
+from pipelines.errors import ConfigError  # noqa: E402
+from pipelines.local import STEPS, RunReport, check_before_run, run_pipeline  # noqa: E402
+from pipelines.processes import require_free, wait_for_pid  # noqa: E402
 
-COMMANDS = (
-    "run",
-    "serve",
-    "config",
-    "compile",
-    "mlflow-ui",
-    "submit",
-    "list",
-    "status",
-    "logs",
-    "stop",
-    "template",
-)
+# Each command and its one-line help, for its parser and the list in the default --help.
+COMMANDS = {
+    "run": "run the pipeline on this machine (the default command)",
+    "config": "print the resolved config as YAML",
+    "compile": "write the Argo, KFP, PyTorchJob and InferenceService specs and config schema",
+    "serve": "serve a trained model in the foreground",
+    "mlflow-ui": "open the MLflow UI on the local state dir's runs",
+    "submit": "submit the pipeline to Argo or KFP",
+    "list": "list the pipeline's workflows",
+    "status": "show a workflow's phase and steps",
+    "logs": "print a workflow's logs",
+    "stop": "stop a running workflow",
+    "template": "manage the WorkflowTemplate",
+}
 
 
 def summary(report: RunReport) -> str:
@@ -128,6 +130,7 @@ def as_json(report: RunReport) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_before_run(cfg)
     report = run_pipeline(cfg, serve=args.serve)
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
@@ -155,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import download_model
 
     cfg = config_from_args(args)
+    require_free(cfg.serving.port, "serving.port")  # before the download, not after
     model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()
     with open_store(cfg) as (_, store):
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -283,9 +287,18 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     from pipelines.mlflow_server import LocalMlflow
 
     cfg = config_from_args(args)
+    port = cfg.mlflow.ui_port
+    try:
+        require_free(port, "mlflow.ui_port")
+    except ConfigError:
+        # Else the server fails to bind and exits, and only its log says why.
+        raise ConfigError(
+            f"mlflow.ui_port={port}: the port is in use (another MLflow UI?); "
+            "pass --set mlflow.ui_port=N"
+        ) from None
     with open_store(cfg) as (live, store):
         store.ensure_buckets()
-        server = LocalMlflow(live, live.state_dir / "mlflow", live.mlflow.ui_port).start()
+        server = LocalMlflow(live, live.state_dir / "mlflow", port).start()
         try:
             print(f"MLflow UI: {server.wait()}  (Ctrl-C to stop)", flush=True)
             while server.proc is not None and server.proc.poll() is None:
@@ -310,14 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+
+    def add(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=COMMANDS[name], formatter_class=HelpFormatter)
+
     run = sub.add_parser(
         "run",
-        help="run the pipeline locally (the default command)",
+        help=COMMANDS["run"],
         formatter_class=HelpFormatter,
-        description=f"{parser.description}\n\nCommands: run (the default) runs the pipeline "
-        "locally; `config` prints the resolved config; `compile` writes generated files; "
-        "`serve` serves a trained model; `mlflow-ui` serves the MLflow UI over the local runs. "
-        "`COMMAND --help` shows each one's options.",
+        description=f"{parser.description}\n\ncommands (`python pipelines/run.py COMMAND "
+        "--help` shows each one's options; run's are below):\n"
+        + "\n".join(f"  {name:<11}{doc}" for name, doc in COMMANDS.items()),
     )
     add_config_args(run, ["--dataset", "--data", "--epochs", "--workers", "--port", "--state-dir"])
     run.add_argument(
@@ -332,14 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one JSON object as the last line of stdout (default: off)",
     )
     run.set_defaults(func=cmd_run)
-    config = sub.add_parser(
-        "config", help="print the resolved config as YAML", formatter_class=HelpFormatter
-    )
+    config = add("config")
     add_config_args(config, ["--dataset", "--data", "--epochs", "--workers", "--state-dir"])
     config.set_defaults(func=cmd_config)
-    serve = sub.add_parser(
-        "serve", help="serve a trained model in the foreground", formatter_class=HelpFormatter
-    )
+    serve = add("serve")
     serve.add_argument(
         "--model-uri",
         required=True,
@@ -348,9 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(serve, ["--port", "--state-dir"])
     serve.set_defaults(func=cmd_serve)
-    submit = sub.add_parser(
-        "submit", help="submit the pipeline to Argo or KFP", formatter_class=HelpFormatter
-    )
+    submit = add("submit")
     submit.add_argument(
         "--backend", choices=["argo", "kfp"], default="argo", help="where to submit (default: argo)"
     )
@@ -358,13 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     _argo_flags(submit)
     add_config_args(submit, ["--dataset", "--epochs", "--workers"])
     submit.set_defaults(func=cmd_submit)
-    for name, func, doc in (
-        ("list", cmd_list, "list the pipeline's workflows"),
-        ("status", cmd_status, "show a workflow's phase and steps"),
-        ("logs", cmd_logs, "print a workflow's logs"),
-        ("stop", cmd_stop, "stop a running workflow"),
+    for name, func in (
+        ("list", cmd_list),
+        ("status", cmd_status),
+        ("logs", cmd_logs),
+        ("stop", cmd_stop),
     ):
-        cmd = sub.add_parser(name, help=doc, formatter_class=HelpFormatter)
+        cmd = add(name)
         if name != "list":
             cmd.add_argument("run", help="the workflow's name (see `list`)")
         if name == "logs":
@@ -372,28 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
         _argo_flags(cmd)
         add_config_args(cmd, [])
         cmd.set_defaults(func=func)
-    template = sub.add_parser(
-        "template", help="manage the WorkflowTemplate", formatter_class=HelpFormatter
-    )
+    template = add("template")
     template.add_argument(
         "action", choices=["create"], help="create (or update) it, for submission from the Argo UI"
     )
     _argo_flags(template)
     add_config_args(template, ["--workers"])
     template.set_defaults(func=cmd_template)
-    ui = sub.add_parser(
-        "mlflow-ui",
-        help="open the MLflow UI on the local state dir's runs",
-        formatter_class=HelpFormatter,
-    )
+    ui = add("mlflow-ui")
     add_config_args(ui, ["--state-dir"])
     ui.set_defaults(func=cmd_mlflow_ui)
-    comp = sub.add_parser(
-        "compile",
-        help="write the Argo Workflow and WorkflowTemplate, KFP IR, PyTorchJob, "
-        "InferenceService and config schema",
-        formatter_class=HelpFormatter,
-    )
+    comp = add("compile")
     comp.add_argument(
         "--out", type=Path, default=Path("build"), help="output folder (default: build)"
     )

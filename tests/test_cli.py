@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from components.train import tracking_ready
 from data import synthetic
 from pipelines.config import TrainConfig
-from pipelines.processes import free_port
+from pipelines.launcher import error_line, run_single
+from pipelines.local import QuietKfp
+from pipelines.processes import HOST, free_port
 from pipelines.s3server import EmbeddedS3
+from training.precision import cuda_available
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ("run", "config", "compile", "serve", "mlflow-ui", "submit", "list", "status", "logs")
+COMMANDS += ("stop", "template")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,9 +54,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_help_explains_every_option_with_its_default(command: list[str]) -> None:
     out = run(*command)
     assert out.returncode == 0, out.stderr
-    if command[-2:] == ["run.py", "--help"]:
-        assert "{run,config,compile}" in out.stdout
-        return
+    if command == ["pipelines/run.py", "--help"]:  # the default: run's help, and every command
+        for name in COMMANDS:
+            assert f"\n  {name} " in out.stdout, f"{name} is not listed"
     assert "--profile" in out.stdout and "(default: quick)" in out.stdout
     epochs = TrainConfig.model_fields["epochs"].default
     # the config keys, generated from the tree
@@ -61,6 +71,101 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     out = run("-m", "components.verify_data", "--set", "nonsense")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["pipelines/run.py", "config", "--config", "{tmp}"], {}, "config file {tmp} is a folder"),
+        (["pipelines/run.py", "config", "--config", "{tmp}/bin"], {}, "{tmp}/bin is not UTF-8"),
+        (["pipelines/run.py", "--state-dir", "{tmp}/file"], {}, "state_dir: {tmp}/file is a file"),
+        (
+            ["-m", "components.verify_data", "--result", "{tmp}/file/r.json"],
+            {},
+            "--result {tmp}/file/r.json: {tmp}/file is a file, not a folder",
+        ),
+        (
+            ["-m", "components.verify_data"],
+            {"MINIO_ENDPOINT": "http://127.0.0.1:9"},
+            "storage.endpoint=http://127.0.0.1:9 needs credentials: set MINIO_ACCESS_KEY",
+        ),
+        (["pipelines/run.py", "--set", "train.precision=fp16"], {}, "fp16 needs CUDA"),
+        (["pipelines/run.py", "--workers", "3"], {}, "batch_size=256 must be a multiple of 3"),
+        (["pipelines/run.py", "--port", "{port}"], {}, "serving.port={port}: the port is in use"),
+        (
+            ["pipelines/run.py", "mlflow-ui", "--set", "mlflow.ui_port={port}"],
+            {},
+            "mlflow.ui_port={port}: the port is in use",
+        ),
+    ],
+)
+def test_what_is_known_up_front_fails_before_any_work(
+    args: list[str], env: dict[str, str], message: str, tmp_path: Path, held_port: int
+) -> None:
+    """Bad paths, missing keys, a precision or a batch this machine cannot train, and taken
+    ports: one line and exit 2 before any service or step starts, not a traceback or a
+    failure after the data steps."""
+    if "fp16" in message and cuda_available():
+        pytest.skip("this machine trains fp16")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bin").write_bytes(b"\xff\xfe\x00\x01")
+    state = tmp_path / "state"
+    fill = {"tmp": str(tmp_path), "port": str(held_port)}
+    args = [a.format(**fill) for a in args]
+    out = run(*args, *([] if "--state-dir" in args else ["--state-dir", str(state)]), env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert message.format(**fill) in out.stderr
+    assert not (state / "s3").exists()  # no embedded store started, so no step either
+
+
+def test_a_trainer_config_error_ends_the_train_step_at_once(tmp_path: Path) -> None:
+    """A trainer that exits 2 is not restarted, its error line becomes the step's, and the wait
+    for an unreachable tracking server ends with the trainer instead of after mlflow.wait_s."""
+    trainer = ["-c", "import sys; print('error: train.x=1: bad'); sys.exit(2)"]
+    ready = tracking_ready(f"http://{HOST}:{free_port()}", wait_s=60)
+    start = time.monotonic()
+    code, attempts, log = run_single(trainer, dict(os.environ), 2, tmp_path, ready)
+    assert (code, attempts) == (2, 1)
+    assert error_line(log) == "train.x=1: bad"
+    assert time.monotonic() - start < 30
+
+
+def test_kfp_bookkeeping_is_left_out_of_the_run_log() -> None:
+    task = "12:00:00.001 - INFO - Task \x1b[96m'verify-data'\x1b[0m"
+    executor = "    [KFP Executor 2026-11-26 12:00:00,000 INFO]: "
+    lines = [  # (a line kfp.local prints, whether the user sees it)
+        ("12:00:00.000 - INFO - Executing task \x1b[96m'verify-data'\x1b[0m", True),
+        (executor + "Looking for component `verify_data`", False),
+        (executor + "Got executor_input:", False),
+        ("    {", False),
+        ('        "inputs": {', False),
+        ('            "config": "{\\"profile\\":\\"smoke\\"}"', False),
+        ("        }", False),
+        ("    }", False),
+        (executor + "uploaded 1 of 1 objects (2.0 MB)", True),
+        ("    [rank0] error: train.x=1: bad", True),
+        (executor + "Wrote executor output file to /x.", False),
+        ("    ", True),
+        (f"{task} finished with status \x1b[91mFAILURE\x1b[0m", True),
+        (f"{task} outputs:", False),
+        ('    Output: \'{"dataset": "synthetic"}\'', False),
+        ("-" * 80, True),
+    ]
+    text = "".join(line + "\n" for line, _ in lines)
+    out = io.StringIO()
+    with QuietKfp(out) as quiet:
+        for i in range(0, len(text), 7):  # in pieces, as print writes
+            quiet.write(text[i : i + 7])
+    assert out.getvalue() == "".join(line + "\n" for line, shown in lines if shown)
 
 
 def test_failed_step_exits_1_without_traceback(tmp_path: Path) -> None:

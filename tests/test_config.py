@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.cli import parse_set
 from pipelines.config import (
     PROFILES,
     TrainConfig,
+    config_from_json,
     config_overrides,
     describe_fields,
     for_cluster,
@@ -79,6 +81,60 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(config_file=tmp_path / "nope.yaml", environ={})
     with pytest.raises(ConfigError, match="profile='huge': choose one of smoke, quick, full"):
         load_config("huge", environ={})
+
+
+def test_unreadable_config_files_name_the_path(tmp_path: Path) -> None:
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"train:\n  epochs: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        load_config(config_file=tmp_path, environ={})
+    with pytest.raises(ConfigError, match=f"config file {binary} is not UTF-8 text"):
+        load_config(config_file=binary, environ={})
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("dataset:\n  id: 2024\n")
+    with pytest.raises(ConfigError, match=r"dataset\.id=2024: .*string \(quote it in a YAML"):
+        load_config(config_file=numbers, environ={})
+
+
+def test_set_gives_text_fields_the_text_typed() -> None:
+    """YAML reads 4, 2024 and on as numbers and a boolean; a text field wants them as typed."""
+    typed = [
+        "cluster.train_resources.cpu=4",
+        "dataset.id=2024",
+        "mlflow.experiment=on",
+        'serving.model_name="on"',  # config_overrides' JSON form: the quotes go
+        "dataset.source=@raw",  # not YAML at all
+        "train.epochs=3",  # and the other fields are YAML as before
+        "gate.force_promote=on",
+        "dataset.image_size=",  # empty: unset
+    ]
+    cfg = load_config(overrides=parse_set(typed), environ={})
+    assert cfg.cluster.train_resources.cpu == "4" and cfg.dataset.id == "2024"
+    assert cfg.mlflow.experiment == "on" and cfg.serving.model_name == "on"
+    assert cfg.dataset.source == "@raw" and cfg.train.epochs == 3
+    assert cfg.gate.force_promote is True and cfg.dataset.image_size is None
+    with pytest.raises(ConfigError, match=r"--set train\.lr=@x: not a YAML value"):
+        parse_set(["train.lr=@x"])
+
+
+def test_profile_is_chosen_only_with_the_flag(tmp_path: Path) -> None:
+    for name in ("bogus", "full"):  # unknown, or a label without the profile's values
+        with pytest.raises(ConfigError, match=f"profile={name}: choose the profile with --prof"):
+            load_config(overrides={"profile": name}, environ={})
+    dumped = tmp_path / "smoke.yaml"  # what `run.py config --profile smoke` prints
+    dumped.write_text(yaml.safe_dump(load_config("smoke", environ={}).public_dict()))
+    assert load_config("smoke", dumped, environ={}) == load_config("smoke", environ={})
+    with pytest.raises(ConfigError, match="sets profile: smoke, but --profile is quick"):
+        load_config("quick", dumped, environ={})
+    with pytest.raises(ConfigError, match=r"profile='bogus': Input should be 'smoke'"):
+        config_from_json('{"profile": "bogus"}', environ={})
+    assert not any(line.strip().startswith("profile ") for line in describe_fields())
+
+
+def test_state_dir_expands_the_home_folder() -> None:
+    # `--state-dir=~/x` reaches us unexpanded: the shell expands ~ only at a word's start.
+    cfg = load_config(overrides={"state_dir": "~/mlops-state"}, environ={})
+    assert cfg.state_dir == Path.home() / "mlops-state"
 
 
 def test_every_field_is_described() -> None:

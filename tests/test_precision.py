@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.errors import ConfigError
-from training.precision import NATIVE_BF16_CPU, Hardware, resolve
+from training.precision import NATIVE_BF16_CPU, Hardware, check_here, cuda_available, resolve
 
 AVX2_CPU = Hardware(cuda=False)
 BF16_CPU = Hardware(cuda=False, cpu_bf16=True)
@@ -40,3 +40,15 @@ def test_detection_agrees_with_the_kernel_cpu_flags() -> None:
     flags = set(Path("/proc/cpuinfo").read_text().split())  # Linux, as the project's machines
     detected = Hardware.detect(torch.device("cpu"))
     assert detected == Hardware(cuda=False, cpu_bf16=bool(flags & set(NATIVE_BF16_CPU)))
+
+
+def test_a_local_run_refuses_fp16_up_front_only_without_cuda() -> None:
+    # The check before a run answers as the trainer's torch will, without importing torch.
+    assert cuda_available() == torch.cuda.is_available()
+    for precision in ("auto", "fp32", "bf16"):
+        check_here(precision)
+    if torch.cuda.is_available():
+        check_here("fp16")
+    else:
+        with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+            check_here("fp16")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,3 +51,22 @@ def resolve(requested: str, hw: Hardware) -> tuple[str, str | None]:
             "use train.precision=auto"
         )
     return requested, None
+
+
+def cuda_available() -> bool:
+    """Whether torch would find a CUDA device here. Without the driver's library, which torch
+    loads too, the answer is no without importing torch (3-6 s on 2 busy cores)."""
+    try:
+        ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_here(requested: str) -> None:
+    """Refuse, before a local run starts, a precision this machine cannot train in (the config
+    model cannot: the same config may be compiled for a cluster with GPUs)."""
+    if requested == "fp16":
+        resolve(requested, Hardware(cuda=cuda_available()))
