@@ -19,7 +19,9 @@ class IsvcClient(Protocol):
     def get(self, name: str, namespace: str | None = None) -> Any: ...
     def create(self, inferenceservice: Any, namespace: str | None = None) -> Any: ...
     def replace(self, name: str, inferenceservice: Any, namespace: str | None = None) -> Any: ...
-    def wait_isvc_ready(self, name: str, **kwargs: Any) -> None: ...
+    def wait_isvc_ready(
+        self, name: str, *, expected_generation: int | None = None, **kwargs: Any
+    ) -> None: ...
 
 
 def apply_inference_service(
@@ -45,13 +47,20 @@ def apply_inference_service(
         except RuntimeError:  # KServeClient's word for "not found" as for other API errors
             current = None
         if current is None:
-            client.create(isvc, namespace=namespace)
+            applied = client.create(isvc, namespace=namespace)
             log.info("created InferenceService %s/%s for %s", namespace, name, model_uri)
         else:
             isvc.metadata.resource_version = current["metadata"]["resourceVersion"]
-            client.replace(name, isvc, namespace=namespace)
+            applied = client.replace(name, isvc, namespace=namespace)
             log.info("replaced InferenceService %s/%s with %s", namespace, name, model_uri)
-        client.wait_isvc_ready(name, namespace=namespace, timeout_seconds=cfg.cluster.ready_s)
+        # The old revision's Ready=True would answer at once: wait until KServe has observed
+        # the spec just written.
+        client.wait_isvc_ready(
+            name,
+            namespace=namespace,
+            timeout_seconds=cfg.cluster.ready_s,
+            expected_generation=applied["metadata"]["generation"],
+        )
         status = client.get(name, namespace=namespace).get("status", {})
     except RuntimeError as exc:
         raise PipelineError(

@@ -18,7 +18,7 @@ from hera.workflows import (
 from hera.workflows import models as m
 
 from pipelines.cli import field_info
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, config_overrides
 from pipelines.kfp_pipeline import PIPELINE_NAME
 from pipelines.manifests import (
     config_args,
@@ -46,6 +46,17 @@ PARAMETERS = [
 RESULT = "/tmp/result.json"
 MODEL_NAME = "{{workflow.parameters.model-name}}"
 RUN_ID = "{{workflow.name}}"
+# ConfigError's exit code (pipelines/errors.py): the same config fails the same way again.
+CONFIG_EXIT = 2
+# KServe's status.modelStatus.transitionStatus: UpToDate once the model of the latest spec it
+# reconciled is loaded, InProgress while it loads, BlockedByFailedLoad or InvalidSpec when it
+# cannot be. states.activeModelState stays Loaded from the first rollout on, so it passes at
+# once on a redeploy, and it is never set to FailedToLoad. Limits: Argo checks right after the
+# apply, before KServe has reconciled it, and in Standard mode KServe judges from the
+# Deployment's Available condition and the first predictor pod it lists, which may be the old
+# one mid-rollout. components/inferenceservice.py (KFP) waits on the applied generation.
+ISVC_READY = "status.modelStatus.transitionStatus == UpToDate"
+ISVC_FAILED = "status.modelStatus.transitionStatus in (BlockedByFailedLoad, InvalidSpec)"
 
 
 def _value(cfg: PipelineConfig, dotted: str) -> Any:
@@ -74,8 +85,26 @@ def workflow_parameters(cfg: PipelineConfig) -> list[Parameter]:
 
 
 def overrides() -> dict[str, str]:
-    """Each pod resolves the config from the submitted parameters."""
+    """The UI parameters, as placeholders Argo fills in at submission."""
     return {dotted: f"{{{{workflow.parameters.{name}}}}}" for name, dotted in PARAMETERS}
+
+
+def pod_overrides(cfg: PipelineConfig) -> dict[str, str]:
+    """What each pod resolves: the compiler's own overrides (--set, --config), then the UI
+    parameters, whose submitted values replace what the compiler chose for them."""
+    params = overrides()
+    kept = {k: v for k, v in config_overrides(cfg).items() if k not in params}
+    return {**kept, **params}
+
+
+def retries(cfg: PipelineConfig) -> RetryStrategy:
+    """Retry a failure that may pass (a node lost, an API hiccup), not a config error."""
+    return RetryStrategy(
+        limit=cfg.cluster.retries,
+        retry_policy="Always",
+        expression=f"asInt(lastRetry.exitCode) != {CONFIG_EXIT}",
+        backoff=m.Backoff(duration="30s", factor=2, max_duration="10m"),
+    )
 
 
 def _k8s(model: type, obj: Any) -> Any:
@@ -90,19 +119,20 @@ def step(cfg: PipelineConfig, name: str, module: str, extra: list[str]) -> Conta
         name=name,
         image=cfg.image,
         command=["python", "-m", module],
-        args=[*config_args(cfg, overrides()), *extra, "--result", RESULT],
+        args=[*config_args(cfg, pod_overrides(cfg)), *extra, "--result", RESULT],
         env=[_k8s(m.EnvVar, e) for e in secret_env(cfg)],
         resources=_k8s(m.ResourceRequirements, resources(cfg.cluster.step_resources)),
         security_context=_k8s(m.SecurityContext, container_security()),
         volumes=[_k8s(m.Volume, v) for v in volumes],
         volume_mounts=[_k8s(m.VolumeMount, v) for v in mounts],
         outputs=[Parameter(name="result", value_from=m.ValueFrom(path=RESULT))],
-        retry_strategy=RetryStrategy(
-            limit=cfg.cluster.retries,
-            retry_policy="Always",
-            backoff=m.Backoff(duration="30s", factor=2, max_duration="10m"),
-        ),
+        retry_strategy=retries(cfg),
     )
+
+
+def _result(task: str, key: str) -> str:
+    """A field of an earlier step's result JSON, as an Argo expression."""
+    return f"{{{{=jsonpath(tasks['{task}'].outputs.parameters.result, '$.{key}')}}}}"
 
 
 def _named(cfg: PipelineConfig) -> PipelineConfig:
@@ -121,11 +151,12 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             f"{RUN_ID}-train",
             "{{inputs.parameters.processed-uri}}",
             RUN_ID,
-            overrides(),
+            pod_overrides(cfg),
             workflow=RUN_ID,
         )
     )
-    isvc = to_dict(inference_service(_named(cfg), model_uri))
+    # The model the gate put in service: the new one if promoted, else the champion's.
+    isvc = to_dict(inference_service(_named(cfg), "{{inputs.parameters.serving-uri}}"))
     naming: dict[str, Any] = (
         {"generate_name": f"{PIPELINE_NAME}-"} if kind is Workflow else {"name": PIPELINE_NAME}
     )
@@ -150,8 +181,15 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             set_owner_reference=True,
             # Argo conditions cannot index status.conditions[]; the Master's count is enough.
             success_condition="status.replicaStatuses.Master.succeeded > 0",
+            # Counted under the ExitCode restart policy (manifests.RESTART_POLICY). A kill (137,
+            # 143) also counts for the one status update before the operator's new pod, which
+            # this poll may see: the step then fails rather than waits.
             failure_condition="status.replicaStatuses.Master.failed > 0",
             inputs=[Parameter(name="processed-uri")],
+            # The job's own deadline, held by the step too: a job the operator fails without a
+            # failed Master (deadline, a Worker failing first) must not hold the workflow,
+            # whatever deadline a submission gives the workflow.
+            active_deadline_seconds=cfg.cluster.active_deadline_s,
         )
         verify_model = step(
             cfg, "verify-model", "components.verify_model", ["--model-uri", model_uri]
@@ -160,9 +198,11 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             name="deploy",
             action="apply",
             manifest=yaml.safe_dump(isvc, sort_keys=False),
-            success_condition="status.modelStatus.states.activeModelState == Loaded",
-            failure_condition="status.modelStatus.states.activeModelState == FailedToLoad",
-            retry_strategy=RetryStrategy(limit=cfg.cluster.retries, retry_policy="Always"),
+            success_condition=ISVC_READY,
+            failure_condition=ISVC_FAILED,
+            inputs=[Parameter(name="serving-uri")],
+            active_deadline_seconds=cfg.cluster.ready_s,
+            retry_strategy=retries(cfg),
         )
         exit_handler = Container(
             name="exit-handler",
@@ -178,16 +218,14 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             security_context=_k8s(m.SecurityContext, container_security()),
         )
         with DAG(name="pipeline"):
-            processed = (
-                "{{=jsonpath(tasks['feature-engineering'].outputs.parameters.result, "
-                "'$.processed_uri')}}"
-            )
             (
                 verify_data()
                 >> features()
-                >> train(arguments={"processed-uri": processed})
+                >> train(
+                    arguments={"processed-uri": _result("feature-engineering", "processed_uri")}
+                )
                 >> verify_model()
-                >> deploy()
+                >> deploy(arguments={"serving-uri": _result("verify-model", "serving_uri")})
             )
         del exit_handler  # registered on the workflow by its context; named in on_exit
     return workflow

@@ -9,7 +9,7 @@ import yaml
 from kfp import compiler
 
 from pipelines.argo import build, build_template
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, config_overrides
 from pipelines.kfp_pipeline import image_classifier
 from pipelines.manifests import inference_service, pytorchjob, to_dict
 
@@ -28,8 +28,17 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
     files = {
         "argo-workflow.yaml": build(cfg).to_yaml(),
         "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),
+        # The pods resolve what was compiled: the profile plus every --set and --config value.
         "pytorchjob.yaml": _yaml(
-            to_dict(pytorchjob(cfg, f"{cfg.serving.model_name}-train", PROCESSED_URI, RUN_ID, {}))
+            to_dict(
+                pytorchjob(
+                    cfg,
+                    f"{cfg.serving.model_name}-train",
+                    PROCESSED_URI,
+                    RUN_ID,
+                    config_overrides(cfg),
+                )
+            )
         ),
         "inferenceservice.yaml": _yaml(to_dict(inference_service(cfg, model_uri))),
         "config.schema.json": json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n",

@@ -39,6 +39,14 @@ from pipelines.config import PipelineConfig, Resources, mlflow_env
 from serving.launch import serving_args
 
 UID = 1000  # the image's non-root user (infrastructure/Dockerfile)
+# The Training Operator's ExitCode policy: a replica that exits with a code that is not a kill
+# (1 a Python error, 2 a config error) stays Failed, the job fails and
+# status.replicaStatuses.<type>.failed counts it, which the Argo train step watches; 130, 137,
+# 138 and 143 (SIGINT, SIGKILL or an OOM kill, SIGUSR1, SIGTERM on a drained node) get a new pod.
+# With OnFailure the kubelet restarts the container in place, the pod never reads Failed, and
+# past backoffLimit the operator deletes the pods without counting one: the step would wait for
+# its deadline.
+RESTART_POLICY = "ExitCode"
 WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 
@@ -173,12 +181,12 @@ def pytorchjob(
     )
     replicas = {
         "Master": KubeflowOrgV1ReplicaSpec(
-            replicas=1, restart_policy="OnFailure", template=template
+            replicas=1, restart_policy=RESTART_POLICY, template=template
         )
     }
     if tc.workers > 1:
         replicas["Worker"] = KubeflowOrgV1ReplicaSpec(
-            replicas=tc.workers - 1, restart_policy="OnFailure", template=template
+            replicas=tc.workers - 1, restart_policy=RESTART_POLICY, template=template
         )
     return KubeflowOrgV1PyTorchJob(
         api_version="kubeflow.org/v1",

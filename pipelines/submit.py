@@ -202,6 +202,8 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
                 "run_id": run_id,
             },
             namespace=cfg.cluster.namespace,
+            # Without it the run's pods take KFP's broad default account (pipeline-runner).
+            service_account=cfg.cluster.service_account,
         )
     except (requests.exceptions.ConnectionError, OSError) as exc:
         raise PipelineError(f"cannot reach the KFP API server at {host} ({exc})") from None

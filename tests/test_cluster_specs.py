@@ -14,6 +14,7 @@ from hera.workflows import Workflow, WorkflowTemplate
 from kserve import ApiClient as KServeApiClient
 from kubeflow.training import ApiClient as TrainingApiClient
 
+from pipelines.argo import PARAMETERS
 from pipelines.compile import write_all
 from pipelines.config import load_config, mlflow_env
 from pipelines.steps import STEPS
@@ -76,20 +77,83 @@ def test_workflow_key_fields(compiled: Path) -> None:
     assert params["precision"]["enum"] == ["auto", "fp32", "bf16", "fp16"]
     assert all(p.get("description") for p in params.values())
 
+    cluster = load_config(environ={}).cluster
     train = templates["train"]["resource"]
     assert train["action"] == "create" and train["setOwnerReference"] is True
     assert train["successCondition"] == "status.replicaStatuses.Master.succeeded > 0"
+    # Counted only because a failed replica stays Failed under the ExitCode policy.
     assert train["failureCondition"] == "status.replicaStatuses.Master.failed > 0"
+    assert templates["train"]["activeDeadlineSeconds"] == cluster.active_deadline_s
     job = yaml.safe_load(train["manifest"])
     assert job["kind"] == "PyTorchJob"
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "ExitCode"
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert pod["metadata"]["labels"]["workflows.argoproj.io/workflow"] == "{{workflow.name}}"
+
+    # Deploy serves what the gate chose, and waits for the model of the spec it applied.
     deploy = templates["deploy"]["resource"]
     assert deploy["action"] == "apply"
-    assert yaml.safe_load(deploy["manifest"])["kind"] == "InferenceService"
+    assert deploy["successCondition"] == "status.modelStatus.transitionStatus == UpToDate"
+    assert deploy["failureCondition"] == (
+        "status.modelStatus.transitionStatus in (BlockedByFailedLoad, InvalidSpec)"
+    )
+    assert "activeModelState" not in deploy["successCondition"]
+    assert templates["deploy"]["activeDeadlineSeconds"] == cluster.ready_s
+    assert templates["deploy"]["inputs"]["parameters"] == [{"name": "serving-uri"}]
+    (serving_uri,) = dag["deploy"]["arguments"]["parameters"]
+    assert serving_uri == {
+        "name": "serving-uri",
+        "value": "{{=jsonpath(tasks['verify-model'].outputs.parameters.result, '$.serving_uri')}}",
+    }
+    isvc = yaml.safe_load(deploy["manifest"])
+    assert isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["name"] == "{{workflow.parameters.model-name}}"
+    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["STORAGE_URI"] == "{{inputs.parameters.serving-uri}}"
+
+    # A config error (exit 2) fails the same way again: only other failures are retried.
     for name in ("verify-data", "feature-engineering", "verify-model", "deploy"):
-        assert templates[name]["retryStrategy"]["limit"] == 2
+        retry = templates[name]["retryStrategy"]
+        assert retry["limit"] == cluster.retries
+        assert retry["expression"] == "asInt(lastRetry.exitCode) != 2"
+    assert "retryStrategy" not in templates["train"]  # a second create of one name fails
     assert "--set" in templates["verify-data"]["container"]["args"]
+
+
+def _sets(args: list[str]) -> dict[str, str]:
+    pairs = [args[i + 1].partition("=") for i, a in enumerate(args) if a == "--set"]
+    assert len({k for k, _, _ in pairs}) == len(pairs), "a key set twice"
+    return {k: v for k, _, v in pairs}
+
+
+def test_every_pod_resolves_the_compiled_config(tmp_path: Path) -> None:
+    """A non-parameter --set reaches each step's args and the trainer's command; the UI
+    parameters stay placeholders, even where the compiler set them too."""
+    cfg = load_config(
+        overrides={"train.label_smoothing": 0, "dataset.id": "pets", "train.epochs": 3},
+        environ={},
+    )
+    write_all(cfg, tmp_path)
+    wanted = {"train.label_smoothing": "0.0", "dataset.id": '"pets"'}
+    placeholders = {dotted: f"{{{{workflow.parameters.{name}}}}}" for name, dotted in PARAMETERS}
+    for name in ("argo-workflow.yaml", "argo-workflowtemplate.yaml"):
+        templates = {t["name"]: t for t in load(tmp_path, name)["spec"]["templates"]}
+        commands = {
+            n: t["container"]["args"]
+            for n, t in templates.items()
+            if "container" in t and n != "exit-handler"
+        }
+        job = yaml.safe_load(templates["train"]["resource"]["manifest"])
+        for kind, spec in job["spec"]["pytorchReplicaSpecs"].items():
+            commands[f"train/{kind}"] = spec["template"]["spec"]["containers"][0]["command"]
+        assert len(commands) == 4, list(commands)
+        for where, args in commands.items():
+            sets = _sets(args)
+            assert wanted.items() <= sets.items(), (name, where)
+            assert placeholders.items() <= sets.items(), (name, where)
+    standalone = load(tmp_path, "pytorchjob.yaml")["spec"]["pytorchReplicaSpecs"]["Master"]
+    sets = _sets(standalone["template"]["spec"]["containers"][0]["command"])
+    assert wanted.items() <= sets.items() and sets["train.epochs"] == "3"
 
 
 def _sdk_round_trip(client: Any, doc: dict, klass: str) -> dict:
@@ -128,6 +192,7 @@ def test_workers_shape_the_replicas(tmp_path: Path) -> None:
     job = load(tmp_path, "pytorchjob.yaml")
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 2
+    assert {s["restartPolicy"] for s in specs.values()} == {"ExitCode"}
     assert job["spec"]["nprocPerNode"] == "2"
     assert job["spec"]["runPolicy"]["backoffLimit"] == 3
 

@@ -6,10 +6,12 @@ They keep to the calls the steps make; the S3 server holding the train result is
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kserve import KServeClient
 from kubeflow.training.models import KubeflowOrgV1PyTorchJob
 
 from components.inferenceservice import apply_inference_service
@@ -75,6 +77,8 @@ def test_creates_the_job_waits_and_reads_the_result(
     assert isinstance(job, KubeflowOrgV1PyTorchJob) and namespace == cfg.cluster.namespace
     assert job.metadata.name == job_name("run-1") == "run-1-train"
     assert job.spec.pytorch_replica_specs["Worker"].replicas == 1
+    # A failed replica stays Failed, so the operator marks the job Failed (not Restarting).
+    assert {s.restart_policy for s in job.spec.pytorch_replica_specs.values()} == {"ExitCode"}
     (container,) = job.spec.pytorch_replica_specs["Master"].template.spec.containers
     # The pods resolve the submitter's config: the profile plus what differs from it.
     cmd = container.command
@@ -111,35 +115,44 @@ def test_without_a_cluster_the_message_says_what_is_missing(
 
 
 class FakeKServeClient:
-    """Mock: an in-memory store of InferenceServices that become Ready, or never do."""
+    """Mock: an in-memory store of InferenceServices that become Ready, or never do. Like the
+    API server, each write bumps metadata.generation and returns the object written."""
 
     def __init__(self, ready: bool = True):
         self.ready, self.items, self.calls = ready, {}, []
+        self.awaited: list[int | None] = []  # the generation each wait asked for
 
     def get(self, name: str, namespace: str | None = None) -> Any:
         if name not in self.items:
             raise RuntimeError(f"inferenceservices {name!r} not found")
         return self.items[name]
 
-    def _store(self, isvc: Any, version: str) -> None:
+    def _store(self, isvc: Any, version: str) -> dict:
         doc = to_dict(isvc)
+        name = doc["metadata"]["name"]
+        before = self.items.get(name, {"metadata": {"generation": 0}})
         doc["metadata"]["resourceVersion"] = version
-        doc["status"] = {"address": {"url": f"http://{doc['metadata']['name']}.mlops.svc"}}
-        self.items[doc["metadata"]["name"]] = doc
+        doc["metadata"]["generation"] = before["metadata"]["generation"] + 1
+        doc["status"] = {"address": {"url": f"http://{name}.mlops.svc"}}
+        self.items[name] = doc
+        return doc
 
-    def create(self, inferenceservice: Any, namespace: str | None = None) -> None:
+    def create(self, inferenceservice: Any, namespace: str | None = None) -> dict:
         self.calls.append("create")
-        self._store(inferenceservice, "1")
+        return self._store(inferenceservice, "1")
 
-    def replace(self, name: str, inferenceservice: Any, namespace: str | None = None) -> None:
+    def replace(self, name: str, inferenceservice: Any, namespace: str | None = None) -> dict:
         self.calls.append("replace")
         assert (
             inferenceservice.metadata.resource_version
             == self.items[name]["metadata"]["resourceVersion"]
         )  # an update must name the version it replaces
-        self._store(inferenceservice, "2")
+        return self._store(inferenceservice, "2")
 
-    def wait_isvc_ready(self, name: str, **kwargs: Any) -> None:
+    def wait_isvc_ready(
+        self, name: str, *, expected_generation: int | None = None, **kwargs: Any
+    ) -> None:
+        self.awaited.append(expected_generation)
         if not self.ready:
             raise RuntimeError(f"Timeout to start the InferenceService {name}.")
 
@@ -150,6 +163,10 @@ def test_deploy_creates_then_replaces_the_inference_service(make_cfg: Any) -> No
     first = apply_inference_service(cfg, "s3://models/m/run-1/", client)
     second = apply_inference_service(cfg, "s3://models/m/run-2/", client)
     assert client.calls == ["create", "replace"]
+    # The replaced spec's generation, not the old revision's Ready=True, ends each wait; the
+    # SDK's own wait takes it (kserve 0.21).
+    assert client.awaited == [1, 2]
+    assert "expected_generation" in inspect.signature(KServeClient.wait_isvc_ready).parameters
     name = cfg.serving.model_name
     stored = client.items[name]
     container = stored["spec"]["predictor"]["containers"][0]

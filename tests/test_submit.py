@@ -1,8 +1,10 @@
-"""submit, list, status, logs, stop and template create, against a stand-in Argo Server.
+"""submit, list, status, logs, stop and template create, against a stand-in Argo Server; and
+a KFP run, against a stand-in KFP API server.
 
-FakeArgoServer is a mock, and named as one: no Argo Server or controller can run here. It is a
-thin HTTP server on 127.0.0.1 that speaks the few Argo Server REST calls the CLI makes, checks
-the bearer token, and records what it was sent; the client code under test is the real one.
+FakeArgoServer and FakeKfpServer are mocks, and named as such: no Argo Server, KFP API server
+or controller can run here. Each is a thin HTTP server on 127.0.0.1 that speaks the few REST
+calls the client makes and records what it was sent; the client code under test is the real
+one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,21 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token"
 
 
-class FakeArgoServer(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", free_port()), Handler)
-        self.workflows: dict[str, dict[str, Any]] = {}
-        self.templates: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, str]] = []
+class LocalServer(ThreadingHTTPServer):
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", free_port()), handler)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: FakeArgoServer
-
+class JsonHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep the test output clean
         pass
 
@@ -55,6 +53,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict[str, Any]:
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+
+@contextmanager
+def serving(server: LocalServer) -> Iterator[Any]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+class FakeArgoServer(LocalServer):
+    def __init__(self) -> None:
+        super().__init__(Handler)
+        self.workflows: dict[str, dict[str, Any]] = {}
+        self.templates: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+
+class Handler(JsonHandler):
+    server: FakeArgoServer
 
     def _route(self, method: str) -> None:
         path = self.path.split("?")[0].strip("/").split("/")
@@ -120,13 +140,45 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def argo() -> Iterator[FakeArgoServer]:
-    server = FakeArgoServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(FakeArgoServer()) as server:
         yield server
-    finally:
-        server.shutdown()
+
+
+class FakeKfpServer(LocalServer):
+    """The KFP API (v2beta1) calls of Client.create_run_from_pipeline_package: the health
+    check, the experiment lookup by name, and the run, which it records."""
+
+    def __init__(self) -> None:
+        super().__init__(KfpHandler)
+        self.runs: list[dict[str, Any]] = []
+
+
+class KfpHandler(JsonHandler):
+    server: FakeKfpServer
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            self._reply(200, {"multi_user": False})
+        else:  # /apis/v2beta1/experiments?filter=...: KFP's default experiment exists
+            self._reply(200, {"experiments": [{"experiment_id": "e1", "display_name": "Default"}]})
+
+    def do_POST(self) -> None:
+        run = self._body()
+        self.server.runs.append(run)
+        self._reply(200, {**run, "run_id": "r1"})
+
+
+@pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")
+def test_kfp_runs_as_the_pipeline_account() -> None:
+    """Without service_account, KFP runs the pods as its own broad pipeline-runner account."""
+    from pipelines.submit import submit_kfp  # imports kfp: only here
+
+    cfg = load_config(environ={})
+    with serving(FakeKfpServer()) as kfp:
+        run_id = submit_kfp(cfg, kfp.url, ROOT / "pipelines/compiled/kfp-pipeline.yaml", "run-1")
+    (run,) = kfp.runs
+    assert run_id == "r1" and run["service_account"] == cfg.cluster.service_account
+    assert run["experiment_id"] == "e1"
 
 
 def cli(*args: str, url: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
@@ -143,7 +195,10 @@ def cli(*args: str, url: str, token: str = TOKEN) -> subprocess.CompletedProcess
 
 
 def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer) -> None:
-    out = cli("submit", "--dataset", "mnist", "--epochs", "7", url=argo.url)
+    out = cli(
+        "submit", "--dataset", "mnist", "--epochs", "7", "--set", "dataset.id=digits",
+        url=argo.url,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     (name,) = argo.workflows
     assert name in out.stdout
@@ -152,6 +207,11 @@ def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer
     params = {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}
     assert params["dataset"] == "mnist" and params["epochs"] == "7"
     assert params["model-name"] == "cifar10-resnet18"  # the others keep their defaults
+    # A setting with no UI parameter travels in the pods' own arguments.
+    templates = {t["name"]: t for t in spec["templates"]}
+    args = templates["verify-data"]["container"]["args"]
+    assert 'dataset.id="digits"' in args
+    assert "dataset.name={{workflow.parameters.dataset}}" in args
 
 
 def test_list_status_logs_and_stop(argo: FakeArgoServer) -> None:

@@ -29,11 +29,20 @@ YAML
 run "$KUBECTL" apply --server-side -n argo -f \
   "$GH/argoproj/argo-workflows/releases/download/$ARGO_WORKFLOWS_VERSION/install.yaml"
 run "$KUBECTL" -n argo wait --for=condition=Available deployment --all --timeout=300s
+# Pod Security "restricted" for the containers Argo adds to each step pod (the controller reloads
+# its ConfigMap on change).
+run "$KUBECTL" -n argo patch configmap workflow-controller-configmap --type merge \
+  --patch-file argo-executor.yaml
 
 # Training Operator v1, standalone (the PyTorchJob CRD and its controller).
 run "$KUBECTL" apply --server-side -k \
   "$GH/kubeflow/trainer.git/manifests/overlays/standalone?ref=$TRAINING_OPERATOR_VERSION"
 run "$KUBECTL" -n kubeflow wait --for=condition=Available deployment --all --timeout=300s
+# Pod Security "restricted" for the init container the operator adds to Worker pods.
+run "$KUBECTL" apply --server-side -f pytorch-init-container.yaml
+run "$KUBECTL" -n kubeflow patch deployment training-operator --type strategic \
+  --patch-file training-operator.yaml
+run "$KUBECTL" -n kubeflow rollout status deployment/training-operator --timeout=300s
 
 # KServe: CRDs and controller, then the cluster resources. The pipeline's InferenceService asks
 # for Standard mode itself (cluster.serving_mode), so neither Knative nor Istio is needed.
@@ -42,5 +51,8 @@ run "$KUBECTL" apply --server-side -f \
 run "$KUBECTL" -n kserve wait --for=condition=Available deployment --all --timeout=300s
 run "$KUBECTL" apply --server-side -f \
   "$GH/kserve/kserve/releases/download/$KSERVE_VERSION/kserve-cluster-resources.yaml"
+# Pod Security "restricted" for the storage initializer KServe adds to predictor pods.
+run "$KUBECTL" patch clusterstoragecontainer default --type merge \
+  --patch-file storage-initializer.yaml
 echo "upstreams installed: cert-manager $CERT_MANAGER_VERSION, Argo Workflows" \
   "$ARGO_WORKFLOWS_VERSION, Training Operator $TRAINING_OPERATOR_VERSION, KServe $KSERVE_VERSION"
