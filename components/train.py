@@ -14,8 +14,8 @@ import yaml
 
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
-from pipelines.errors import ConfigError, DataError, PipelineError
-from pipelines.launcher import USAGE_EXIT, Ready, error_line, run_single, run_torchrun
+from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, reported
+from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_server import wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.dist import usable_cores
@@ -107,25 +107,27 @@ def train_model(
         OMP_NUM_THREADS=str(max(1, usable_cores() // workers)),
         PYTHONUNBUFFERED="1",
     )
+    # Where a rank's expected error lands (torchrun's own exit code is 1 whatever the rank's):
+    # the step then fails with that message and exit code, a config error as exit 2.
+    error_report = run_dir / "train-error.json"
+    error_report.unlink(missing_ok=True)
+    env[REPORT_ENV] = str(error_report)
     ready = tracking_ready(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
     log.info("%s: %d process(es), run %s", "torchrun" if workers > 1 else "train", workers, run_id)
     if workers == 1:
         logs = run_dir / "train-logs"
-        code, attempts, last_log = run_single(program, env, cfg.train.max_restarts, logs, ready)
+        code, attempts = run_single(program, env, cfg.train.max_restarts, logs, ready)
         tries = f"{attempts} attempt(s)"
-        if code == USAGE_EXIT:  # the trainer refused the config: so does this step (exit 2)
-            raise ConfigError(
-                error_line(last_log) or f"the trainer refused the config; {last_log} says why"
-            )
     else:
         logs = run_dir / "torchrun"
         code = run_torchrun(program, env, workers, cfg.train.max_restarts, logs, ready)
         tries = f"up to {cfg.train.max_restarts} restart(s)"
     if code != 0 or not result_file.exists():
-        raise PipelineError(
-            f"training failed (exit code {code}, after {tries}); the rank logs above and in "
-            f"{logs} say why"
-        )
+        where = f"training exit code {code}, after {tries}; logs in {logs}"
+        error = reported(error_report)
+        if error is not None:
+            raise type(error)(f"{error} ({where})")
+        raise PipelineError(f"training failed ({where}); the rank logs above say why")
     return TrainResult(**json.loads(result_file.read_text()))
 
 

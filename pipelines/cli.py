@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
 from pipelines.console import setup_logging
-from pipelines.errors import ConfigError, PipelineError
+from pipelines.errors import ConfigError, PipelineError, report
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
 
@@ -218,6 +218,7 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         body()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        report(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from pathlib import Path
+
 
 class PipelineError(Exception):
     """A failure the user can act on. The message names the problem and what to do."""
@@ -25,3 +30,26 @@ class DataError(PipelineError):
 
 class IntegrityError(DataError):
     """A stored object does not match its recorded sha256."""
+
+
+# A launcher that cannot see its worker's exit code (torchrun reports 1 for any worker failure)
+# names a file in this variable; run_main writes the expected error there, so the launching
+# step fails with the worker's own message and exit code.
+REPORT_ENV = "MLOPS_ERROR_REPORT"
+
+
+def report(exc: PipelineError) -> None:
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with contextlib.suppress(OSError):  # the message is on stderr either way
+            Path(path).write_text(json.dumps({"exit_code": exc.exit_code, "error": str(exc)}))
+
+
+def reported(path: Path) -> PipelineError | None:
+    """The error a worker reported in `path`, as the class its exit code stands for."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    kind = ConfigError if doc.get("exit_code") == ConfigError.exit_code else PipelineError
+    return kind(str(doc.get("error", "")))

@@ -73,14 +73,13 @@ def run_single(
     max_restarts: int,
     log_dir: Path,
     ready: Ready,
-) -> tuple[int, int, Path]:
+) -> tuple[int, int]:
     """One rank without torchrun's agent, under the variables torchrun would set. The agent
     imports torch before it starts its worker, about 4 s on the critical path here, and for one
     rank it has no peers to rendezvous or restart together. What it does for one rank is kept:
     up to max_restarts restarts (each resumes from the last checkpoint; none after a config
     error), rank-prefixed lines on stderr, and each attempt's log in a folder of log_dir per
-    launch, as torchrun keeps them. Returns the exit code, the number of attempts and the
-    last attempt's log."""
+    launch, as torchrun keeps them. Returns the exit code and the number of attempts."""
     log_dir = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True)
     env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -117,13 +116,4 @@ def run_single(
             attempts,
             max_restarts,
         )
-    return code, attempts, path
-
-
-def error_line(log_file: Path) -> str | None:
-    """The last one-line failure (run_main's `error: ...`) a worker wrote in its log."""
-    try:
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:  # the log could not be written: the caller falls back to the exit code
-        return None
-    return next((line[7:] for line in reversed(lines) if line.startswith("error: ")), None)
+    return code, attempts

@@ -18,7 +18,8 @@ import pytest
 from components.train import tracking_ready
 from data import synthetic
 from pipelines.config import TrainConfig
-from pipelines.launcher import error_line, run_single
+from pipelines.errors import REPORT_ENV, ConfigError, reported
+from pipelines.launcher import run_single, run_torchrun
 from pipelines.local import QuietKfp
 from pipelines.processes import HOST, free_port
 from pipelines.s3server import EmbeddedS3
@@ -128,15 +129,40 @@ def test_what_is_known_up_front_fails_before_any_work(
 
 
 def test_a_trainer_config_error_ends_the_train_step_at_once(tmp_path: Path) -> None:
-    """A trainer that exits 2 is not restarted, its error line becomes the step's, and the wait
+    """A trainer that exits 2 is not restarted, it reports its error for the step, and the wait
     for an unreachable tracking server ends with the trainer instead of after mlflow.wait_s."""
-    trainer = ["-c", "import sys; print('error: train.x=1: bad'); sys.exit(2)"]
-    ready = tracking_ready(f"http://{HOST}:{free_port()}", wait_s=60)
+    trainer = [
+        "-c",
+        "import sys; from pipelines.cli import run_main; from pipelines.errors import ConfigError\n"
+        "def body(): raise ConfigError('train.x=1: bad')\n"
+        "sys.exit(run_main(body))",
+    ]
+    error_report = tmp_path / "error.json"
+    env = dict(os.environ, **{REPORT_ENV: str(error_report)})
+    ready = tracking_ready(f"http://{HOST}:{free_port()}", wait_s=600)
     start = time.monotonic()
-    code, attempts, log = run_single(trainer, dict(os.environ), 2, tmp_path, ready)
+    code, attempts = run_single(trainer, env, 2, tmp_path, ready)
     assert (code, attempts) == (2, 1)
-    assert error_line(log) == "train.x=1: bad"
-    assert time.monotonic() - start < 30
+    error = reported(error_report)
+    assert isinstance(error, ConfigError) and str(error) == "train.x=1: bad"
+    # Not a timing: a liveness bound. Unwatched, the wait would have lasted its 600 s.
+    assert time.monotonic() - start < 300
+
+
+def test_torchrun_workers_report_their_config_error(tmp_path: Path) -> None:
+    """torchrun exits 1 whatever its workers' codes: the step reads the reason they reported."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys; from pipelines.cli import run_main; from pipelines.errors import ConfigError\n"
+        "def body(): raise ConfigError('train.x=1: bad')\n"
+        "sys.exit(run_main(body))\n"
+    )
+    error_report = tmp_path / "error.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{REPORT_ENV: str(error_report)})
+    code = run_torchrun([str(worker)], env, 2, 0, tmp_path / "logs", lambda _: None)
+    assert code == 1  # torchrun's own, not the workers' 2
+    error = reported(error_report)
+    assert isinstance(error, ConfigError) and str(error) == "train.x=1: bad"
 
 
 def test_kfp_bookkeeping_is_left_out_of_the_run_log() -> None:
