@@ -29,13 +29,14 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
-def check_ranks(cfg: PipelineConfig) -> None:
+def check_ranks(cfg: PipelineConfig) -> int:
     """The batch splits evenly over the ranks: torchrun's `workers` here, `workers` replicas of
-    `nproc_per_node` processes in a PyTorchJob."""
+    `nproc_per_node` processes in a PyTorchJob. Returns their number."""
     tc = cfg.train
     ranks = tc.workers * (tc.nproc_per_node if cfg.runtime == "kubernetes" else 1)
     if tc.batch_size % ranks:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of {ranks} ranks")
+    return ranks
 
 
 def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) -> None:
@@ -44,13 +45,21 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
     meta = store.read_json(bucket, prefix + "metadata.json")
     if meta is None:
         raise DataError(f"{processed_uri} has no metadata.json: run feature-engineering first")
-    check_ranks(cfg)
-    tc, n = cfg.train, meta["counts"]["train"]
-    if n < tc.batch_size:
+    ranks = check_ranks(cfg)
+    tc, counts = cfg.train, meta["counts"]
+    if counts["train"] < tc.batch_size:
         raise ConfigError(
-            f"train.batch_size={tc.batch_size} exceeds the {n} training images: "
+            f"train.batch_size={tc.batch_size} exceeds the {counts['train']} training images: "
             "lower the batch size or use more data"
         )
+    # Each rank evaluates its share of val and test: a rank with none would skip the forward
+    # pass whose collective (DDP's buffer broadcast) the others wait in, until the timeout.
+    for split in ("val", "test"):
+        if counts[split] < ranks:
+            raise ConfigError(
+                f"the {split} split holds {counts[split]} image(s), fewer than the {ranks} "
+                "ranks: train with fewer workers or use more data"
+            )
 
 
 def tracking_ready(uri: str, wait_s: float) -> Ready:
