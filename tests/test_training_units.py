@@ -172,3 +172,15 @@ def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:
     tc = load_config("smoke", overrides={"train.momentum": 0}).train
     optimizer, _, _ = optimisation(torch.nn.Linear(2, 2), tc, "fp32")
     assert optimizer.param_groups[0]["nesterov"] is False
+
+
+def test_resume_ignores_settings_that_change_no_training_state() -> None:
+    from pipelines.config import load_config
+    from training.train import config_hash
+
+    cfg = load_config("smoke")
+    base = config_hash(cfg, "s3://processed-data/x/abc/")
+    same = load_config("smoke", overrides={"train.max_restarts": 5, "train.flip_tta": False})
+    assert config_hash(same, "s3://processed-data/x/abc") == base
+    other = load_config("smoke", overrides={"train.lr": 0.123})
+    assert config_hash(other, "s3://processed-data/x/abc/") != base

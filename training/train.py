@@ -57,7 +57,11 @@ WEIGHTS = "model.safetensors"  # named in model.json, so readers never assume it
 
 
 def config_hash(cfg: PipelineConfig, processed: str) -> str:
-    doc = {"train": cfg.train.model_dump(mode="json"), "processed": processed}
+    """What a checkpoint must have been trained under to be resumed: the training settings
+    (the world size included: BatchNorm sees each rank's share of the batch) and the data.
+    Restarts allowed and the final evaluation's flip TTA change no training state."""
+    train = cfg.train.model_dump(mode="json", exclude={"max_restarts", "flip_tta"})
+    doc = {"train": train, "processed": processed.rstrip("/")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
