@@ -189,6 +189,13 @@ class ServingConfig(_Section):
         description="How long a batch may wait for more requests after its first one, in ms, "
         "and only under concurrent load (0: batch only what queued during the last forward).",
     )
+    max_queued_images: int = Field(
+        1024,
+        ge=1,
+        description="Images waiting for a forward pass beyond which a request gets a 503 "
+        "(shed load at once rather than queue it without bound; a request into an empty queue "
+        "always runs).",
+    )
     backend: ServingBackend = Field(
         "onnxruntime",
         description="What runs the forward pass: onnxruntime (the PyTorch model, its weights "

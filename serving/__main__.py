@@ -19,12 +19,11 @@ from pydantic import ValidationError
 from pipelines.config import ServingConfig
 from pipelines.errors import PipelineError
 from pipelines.processes import exit_now
+from serving.launch import CONFIG_FLAGS
 from serving.model import ImageClassifier
 from serving.rest import check_listen, install_rest_server
 
 DEFAULTS = ServingConfig()
-# The server's settings from the config tree: flag, type, default and help come from the field.
-CONFIG_FLAGS = ("top_k", "max_instances", "threads", "max_batch", "batch_wait_ms", "backend")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         sv.max_batch,
         sv.batch_wait_ms,
         sv.backend,
+        sv.max_queued_images,
     )
     try:
         check_listen(args.bind_host, args.http_port)  # before the load, which takes seconds

@@ -25,6 +25,10 @@ BATCH_IMAGES = Histogram(
 )
 
 
+class Overloaded(RuntimeError):
+    """More images wait for a forward pass than the server takes: answered with a 503."""
+
+
 @dataclass
 class _Item:
     images: np.ndarray
@@ -50,9 +54,11 @@ class MicroBatcher:
         infer: Callable[[np.ndarray], Rows],
         max_batch: int,
         wait_ms: float = 0.0,
+        max_queued: int = 1024,
     ):
         self.infer = infer
         self.max_batch = max_batch
+        self.max_queued = max_queued
         self.wait_s = wait_ms / 1000
         # One thread: the forward passes run one after another, off the event loop.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -65,6 +71,12 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._worker is None or self._worker.done():
             self._start(loop)
+        if self._queued and self._queued + len(images) > self.max_queued:
+            # Past this the wait only grows: a client told now can retry elsewhere or later.
+            raise Overloaded(
+                f"{self._queued} images already wait for the model "
+                f"(serving.max_queued_images={self.max_queued}): retry later, or add replicas"
+            )
         future: asyncio.Future[Rows] = loop.create_future()
         self._pending.append(_Item(images, future, loop.time()))
         self._queued += len(images)

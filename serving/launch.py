@@ -11,6 +11,17 @@ from pipelines.storage import ObjectStore, parse_s3_uri
 # This module imports neither torch nor kserve: a launcher that starts the server first and
 # imports torch afterwards overlaps the two imports (about 4 s each on 2 cores).
 MODEL_JSON = "model.json"
+# The server's settings from the config tree, passed as flags of the same names: the server's
+# parser takes each flag's type, default and help from the field.
+CONFIG_FLAGS = (
+    "top_k",
+    "max_instances",
+    "threads",
+    "max_batch",
+    "batch_wait_ms",
+    "max_queued_images",
+    "backend",
+)
 
 
 def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
@@ -36,16 +47,5 @@ def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingCon
         str(port),
         "--bind_host",
         host,
-        "--top_k",
-        str(sv.top_k),
-        "--max_instances",
-        str(sv.max_instances),
-        "--threads",
-        str(sv.threads),
-        "--max_batch",
-        str(sv.max_batch),
-        "--batch_wait_ms",
-        str(sv.batch_wait_ms),
-        "--backend",
-        sv.backend,
+        *(x for name in CONFIG_FLAGS for x in (f"--{name}", str(getattr(sv, name)))),
     ]

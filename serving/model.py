@@ -36,6 +36,7 @@ class ImageClassifier(Model):
         max_batch: int = 64,
         batch_wait_ms: float = 0.0,
         backend: Backend = "torch",
+        max_queued_images: int = 1024,
     ):
         super().__init__(name)
         self.backend = backend
@@ -43,7 +44,7 @@ class ImageClassifier(Model):
         self.top_k = top_k
         self.max_instances = max_instances
         self.threads = threads
-        self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms)
+        self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms, max_queued_images)
         self.forward: Forward | None = None
         self.meta: dict[str, Any] = {}
 
@@ -166,7 +167,8 @@ class ImageClassifier(Model):
         for i, item in enumerate(self._tensor(tensor).reshape(-1)):
             where = f"{tensor.name}[{i}]"
             raw = item if isinstance(item, bytes) else str(item).encode()
-            # JSON carries images as base64 text; the binary extension carries raw bytes.
+            # Base64 text, in JSON and with the binary extension alike (KServe 0.21 reads BYTES
+            # as UTF-8 while it parses a request); bytes that are an image already are taken.
             if not raw.startswith((b"\x89PNG", b"\xff\xd8")):
                 raw = self._b64(raw, where)
             images.append(self._decode_image(raw, where))

@@ -12,10 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference_error_handler
 from kserve.protocol.rest import server as rest_server
 
 from pipelines.errors import ConfigError
+from serving.batcher import Overloaded
 
 log = logging.getLogger("mlops.serving")
 V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
@@ -79,6 +80,16 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return await invalid_input(request, InvalidInput(describe(list(exc.errors()))))
 
 
+async def undecodable_bytes(request: Request, exc: Exception) -> JSONResponse:
+    # KServe 0.21 turns binary-extension BYTES into UTF-8 text while it parses the request and
+    # raises InferenceError, a 500, on raw image bytes. That is the request's fault: a 400 saying
+    # what to send. Other InferenceErrors (a failed forward pass) stay KServe's 500.
+    if str(exc).startswith("Failed to encode"):
+        hint = "V2 BYTES are read as text, with the binary extension too: send base64 of the image"
+        return await invalid_input(request, InvalidInput(hint))
+    return await inference_error_handler(request, exc)
+
+
 def install_rest_server(host: str) -> None:
     """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
     server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
@@ -95,6 +106,8 @@ def install_rest_server(host: str) -> None:
             super()._add_exception_handlers(app)
             app.add_exception_handler(InvalidInput, invalid_input)
             app.add_exception_handler(ModelNotFound, client_error(404))
+            app.add_exception_handler(Overloaded, client_error(503))
+            app.add_exception_handler(InferenceError, undecodable_bytes)
             app.add_exception_handler(RequestValidationError, invalid_request)
 
     model_server.RESTServer = BoundRESTServer

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import psutil
 import pytest
+import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.errors import InferenceError
 
@@ -127,6 +128,30 @@ def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
     response = asyncio.run(call())
     index = response.get_output_by_name("class_index").as_numpy()
     assert index.tolist() == server.local.classify(server.images[:2]).argmax(1).tolist()
+
+
+def v2_binary(server: SimpleNamespace, element: bytes) -> requests.Response:
+    """One BYTES element with the binary data extension, as a client library sends it."""
+    blob = struct.pack("<I", len(element)) + element
+    tensor = {"name": "images", "datatype": "BYTES", "shape": [1]}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(blob)}}]})
+    return requests.post(
+        f"{server.base}/v2/models/{NAME}/infer",
+        data=header.encode() + blob,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=30,
+    )
+
+
+def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespace) -> None:
+    encoded = png_b64(server.images[0])
+    ok = v2_binary(server, encoded.encode())
+    assert ok.status_code == 200
+    index = next(o for o in ok.json()["outputs"] if o["name"] == "class_index")["data"]
+    assert index == server.local.classify(server.images[:1]).argmax(1).tolist()
+    raw = v2_binary(server, base64.b64decode(encoded))  # KServe reads BYTES as UTF-8 text
+    assert raw.status_code == 400 and "send base64 of the image" in raw.json()["error"]
+    assert requests.get(f"{server.base}/v2/health/ready", timeout=10).status_code == 200
 
 
 def png_header(width: int, height: int) -> str:
@@ -421,7 +446,9 @@ def test_a_bad_model_record_is_a_data_error(
 # --- the micro-batcher alone ------------------------------------------------------------------
 
 
-def batcher_with_log(max_batch: int, wait_ms: float = 0.0) -> tuple[MicroBatcher, list[int]]:
+def batcher_with_log(
+    max_batch: int, wait_ms: float = 0.0, max_queued: int = 1024
+) -> tuple[MicroBatcher, list[int]]:
     """A batcher whose forward returns each image's first pixel and logs its batch sizes;
     an image whose first pixel is 255 makes the whole forward fail."""
     sizes: list[int] = []
@@ -432,7 +459,7 @@ def batcher_with_log(max_batch: int, wait_ms: float = 0.0) -> tuple[MicroBatcher
             raise RuntimeError("poisoned batch")
         return (images[:, 0, 0, 0].copy(),)
 
-    return MicroBatcher("unit", infer, max_batch, wait_ms), sizes
+    return MicroBatcher("unit", infer, max_batch, wait_ms, max_queued), sizes
 
 
 def images_of(*values: int) -> np.ndarray:
@@ -464,6 +491,23 @@ def test_batches_close_at_max_batch_and_never_split_a_request() -> None:
     answers = asyncio.run(burst())
     assert [len(a[0]) for a in answers] == [2, 2, 3, 6, 1]
     assert sizes == [4, 3, 6, 1]  # 2+2; 3 (3+6 overflows); 6 alone (over max_batch); 1
+
+
+def test_a_full_queue_refuses_a_request_and_takes_one_once_drained() -> None:
+    from serving.batcher import Overloaded
+
+    batcher, sizes = batcher_with_log(max_batch=8, max_queued=3)
+
+    async def scenario() -> list:
+        burst = [images_of(1, 2), images_of(3), images_of(4, 5)]  # 2 + 1 fit, 2 more do not
+        answers = await asyncio.gather(*(batcher.submit(r) for r in burst), return_exceptions=True)
+        return [*answers, await batcher.submit(images_of(6, 7, 8, 9))]  # an empty queue: runs
+
+    first, second, refused, later = asyncio.run(scenario())
+    assert first[0].tolist() == [1, 2] and second[0].tolist() == [3]
+    assert isinstance(refused, Overloaded) and "serving.max_queued_images=3" in str(refused)
+    assert later[0].tolist() == [6, 7, 8, 9]
+    assert sizes == [3, 4]
 
 
 def test_a_failed_forward_fails_only_its_batch_and_the_worker_carries_on() -> None:
