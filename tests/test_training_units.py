@@ -184,3 +184,14 @@ def test_resume_ignores_settings_that_change_no_training_state() -> None:
     assert config_hash(same, "s3://processed-data/x/abc") == base
     other = load_config("smoke", overrides={"train.lr": 0.123})
     assert config_hash(other, "s3://processed-data/x/abc/") != base
+
+
+def test_the_fp16_loss_scale_travels_in_a_checkpoint() -> None:
+    import json
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    ckpt = checkpoint.Checkpoint(1, {"rng.torch": torch.zeros(1)}, {"scaler": scaler.state_dict()})
+    _, _, state = checkpoint.encode(ckpt)  # the state travels as JSON
+    fresh = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(json.loads(state)["scaler"])
+    assert fresh.get_scale() == 1024.0 and fresh.get_growth_interval() == 7

@@ -141,6 +141,8 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         model.load_state_dict({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
         optimizer.load_state_dict(checkpoint.unflatten_optimizer(ckpt.tensors, ckpt.state["optim"]))
         torch.set_rng_state(ckpt.tensors["rng.torch"])
+        if ckpt.state.get("scaler"):  # fp16: the loss scale found so far, not 2**16 again
+            scaler.load_state_dict(ckpt.state["scaler"])
         history, start_epoch = ckpt.state["history"], ckpt.epoch
         if d.main:
             log.info("resuming %s from epoch %d of %d", run_id, start_epoch, tc.epochs)
@@ -208,7 +210,12 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             tensors, optim_state = checkpoint.flatten_optimizer(optimizer)
             tensors |= {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
             tensors["rng.torch"] = torch.get_rng_state()
-            state = {"config_hash": chash, "history": history, "optim": optim_state}
+            state = {
+                "config_hash": chash,
+                "history": history,
+                "optim": optim_state,
+                "scaler": scaler.state_dict(),  # {} unless fp16
+            }
             saver.save(checkpoint.Checkpoint(epoch + 1, tensors, state))
             assert tracker is not None
             tracker.log_epoch(row)
