@@ -107,19 +107,24 @@ def _takes_text(dotted: str) -> bool:
 
 
 def parse_value(key: str, text: str) -> Any:
-    """A --set value: YAML, except that a text field takes the text as typed (YAML reads 4,
-    2024 and on as numbers and a boolean); quotes still make anything a string."""
-    if not text:
+    """A --set value: YAML, except that a text field takes the text as typed (YAML would read
+    4, 2024 and on as numbers and a boolean, `#...` as a comment, `&x` as an anchor). A quoted
+    value is unquoted (the cluster's pods get JSON strings); null, ~ or nothing unsets."""
+    if not text or text in ("null", "~"):
         return None  # `--set KEY=` unsets an optional key
-    text_field = _takes_text(key)
+    if _takes_text(key):
+        if text[0] in "'\"":
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return value if isinstance(value, str) else text
+        return text
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        if text_field:
-            return text
         problem = getattr(exc, "problem", None) or "unreadable"
         raise ConfigError(f"--set {key}={text}: not a YAML value ({problem})") from None
-    return text if text_field and not isinstance(value, str) else value
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ ENV_VARS = {
     "MINIO_SECRET_KEY": "storage.secret_key",
     "MINIO_REGION": "storage.region",
     "MLFLOW_TRACKING_URI": "mlflow.tracking_uri",
+    "MLOPS_STATE_DIR": "state_dir",  # the image sets it: a pod's root filesystem is read-only
 }
 SECRET_FIELDS = {"storage.access_key", "storage.secret_key"}
 
@@ -403,8 +404,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     """Read a YAML config file; credentials in it are refused, and so is a profile other than
     `profile` (a dumped config names the one it came from; only --profile chooses it)."""
-    path = path.expanduser()
     try:
+        path = path.expanduser()
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -418,6 +419,8 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except RuntimeError as exc:  # expanduser: ~user of no such user, or no home directory
+        raise ConfigError(f"config file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data)}")
     if profile is not None and data.get("profile", profile) != profile:
@@ -445,7 +448,8 @@ def format_validation_error(exc: ValidationError) -> str:
             continue
         value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
-        quote = " (quote it in a YAML file)" if err["type"] == "string_type" else ""
+        text = err["type"] == "string_type" and err.get("input") is not None
+        quote = " (quote it in a YAML file)" if text else ""
         lines.append(f"{field}={value}: {err['msg']}{quote}")
     return "; ".join(lines)
 

@@ -41,8 +41,11 @@ REPORT_ENV = "MLOPS_ERROR_REPORT"
 def report(exc: PipelineError) -> None:
     path = os.environ.get(REPORT_ENV)
     if path:
+        # Written whole, then renamed: ranks that fail together leave one complete report.
+        part = Path(f"{path}.{os.getpid()}.part")
         with contextlib.suppress(OSError):  # the message is on stderr either way
-            Path(path).write_text(json.dumps({"exit_code": exc.exit_code, "error": str(exc)}))
+            part.write_text(json.dumps({"exit_code": exc.exit_code, "error": str(exc)}))
+            part.replace(path)
 
 
 def reported(path: Path) -> PipelineError | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from pipelines.errors import REPORT_ENV
 from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.train_step")
@@ -86,6 +87,8 @@ def run_single(
     code, attempts = 0, 0
     while attempts <= max_restarts:
         env["TORCHELASTIC_RESTART_COUNT"] = str(attempts)  # as torchrun counts them
+        if env.get(REPORT_ENV):  # what the last attempt reports, not an earlier one
+            Path(env[REPORT_ENV]).unlink(missing_ok=True)
         proc = subprocess.Popen(
             [sys.executable, *program],
             cwd=ROOT,

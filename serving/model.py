@@ -167,8 +167,9 @@ class ImageClassifier(Model):
         for i, item in enumerate(self._tensor(tensor).reshape(-1)):
             where = f"{tensor.name}[{i}]"
             raw = item if isinstance(item, bytes) else str(item).encode()
-            # Base64 text, in JSON and with the binary extension alike (KServe 0.21 reads BYTES
-            # as UTF-8 while it parses a request); bytes that are an image already are taken.
+            # Over HTTP, base64 text, in JSON and with the binary extension alike (KServe 0.21
+            # reads BYTES as UTF-8 while it parses a request); an InferRequest built in-process
+            # may carry the image's own bytes.
             if not raw.startswith((b"\x89PNG", b"\xff\xd8")):
                 raw = self._b64(raw, where)
             images.append(self._decode_image(raw, where))

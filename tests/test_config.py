@@ -90,6 +90,8 @@ def test_unreadable_config_files_name_the_path(tmp_path: Path) -> None:
         load_config(config_file=tmp_path, environ={})
     with pytest.raises(ConfigError, match=f"config file {binary} is not UTF-8 text"):
         load_config(config_file=binary, environ={})
+    with pytest.raises(ConfigError, match=r"config file ~no-such-user-x/c\.yaml: "):
+        load_config(config_file=Path("~no-such-user-x/c.yaml"), environ={})
     numbers = tmp_path / "numbers.yaml"
     numbers.write_text("dataset:\n  id: 2024\n")
     with pytest.raises(ConfigError, match=r"dataset\.id=2024: .*string \(quote it in a YAML"):
@@ -103,7 +105,8 @@ def test_set_gives_text_fields_the_text_typed() -> None:
         "dataset.id=2024",
         "mlflow.experiment=on",
         'serving.model_name="on"',  # config_overrides' JSON form: the quotes go
-        "dataset.source=@raw",  # not YAML at all
+        "dataset.source=@raw #2 &x",  # not YAML at all: no comment, no anchor
+        "serving.backend=torch",
         "train.epochs=3",  # and the other fields are YAML as before
         "gate.force_promote=on",
         "dataset.image_size=",  # empty: unset
@@ -111,10 +114,14 @@ def test_set_gives_text_fields_the_text_typed() -> None:
     cfg = load_config(overrides=parse_set(typed), environ={})
     assert cfg.cluster.train_resources.cpu == "4" and cfg.dataset.id == "2024"
     assert cfg.mlflow.experiment == "on" and cfg.serving.model_name == "on"
-    assert cfg.dataset.source == "@raw" and cfg.train.epochs == 3
+    assert cfg.dataset.source == "@raw #2 &x" and cfg.train.epochs == 3
     assert cfg.gate.force_promote is True and cfg.dataset.image_size is None
     with pytest.raises(ConfigError, match=r"--set train\.lr=@x: not a YAML value"):
         parse_set(["train.lr=@x"])
+    assert parse_set(["dataset.source=null", "dataset.id=~"]) == {
+        "dataset.source": None,
+        "dataset.id": None,
+    }
 
 
 def test_profile_is_chosen_only_with_the_flag(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,12 +101,15 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     # One named ConfigMap, KFP's launcher settings; no other ConfigMap is readable.
     (configmaps,) = [r for r in roles["mlops-pipeline"]["rules"] if "configmaps" in r["resources"]]
     assert configmaps["resourceNames"] == ["kfp-launcher"] and configmaps["verbs"] == ["get"]
+    # And one named Secret, KFP's artifact store keys, which its launcher reads with this account.
+    (secrets,) = [r for r in roles["mlops-pipeline"]["rules"] if "secrets" in r["resources"]]
+    assert secrets["resourceNames"] == ["mlpipeline-minio-artifact"] and secrets["verbs"] == ["get"]
     assert not any(r == "workflows" for _, r, _ in pipeline)  # pods cannot start workflows
     assert ("argoproj.io", "workflows", "create") in submitter
     assert ("argoproj.io", "workflowtemplates", "create") in submitter
     assert not any(g in ("kubeflow.org", "serving.kserve.io") for g, _, _ in submitter)
-    for perms in (pipeline, submitter):
-        assert not any(r in ("secrets", "roles", "rolebindings") for _, r, _ in perms)
+    assert not any(r in ("secrets", "roles", "rolebindings") for _, r, _ in submitter)
+    assert not any(r in ("roles", "rolebindings") for _, r, _ in pipeline)
     for binding in (d for d in rendered if d["kind"] == "RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role"
         assert [s["name"] for s in binding["subjects"]] == [binding["roleRef"]["name"]]
@@ -430,3 +434,18 @@ def test_dockerfile_is_pinned_non_root_and_secret_free() -> None:
     assert {"components", "data", "pipelines", "serving", "training"} <= copied
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".mlops"} <= set(ignored)
+
+
+def test_pods_keep_their_state_in_a_writable_scratch_volume() -> None:
+    """Pods run with a read-only root filesystem: the state dir the image names (every step
+    writes there) must sit in the emptyDir every pod mounts, not in the WORKDIR."""
+    from pipelines.config import load_config
+    from pipelines.manifests import scratch_volumes
+
+    text = (ROOT / "infrastructure/Dockerfile").read_text()
+    state = re.search(r"MLOPS_STATE_DIR=(\S+)", text)
+    assert state is not None
+    _, mounts = scratch_volumes(shm=False)
+    assert any(state.group(1).startswith(m.mount_path + "/") for m in mounts)
+    cfg = load_config("quick", environ={"MLOPS_STATE_DIR": state.group(1)})
+    assert str(cfg.state_dir) == state.group(1)
