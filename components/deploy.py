@@ -1,4 +1,4 @@
-"""Step deploy (local): fetch the model, start the KServe model server, smoke-test its answers."""
+"""Step deploy: serve the model locally and smoke-test it, or apply its InferenceService."""
 
 from __future__ import annotations
 

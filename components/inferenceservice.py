@@ -1,4 +1,4 @@
-"""Step deploy on a cluster: apply the InferenceService through KServeClient (KFP path)."""
+"""Step deploy on a cluster: apply the InferenceService through KServeClient (Argo and KFP)."""
 
 from __future__ import annotations
 

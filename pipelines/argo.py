@@ -18,12 +18,11 @@ from hera.workflows import (
 from hera.workflows import models as m
 
 from pipelines.cli import field_info
-from pipelines.config import PipelineConfig, config_overrides
+from pipelines.config import PipelineConfig, config_overrides, for_cluster
 from pipelines.kfp_pipeline import PIPELINE_NAME
 from pipelines.manifests import (
     config_args,
     container_security,
-    inference_service,
     pod_security,
     pytorchjob,
     resources,
@@ -48,15 +47,6 @@ MODEL_NAME = "{{workflow.parameters.model-name}}"
 RUN_ID = "{{workflow.name}}"
 # ConfigError's exit code (pipelines/errors.py): the same config fails the same way again.
 CONFIG_EXIT = 2
-# KServe's status.modelStatus.transitionStatus: UpToDate once the model of the latest spec it
-# reconciled is loaded, InProgress while it loads, BlockedByFailedLoad or InvalidSpec when it
-# cannot be. states.activeModelState stays Loaded from the first rollout on, so it passes at
-# once on a redeploy, and it is never set to FailedToLoad. Limits: Argo checks right after the
-# apply, before KServe has reconciled it, and in Standard mode KServe judges from the
-# Deployment's Available condition and the first predictor pod it lists, which may be the old
-# one mid-rollout. components/inferenceservice.py (KFP) waits on the applied generation.
-ISVC_READY = "status.modelStatus.transitionStatus == UpToDate"
-ISVC_FAILED = "status.modelStatus.transitionStatus in (BlockedByFailedLoad, InvalidSpec)"
 
 
 def _value(cfg: PipelineConfig, dotted: str) -> Any:
@@ -90,10 +80,12 @@ def overrides() -> dict[str, str]:
 
 
 def pod_overrides(cfg: PipelineConfig) -> dict[str, str]:
-    """What each pod resolves: the compiler's own overrides (--set, --config), then the UI
-    parameters, whose submitted values replace what the compiler chose for them."""
+    """What each pod resolves: the compiler's own overrides (--set, --config) and the
+    Kubernetes runtime (every pod runs on the cluster: deploy then applies the InferenceService
+    through KServeClient, as on KFP), then the UI parameters, whose submitted values replace
+    what the compiler chose for them."""
     params = overrides()
-    kept = {k: v for k, v in config_overrides(cfg).items() if k not in params}
+    kept = {k: v for k, v in config_overrides(for_cluster(cfg)).items() if k not in params}
     return {**kept, **params}
 
 
@@ -112,7 +104,13 @@ def _k8s(model: type, obj: Any) -> Any:
     return model.model_validate(to_dict(obj))
 
 
-def step(cfg: PipelineConfig, name: str, module: str, extra: list[str]) -> Container:
+def step(
+    cfg: PipelineConfig,
+    name: str,
+    module: str,
+    extra: list[str],
+    inputs: list[Parameter] | None = None,
+) -> Container:
     """A container template running one step's CLI; its result JSON is an output parameter."""
     volumes, mounts = scratch_volumes(shm=False)
     return Container(
@@ -125,6 +123,7 @@ def step(cfg: PipelineConfig, name: str, module: str, extra: list[str]) -> Conta
         security_context=_k8s(m.SecurityContext, container_security()),
         volumes=[_k8s(m.Volume, v) for v in volumes],
         volume_mounts=[_k8s(m.VolumeMount, v) for v in mounts],
+        inputs=inputs,
         outputs=[Parameter(name="result", value_from=m.ValueFrom(path=RESULT))],
         retry_strategy=retries(cfg),
     )
@@ -133,13 +132,6 @@ def step(cfg: PipelineConfig, name: str, module: str, extra: list[str]) -> Conta
 def _result(task: str, key: str) -> str:
     """A field of an earlier step's result JSON, as an Argo expression."""
     return f"{{{{=jsonpath(tasks['{task}'].outputs.parameters.result, '$.{key}')}}}}"
-
-
-def _named(cfg: PipelineConfig) -> PipelineConfig:
-    # model_copy skips validation: the name is an Argo placeholder until submission.
-    return cfg.model_copy(
-        update={"serving": cfg.serving.model_copy(update={"model_name": MODEL_NAME})}
-    )
 
 
 def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
@@ -155,8 +147,6 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             workflow=RUN_ID,
         )
     )
-    # The model the gate put in service: the new one if promoted, else the champion's.
-    isvc = to_dict(inference_service(_named(cfg), "{{inputs.parameters.serving-uri}}"))
     naming: dict[str, Any] = (
         {"generate_name": f"{PIPELINE_NAME}-"} if kind is Workflow else {"name": PIPELINE_NAME}
     )
@@ -166,7 +156,8 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         entrypoint="pipeline",
         on_exit="exit-handler",
         service_account_name=cfg.cluster.service_account,
-        automount_service_account_token=True,  # the executor needs it for resource templates
+        # The executor needs it for the train resource template, deploy's KServeClient too.
+        automount_service_account_token=True,
         security_context=_k8s(m.PodSecurityContext, pod_security()),
         active_deadline_seconds=cfg.cluster.active_deadline_s,
         arguments=workflow_parameters(cfg),
@@ -194,15 +185,15 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         verify_model = step(
             cfg, "verify-model", "components.verify_model", ["--model-uri", model_uri]
         )
-        deploy = Resource(
-            name="deploy",
-            action="apply",
-            manifest=yaml.safe_dump(isvc, sort_keys=False),
-            success_condition=ISVC_READY,
-            failure_condition=ISVC_FAILED,
+        # The model the gate put in service (the new one if promoted, else the champion's),
+        # applied by the same component as on KFP: it waits for the generation it wrote, where an
+        # Argo resource condition would pass on the previous rollout's status.
+        deploy = step(
+            cfg,
+            "deploy",
+            "components.deploy",
+            ["--model-uri", "{{inputs.parameters.serving-uri}}"],
             inputs=[Parameter(name="serving-uri")],
-            active_deadline_seconds=cfg.cluster.ready_s,
-            retry_strategy=retries(cfg),
         )
         exit_handler = Container(
             name="exit-handler",

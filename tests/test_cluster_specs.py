@@ -90,26 +90,30 @@ def test_workflow_key_fields(compiled: Path) -> None:
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert pod["metadata"]["labels"]["workflows.argoproj.io/workflow"] == "{{workflow.name}}"
 
-    # Deploy serves what the gate chose, and waits for the model of the spec it applied.
-    deploy = templates["deploy"]["resource"]
-    assert deploy["action"] == "apply"
-    assert deploy["successCondition"] == "status.modelStatus.transitionStatus == UpToDate"
-    assert deploy["failureCondition"] == (
-        "status.modelStatus.transitionStatus in (BlockedByFailedLoad, InvalidSpec)"
-    )
-    assert "activeModelState" not in deploy["successCondition"]
-    assert templates["deploy"]["activeDeadlineSeconds"] == cluster.ready_s
-    assert templates["deploy"]["inputs"]["parameters"] == [{"name": "serving-uri"}]
+    # Deploy serves what the gate chose, through the KFP path's component: it applies the
+    # InferenceService with KServeClient and waits for the generation it wrote.
+    deploy = templates["deploy"]
+    assert "resource" not in deploy
+    assert deploy["container"]["command"] == ["python", "-m", "components.deploy"]
+    args = deploy["container"]["args"]
+    assert args[args.index("--model-uri") + 1] == "{{inputs.parameters.serving-uri}}"
+    assert args[-2:] == ["--result", "/tmp/result.json"]
+    sets = _sets(args)
+    assert sets["runtime"] == '"kubernetes"'  # the component's cluster path, not a local server
+    assert sets["serving.model_name"] == "{{workflow.parameters.model-name}}"
+    assert deploy["outputs"]["parameters"] == [
+        {"name": "result", "valueFrom": {"path": "/tmp/result.json"}}
+    ]
+    assert deploy["inputs"]["parameters"] == [{"name": "serving-uri"}]
     (serving_uri,) = dag["deploy"]["arguments"]["parameters"]
     assert serving_uri == {
         "name": "serving-uri",
         "value": "{{=jsonpath(tasks['verify-model'].outputs.parameters.result, '$.serving_uri')}}",
     }
-    isvc = yaml.safe_load(deploy["manifest"])
-    assert isvc["kind"] == "InferenceService"
-    assert isvc["metadata"]["name"] == "{{workflow.parameters.model-name}}"
-    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
-    assert env["STORAGE_URI"] == "{{inputs.parameters.serving-uri}}"
+    # KServeClient reads the pod's account token: no template may turn its mount off.
+    assert spec["automountServiceAccountToken"] is True
+    assert "automountServiceAccountToken" not in deploy
+    assert "serviceAccountName" not in deploy
 
     # A config error (exit 2) fails the same way again: only other failures are retried.
     for name in ("verify-data", "feature-engineering", "verify-model", "deploy"):
@@ -146,10 +150,11 @@ def test_every_pod_resolves_the_compiled_config(tmp_path: Path) -> None:
         job = yaml.safe_load(templates["train"]["resource"]["manifest"])
         for kind, spec in job["spec"]["pytorchReplicaSpecs"].items():
             commands[f"train/{kind}"] = spec["template"]["spec"]["containers"][0]["command"]
-        assert len(commands) == 4, list(commands)
+        assert len(commands) == 5, list(commands)
         for where, args in commands.items():
             sets = _sets(args)
             assert wanted.items() <= sets.items(), (name, where)
+            assert sets["runtime"] == '"kubernetes"', (name, where)  # every pod is on the cluster
             assert placeholders.items() <= sets.items(), (name, where)
     standalone = load(tmp_path, "pytorchjob.yaml")["spec"]["pytorchReplicaSpecs"]["Master"]
     sets = _sets(standalone["template"]["spec"]["containers"][0]["command"])
@@ -273,7 +278,8 @@ def test_every_pod_that_imports_mlflow_turns_its_telemetry_off(compiled: Path) -
         for w, c, _ in _containers(compiled)
         if c["command"][1] == "-m" and c["command"][2] != "serving"
     ]
-    assert len(pods) == 5, [w for w, _ in pods]  # Argo's deploy applies a resource
+    # Argo's 4 steps and its PyTorchJob's Master, and the standalone PyTorchJob's Master.
+    assert len(pods) == 6, [w for w, _ in pods]
     for where, container in pods:
         assert off in container["env"], where
     # KFP's steps take it from the config parameter at run time (run_step): see test_train.

@@ -2,8 +2,9 @@
 
 No cluster exists here, so what Argo and Kubernetes would add is stood in for, thinly: the
 parameter substitution, the Secret's values, the cluster addresses (rewritten to 127.0.0.1), the
-environment the Training Operator injects into a PyTorchJob pod, and KServe's storage
-initializer. The commands and argument names themselves are the compiled ones, unchanged.
+environment the Training Operator injects into a PyTorchJob pod, KServe's API (the deploy
+component's call to it is caught: tests/test_cluster_steps.py covers that call) and KServe's
+storage initializer. The commands and argument names themselves are the compiled ones, unchanged.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+import components.inferenceservice
+from components.deploy import DeployResult
+from components.deploy import main as deploy_main
 from pipelines.argo import build
-from pipelines.config import load_config
-from pipelines.manifests import MODEL_DIR
+from pipelines.config import PipelineConfig, load_config
+from pipelines.manifests import MODEL_DIR, inference_service, to_dict
 from pipelines.processes import free_port, terminate, wait_http_ok
 from serving.launch import download_model
 
@@ -71,8 +75,12 @@ class Cluster:
         out["HOME"] = out["TMPDIR"] = str(self.scratch)
         return out
 
+    def argv(self, argv: list[str]) -> list[str]:
+        """As the pod gets it: parameters filled in, /tmp/ in the scratch folder."""
+        return [substitute(a, self.values).replace("/tmp/", f"{self.scratch}/") for a in argv]
+
     def run(self, argv: list[str], container: dict, extra: dict[str, str] | None = None) -> str:
-        argv = [substitute(a, self.values).replace("/tmp/", f"{self.scratch}/") for a in argv]
+        argv = self.argv(argv)
         assert argv[0] == "python"
         proc = subprocess.run(
             [sys.executable, *argv[1:]],
@@ -87,7 +95,9 @@ class Cluster:
         return proc.stdout
 
 
-def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path) -> None:
+def test_compiled_commands_run_in_dag_order(
+    env: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     workflow = yaml.safe_load(build(load_config("smoke", environ={})).to_yaml())
     templates = {t["name"]: t for t in workflow["spec"]["templates"]}
     cluster = Cluster(env, workflow, tmp_path)
@@ -125,8 +135,35 @@ def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path
     assert verified["serving_uri"] == verified["model_uri"]  # the first model is promoted
     cluster.values["inputs.parameters.serving-uri"] = verified["serving_uri"]
 
-    # deploy: KServe's storage initializer, then the predictor's own command and args.
-    isvc = yaml.safe_load(substitute(templates["deploy"]["resource"]["manifest"], cluster.values))
+    # deploy: the component's own CLI with the pod's args and environment, in this process so
+    # that its call to KServe's API is caught; what it would apply is then run as KServe would.
+    deploy = templates["deploy"]["container"]
+    assert deploy["command"] == ["python", "-m", "components.deploy"]
+    args = cluster.argv(deploy["args"])
+    assert args[args.index("--model-uri") + 1] == verified["serving_uri"]
+    applied: list[tuple[PipelineConfig, str]] = []
+
+    def apply(cfg: PipelineConfig, model_uri: str, client: object = None) -> DeployResult:
+        applied.append((cfg, model_uri))
+        return DeployResult(model_uri, "", "", smoke_images=0, smoke_agreement=0.0, serving=True)
+
+    pod_env = cluster.environ(deploy)
+    with monkeypatch.context() as patch:
+        patch.setattr(components.inferenceservice, "apply_inference_service", apply)
+        for var in set(os.environ) - set(pod_env):
+            patch.delenv(var)
+        for var, value in pod_env.items():
+            patch.setenv(var, value)
+        patch.chdir(ROOT)
+        assert deploy_main(args) == 0
+    ((pod_cfg, model_uri),) = applied  # the pod's config took the cluster path
+    assert pod_cfg.runtime == "kubernetes" and model_uri == verified["serving_uri"]
+    assert json.loads(result.read_text())["model_dir"] == model_uri  # the result parameter
+    # The InferenceService it would apply: KServe's storage initializer, then the predictor's
+    # own command and args.
+    isvc = to_dict(inference_service(pod_cfg, model_uri))
+    name = cluster.values["workflow.parameters.model-name"]
+    assert isvc["metadata"]["name"] == name
     predictor = isvc["spec"]["predictor"]["containers"][0]
     storage_uri = next(e["value"] for e in predictor["env"] if e["name"] == "STORAGE_URI")
     model_dir = download_model(env.store, storage_uri, tmp_path / "mnt-models")
@@ -142,7 +179,6 @@ def test_compiled_commands_run_in_dag_order(env: SimpleNamespace, tmp_path: Path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    name = cluster.values["workflow.parameters.model-name"]
     try:
         ready = f"http://127.0.0.1:{http_port}/v2/models/{name}/ready"
         wait_http_ok(ready, 60, server, "the compiled predictor command", "see its output")

@@ -92,8 +92,7 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     assert {v for g, r, v in pipeline if r == "inferenceservices"} == {
         "create",
         "get",
-        "patch",  # kubectl apply (Argo's deploy)
-        "update",  # KServeClient.replace, a PUT
+        "update",  # KServeClient.replace, a PUT; no patch: no kubectl apply on any path
     }
     assert ("", "pods", "list") in pipeline and ("", "pods/log", "get") in pipeline
     assert {v for g, r, v in pipeline if r == "pods"} == {"list"}
