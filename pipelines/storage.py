@@ -17,7 +17,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from pipelines.config import StorageConfig
-from pipelines.errors import IntegrityError, StorageError
+from pipelines.errors import ConfigError, IntegrityError, StorageError
 
 log = logging.getLogger("mlops.storage")
 
@@ -58,13 +58,16 @@ class ObjectInfo:
 
 
 class ObjectStore:
-    """One S3 endpoint. Every error surfaces as StorageError naming the endpoint and the object."""
+    """One S3 endpoint. Every store error surfaces as StorageError naming the endpoint and the
+    object; a missing endpoint or missing keys is a ConfigError."""
 
     def __init__(self, cfg: StorageConfig):
         if not cfg.endpoint:
-            raise StorageError("no S3 endpoint configured: set MINIO_ENDPOINT")
+            raise ConfigError("no S3 endpoint configured: set MINIO_ENDPOINT")
+        # Config errors (exit 2), as in cli.check_storage: a step whose pod got no keys from its
+        # Secret fails here, before any request.
         if cfg.access_key is None or cfg.secret_key is None:
-            raise StorageError(
+            raise ConfigError(
                 f"no credentials for {cfg.endpoint}: set MINIO_ACCESS_KEY and MINIO_SECRET_KEY"
             )
         url = urlparse(cfg.endpoint)

@@ -320,3 +320,22 @@ def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["counts"] == {"train": 180, "val": 20, "test": 40}
+
+
+def test_a_kfp_step_without_store_keys_is_a_config_error(tmp_path: Path) -> None:
+    """The KFP step runner (a pod whose Secret gave no keys): exit 2 and a record saying so."""
+    from pipelines.config import load_config, public_json
+    from pipelines.steps import record_path
+
+    endpoint = "http://127.0.0.1:9"
+    cfg = load_config("smoke", overrides={"state_dir": str(tmp_path)}, environ={})
+    config = public_json(cfg)
+    code = (
+        "import sys; from pipelines.steps import run_step; "
+        "run_step('verify-data', sys.argv[1], sys.argv[2])"
+    )
+    out = run("-c", code, config, str(tmp_path / "run"), env={"MINIO_ENDPOINT": endpoint})
+    assert out.returncode == 2, out.stderr
+    assert f"error: no credentials for {endpoint}: set MINIO_ACCESS_KEY" in out.stderr
+    record = json.loads(record_path(tmp_path / "run", "verify-data").read_text())
+    assert (record["status"], record["exit_code"]) == ("failed", 2)
