@@ -35,17 +35,25 @@ def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
         proc.wait()
 
 
-def require_free(port: int, setting: str) -> None:
+def bind_error(port: int, host: str = HOST) -> OSError | None:
+    """Why a server could not listen on host:port now (None: it could), bound as uvicorn binds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family) as sock:
+        # A port whose last connections linger in TIME_WAIT is free to uvicorn.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def require_free(port: int, setting: str, hint: str = "pass --port N") -> None:
     """A clear config error, before anything starts, when a fixed port is taken."""
     from pipelines.errors import ConfigError
 
-    with socket.socket() as sock:
-        # As uvicorn binds: a port whose last connections linger in TIME_WAIT is free to it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            raise ConfigError(f"{setting}={port}: the port is in use; pass --port N") from None
+    if bind_error(port) is not None:
+        raise ConfigError(f"{setting}={port}: the port is in use; {hint}")
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
-from pipelines.errors import ConfigError  # noqa: E402
 from pipelines.local import STEPS, RunReport, check_before_run, run_pipeline  # noqa: E402
 from pipelines.processes import require_free, wait_for_pid  # noqa: E402
 
@@ -288,14 +287,8 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     port = cfg.mlflow.ui_port
-    try:
-        require_free(port, "mlflow.ui_port")
-    except ConfigError:
-        # Else the server fails to bind and exits, and only its log says why.
-        raise ConfigError(
-            f"mlflow.ui_port={port}: the port is in use (another MLflow UI?); "
-            "pass --set mlflow.ui_port=N"
-        ) from None
+    # Else the server fails to bind and exits, and only its log says why.
+    require_free(port, "mlflow.ui_port", "pass --set mlflow.ui_port=N (another MLflow UI?)")
     with open_store(cfg) as (live, store):
         store.ensure_buckets()
         server = LocalMlflow(live, live.state_dir / "mlflow", port).start()

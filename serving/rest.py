@@ -16,6 +16,7 @@ from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference
 from kserve.protocol.rest import server as rest_server
 
 from pipelines.errors import ConfigError
+from pipelines.processes import bind_error
 from serving.batcher import Overloaded
 
 log = logging.getLogger("mlops.serving")
@@ -25,21 +26,18 @@ V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
 def check_listen(host: str, port: int) -> None:
     """Bind once as uvicorn will, before the model loads (seconds): a taken port or a host this
     machine does not have is a one-line usage error now, not KServe's exit 3 after the load."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            why = exc.strerror or str(exc)
-            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(
-                    f"--bind_host {host}: not an address of this machine ({why}); pass one it "
-                    "has, such as 127.0.0.1 (or 0.0.0.0 in a pod)"
-                ) from None
-            raise ConfigError(
-                f"--http_port {port}: cannot listen on {host}:{port} ({why}); pass a free port"
-            ) from None
+    exc = bind_error(port, host)
+    if exc is None:
+        return
+    why = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        raise ConfigError(
+            f"--bind_host {host}: not an address of this machine ({why}); pass one it has, "
+            "such as 127.0.0.1 (or 0.0.0.0 in a pod)"
+        )
+    raise ConfigError(
+        f"--http_port {port}: cannot listen on {host}:{port} ({why}); pass a free port"
+    )
 
 
 def client_error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
