@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines import warm
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
@@ -30,6 +32,7 @@ from serving.launch import MODEL_JSON, download_model, serving_args
 log = logging.getLogger("mlops.deploy")
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
+SERVER = "serving.__main__:main"  # what `python -m serving` runs
 SMOKE_IMAGES = 16
 
 
@@ -68,20 +71,26 @@ def serving_command(model_dir: Path, name: str, port: int, cfg: PipelineConfig) 
 
 
 def launch_server(
-    model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
-) -> subprocess.Popen[bytes]:
-    """Start the model server and return at once; wait_ready says when it serves."""
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(
-            serving_command(model_dir, name, port, cfg),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    model_dir: Path,
+    name: str,
+    port: int,
+    cfg: PipelineConfig,
+    log_path: Path,
+    outlive: bool = False,
+) -> warm.Process:
+    """Start the model server and return at once; wait_ready says when it serves. It is
+    forked from the run's fork server where there is one, unless it is to `outlive` this step
+    (--serve): then it is a process of its own, `python -m serving`."""
+    command = serving_command(model_dir, name, port, cfg)
+    with open(log_path, "ab") as out, open(os.devnull, "rb") as null:
+        fds = (null.fileno(), out.fileno(), out.fileno())
+        server = None if outlive else warm.spawn(SERVER, command[3:], dict(os.environ), ROOT, fds)
+        if server is not None:
+            return server
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=out, stdin=null)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], name: str, port: int, log_path: Path) -> None:
+def wait_ready(proc: warm.Process, name: str, port: int, log_path: Path) -> None:
     """Return once the model reports ready; fail if the server exits or never gets there."""
     wait_http_ok(
         f"http://{HOST}:{port}/v2/models/{name}/ready",
@@ -94,7 +103,7 @@ def wait_ready(proc: subprocess.Popen[bytes], name: str, port: int, log_path: Pa
 
 def start_server(
     model_dir: Path, name: str, port: int, cfg: PipelineConfig, log_path: Path
-) -> subprocess.Popen[bytes]:
+) -> warm.Process:
     """Start the model server; return once the model reports ready, or stop it and fail."""
     proc = launch_server(model_dir, name, port, cfg, log_path)
     try:
@@ -174,7 +183,7 @@ def deploy(
     port = cfg.serving.port
     require_free(port, "serving.port")
     log_path = model_dir.parent / f"{name}.log"
-    proc = launch_server(model_dir, name, port, cfg, log_path)
+    proc = launch_server(model_dir, name, port, cfg, log_path, outlive=serve)
     base = f"http://{HOST}:{port}"
     try:
         images, expected = reference_answers(model_dir, meta["lineage"]["processed_uri"], store)

@@ -6,12 +6,12 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from datetime import UTC, datetime
 
 import yaml
 
+from pipelines import warm
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, reported
@@ -68,7 +68,7 @@ def tracking_ready(uri: str, wait_s: float) -> Ready:
     The trainer's exit ends the wait too: its exit code then says why, where a config error
     would otherwise wait wait_s and be blamed on the tracking server."""
 
-    def ready(trainer: subprocess.Popen) -> None:
+    def ready(trainer: warm.Process) -> None:
         try:
             wait_healthy(uri, wait_s, trainer)
         except PipelineError:

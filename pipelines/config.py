@@ -300,6 +300,13 @@ class PipelineConfig(_Section):
         "(TrainingClient) and an InferenceService (KServeClient), as `submit --backend kfp` "
         "sets it.",
     )
+    fork_server: bool = Field(
+        True,
+        description="Local runs: one interpreter imports torch, MLflow and KServe beside the "
+        "data steps, and the trainer (one worker), verify-model, deploy and the model server "
+        "fork from it instead of importing them again (pipelines/warm.py); false starts each "
+        "as a fresh process.",
+    )
     image: str = Field(
         "mlops-pipeline:0.1.0",
         description="Container image of every step (pinned tag, never latest).",

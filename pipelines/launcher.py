@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from pipelines import warm
 from pipelines.errors import REPORT_ENV
 from pipelines.processes import terminate
 
@@ -23,10 +24,10 @@ PREFIX = PREFIX_TEMPLATE.replace("${rank}", "0")  # the one rank run_single star
 USAGE_EXIT = 2  # a config error in the trainer: a restart would fail the same way
 
 
-Ready = Callable[[subprocess.Popen], None]  # waits for what the process needs, given it
+Ready = Callable[[warm.Process], None]  # waits for what the process needs, given it
 
 
-def _supervise(proc: subprocess.Popen, ready: Ready) -> int:
+def _supervise(proc: warm.Process, ready: Ready) -> int:
     """Wait for `ready` (run while the process starts), then for the process; stop it if
     either is interrupted or fails."""
     try:
@@ -68,6 +69,25 @@ def _tee(source: TextIO, path: Path) -> None:
                     out.write(text)
 
 
+def _start(program: list[str], env: dict[str, str]) -> tuple[warm.Process, TextIO]:
+    """`python PROGRAM`, forked from the run's fork server where there is one (`-m MODULE`
+    runs MODULE:main), else a fresh process; its stdout and stderr as one text stream."""
+    read_end, write_end = os.pipe()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    try:
+        target = f"{program[1]}:main" if program[0] == "-m" else ""
+        proc = warm.spawn(target, program[2:], env, ROOT, (stdin, write_end, write_end))
+        if proc is None:
+            proc = subprocess.Popen(
+                [sys.executable, *program], cwd=ROOT, env=env, stdin=stdin, stdout=write_end,
+                stderr=write_end,
+            )  # fmt: skip
+    finally:
+        os.close(stdin)
+        os.close(write_end)  # the child holds it: the stream ends when the child does
+    return proc, open(read_end, encoding="utf-8", errors="replace")
+
+
 def run_single(
     program: list[str],
     env: dict[str, str],
@@ -89,20 +109,9 @@ def run_single(
         env["TORCHELASTIC_RESTART_COUNT"] = str(attempts)  # as torchrun counts them
         if env.get(REPORT_ENV):  # what the last attempt reports, not an earlier one
             Path(env[REPORT_ENV]).unlink(missing_ok=True)
-        proc = subprocess.Popen(
-            [sys.executable, *program],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        assert proc.stdout is not None
+        proc, output = _start(program, env)
         path = log_dir / f"attempt-{attempts}.log"
-        tee = threading.Thread(target=_tee, args=(proc.stdout, path), daemon=True)
+        tee = threading.Thread(target=_tee, args=(output, path), daemon=True)
         tee.start()
         attempts += 1
         try:

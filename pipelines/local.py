@@ -16,11 +16,12 @@ from typing import Any, TextIO
 
 from components.train import check_ranks, new_run_id
 from pipelines.cli import check_state_dir, check_storage, open_store
-from pipelines.config import PipelineConfig, public_json, storage_env
+from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
 from pipelines.steps import STEPS, record_path
+from pipelines.warm import fork_server
 from training.precision import check_here
 
 log = logging.getLogger("mlops.local")
@@ -51,13 +52,12 @@ class RunReport:
         return next((s.result for s in self.steps if s.name == step), {})
 
 
-@contextlib.contextmanager
-def step_environment(cfg: PipelineConfig) -> Iterator[None]:
+def step_values(cfg: PipelineConfig) -> dict[str, str]:
     """What each step process inherits: the store's and tracker's addresses and keys (never in
     the pipeline's parameters), and the repository on the import path."""
     scratch = (cfg.state_dir / "tmp").resolve()
     (scratch / "matplotlib").mkdir(parents=True, exist_ok=True)
-    values = {
+    return {
         **storage_env(cfg.storage),
         "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -65,6 +65,12 @@ def step_environment(cfg: PipelineConfig) -> Iterator[None]:
         "TMPDIR": str(scratch),
         "MPLCONFIGDIR": str(scratch / "matplotlib"),
     }
+
+
+@contextlib.contextmanager
+def step_environment(values: dict[str, str]) -> Iterator[None]:
+    """Set `values` in this process's environment for the block (the step processes inherit
+    it), and restore what was there after."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -184,6 +190,19 @@ def collect(report: RunReport, run_dir: Path) -> None:
             report.exit_code = record["exit_code"]
 
 
+def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.ExitStack) -> dict:
+    """The run's fork server (pipelines/warm.py), started first: its imports take about as
+    long as the data steps and MLflow's start-up, beside which they run. The variable that
+    points the steps at it, or none where `fork_server` is off."""
+    if not cfg.fork_server:
+        return {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Imports read a few variables (MLflow's telemetry switch, matplotlib's cache dir): the
+    # server imports under those the steps get.
+    env = {**os.environ, **step_values(cfg), **mlflow_env(cfg.mlflow)}
+    return stack.enter_context(fork_server(env, run_dir / "fork-server.log"))
+
+
 def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
     """Run the whole pipeline locally; a failure is recorded in the report, not raised."""
     report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name in STEPS])
@@ -191,9 +210,10 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
     start = time.monotonic()
     mlflow_server: LocalMlflow | None = None
     try:
-        with open_store(cfg) as (with_store, store):
+        with open_store(cfg) as (with_store, store), contextlib.ExitStack() as stack:
             live = with_store
             report.storage_endpoint = store.endpoint
+            warm_env = start_fork_server(live, run_dir, stack)
             store.ensure_buckets()
             if not live.mlflow.tracking_uri:
                 # It needs ~10 s to become healthy: it starts now, beside the data steps, and
@@ -203,7 +223,8 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.
             quiet = QuietKfp(sys.stderr)
-            with step_environment(live), quiet, contextlib.redirect_stdout(quiet):
+            values = step_values(live) | warm_env
+            with step_environment(values), quiet, contextlib.redirect_stdout(quiet):
                 run_kfp_local(live, run_dir, report.run_id, serve)
             collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start

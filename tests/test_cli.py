@@ -274,13 +274,22 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     # Every step wrote inside the state dir only.
     assert not list(home.iterdir()) and not list(scratch.iterdir())
 
+    # The steps that import torch ran in forks of the run's fork server (pipelines/warm.py).
+    forks = (state / "runs" / one["run_id"] / "fork-server.log").read_text()
+    assert forks.count("forked pipelines.steps:run_forked") == 2  # verify-model, deploy
+    assert forks.count("forked serving.__main__:main") == 1
+    assert "forked training.train:main" not in forks  # 2 workers: torchrun starts them
+
     # An impossible gate fails the run at verify-model: nothing deployed, champion unchanged.
+    # One worker this time: the trainer forks too.
     client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
     name = one["mlflow"]["registered_model"]
     before = client.get_model_version_by_alias(name, "champion").version
-    gated = run(*args, "--set", "gate.min_accuracy=1.0")
+    gated = run(*args, "--workers", "1", "--set", "gate.min_accuracy=1.0")
     assert gated.returncode == 1
     three = json.loads(gated.stdout.strip().splitlines()[-1])
+    forks = (state / "runs" / three["run_id"] / "fork-server.log").read_text()
+    assert forks.count("forked training.train:main") == 1
     assert three["failed_step"] == "verify-model" and "below gate.min_accuracy" in three["error"]
     assert [s["status"] for s in three["steps"]][-2:] == ["failed", "skipped"]
     assert three["endpoint"] is None and three["mlflow"]["alias"] is None

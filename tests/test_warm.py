@@ -1,0 +1,168 @@
+"""The fork server of local runs (pipelines/warm.py): a real server process, real forks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines import warm
+from pipelines.launcher import run_single
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = [f"tests.warm_target:{name}" for name in ("report", "sleep", "fail", "main")]
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fork server with a light preload; this process is its client. Yields its log."""
+    log = tmp_path / "fork-server.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    with warm.fork_server(env, log, preload=["json"], targets=TARGETS) as variables:
+        for key, value in variables.items():
+            monkeypatch.setenv(key, value)
+        yield log
+
+
+def gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_child_gets_the_clients_streams_environment_directory_and_arguments(
+    server: Path, tmp_path: Path
+) -> None:
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.write(in_w, b"from stdin\n")
+    os.close(in_w)
+    env = dict(os.environ, WARM_TEST="the client's")
+    child = warm.spawn(
+        "tests.warm_target:report", ["3", "x y"], env, tmp_path, (in_r, out_w, out_w)
+    )
+    os.close(out_w)
+    os.close(in_r)
+    assert child is not None
+    with open(out_r) as out:
+        lines = out.read().splitlines()
+    assert child.wait(timeout=30) == 3
+    assert json.loads(lines[0]) == {
+        "argv": ["3", "x y"],
+        "cwd": str(tmp_path),
+        "env": "the client's",
+    }
+    assert lines[1:] == ["to stderr", "from stdin"]
+    assert f"forked tests.warm_target:report as pid {child.pid}" in server.read_text()
+
+
+def test_a_child_is_driven_as_popen_is(server: Path, tmp_path: Path) -> None:
+    child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), tmp_path)
+    assert child is not None and child.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=0.2)
+    child.terminate()
+    assert child.wait(timeout=30) == -signal.SIGTERM and child.poll() == -signal.SIGTERM
+    crashed = warm.spawn("tests.warm_target:fail", [], dict(os.environ), tmp_path)
+    assert crashed is not None and crashed.wait(timeout=30) == 1  # as an uncaught error exits
+
+
+def test_a_target_not_on_the_list_is_refused_and_the_caller_starts_its_own(
+    server: Path, tmp_path: Path
+) -> None:
+    assert warm.spawn("os:system", ["true"], dict(os.environ), tmp_path) is None
+    assert "refused a request: target 'os:system' is not one this server runs" in server.read_text()
+    # The server carries on.
+    child = warm.spawn("tests.warm_target:report", ["0"], dict(os.environ), tmp_path)
+    assert child is not None and child.wait(timeout=30) == 0
+
+
+def test_without_a_server_spawn_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(warm.SOCKET_ENV, raising=False)
+    assert warm.spawn("tests.warm_target:report", ["0"], dict(os.environ), tmp_path) is None
+    monkeypatch.setenv(warm.SOCKET_ENV, str(tmp_path / "no-socket"))
+    assert warm.spawn("tests.warm_target:report", ["0"], dict(os.environ), tmp_path) is None
+
+
+CLIENT = """
+import os, time
+from pipelines import warm
+child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), ".")
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_ends_with_its_client(server: Path) -> None:
+    """A step killed mid-way takes its forked work with it, as it would its own child's."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None
+    pid = int(client.stdout.readline())
+    assert "tests.warm_target" in Path(f"/proc/{pid}/cmdline").read_text()  # as `ps` shows it
+    client.kill()
+    client.wait()
+    assert gone(pid)
+
+
+def test_the_launcher_forks_each_attempt_of_one_worker(server: Path, tmp_path: Path) -> None:
+    """run_single's attempts fork from the server, with torchrun's variables and a log each."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    code, attempts = run_single(["-m", "tests.warm_target", "5"], env, 1, tmp_path, lambda _: None)
+    assert (code, attempts) == (0, 2)
+    logs = sorted(tmp_path.glob("*/attempt-*.log"))
+    firsts = [log.read_text().split()[:2] for log in logs]
+    assert firsts == [["attempt", "0"], ["attempt", "1"]]
+    pids = [log.read_text().split()[4] for log in logs]
+    text = server.read_text()
+    assert all(f"forked tests.warm_target:main as pid {pid}" in text for pid in pids)
+
+
+def test_the_server_ends_when_its_parent_does(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "from pathlib import Path\n"
+            "from pipelines import warm\n"
+            "with warm.fork_server(dict(os.environ), Path(sys.argv[1]), ['json'], []):\n"
+            "    print('up', flush=True); time.sleep(60)\n",
+            str(tmp_path / "log"),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None and parent.stdout.readline() == "up\n"
+    server_pid = next(
+        int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == parent.pid
+    )
+    parent.kill()
+    parent.wait()
+    assert gone(server_pid)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
