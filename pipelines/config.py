@@ -302,10 +302,10 @@ class PipelineConfig(_Section):
     )
     fork_server: bool = Field(
         True,
-        description="Local runs: one interpreter imports torch, MLflow and KServe beside the "
-        "data steps, and the trainer (one worker), verify-model, deploy and the model server "
-        "fork from it instead of importing them again (pipelines/warm.py); false starts each "
-        "as a fresh process.",
+        description="Local runs: one interpreter imports kfp, torch, MLflow and KServe beside "
+        "the first steps, and kfp.local's step processes, the trainer (one worker) and the "
+        "model server fork from it instead of importing them again (pipelines/warm.py); false "
+        "starts each as a fresh process.",
     )
     image: str = Field(
         "mlops-pipeline:0.1.0",

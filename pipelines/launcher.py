@@ -72,20 +72,23 @@ def _tee(source: TextIO, path: Path) -> None:
 def _start(program: list[str], env: dict[str, str]) -> tuple[warm.Process, TextIO]:
     """`python PROGRAM`, forked from the run's fork server where there is one (`-m MODULE`
     runs MODULE:main), else a fresh process; its stdout and stderr as one text stream."""
-    read_end, write_end = os.pipe()
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    try:
-        target = f"{program[1]}:main" if program[0] == "-m" else ""
-        proc = warm.spawn(target, program[2:], env, ROOT, (stdin, write_end, write_end))
-        if proc is None:
-            proc = subprocess.Popen(
-                [sys.executable, *program], cwd=ROOT, env=env, stdin=stdin, stdout=write_end,
-                stderr=write_end,
-            )  # fmt: skip
-    finally:
-        os.close(stdin)
-        os.close(write_end)  # the child holds it: the stream ends when the child does
-    return proc, open(read_end, encoding="utf-8", errors="replace")
+    if program[0] == "-m" and (
+        forked := warm.spawn_piped(f"{program[1]}:main", program[2:], env, ROOT)
+    ):
+        return forked
+    proc = subprocess.Popen(
+        [sys.executable, *program],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout
 
 
 def run_single(

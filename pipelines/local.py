@@ -18,6 +18,7 @@ from components.train import check_ranks, new_run_id
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
 from pipelines.errors import PipelineError
+from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
 from pipelines.steps import STEPS, record_path
@@ -169,7 +170,8 @@ def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) 
         workspace_root=str(kfp_dir / "workspace"),
         raise_on_error=False,  # the step records say what failed; the report says it once
     )
-    image_classifier(config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve)
+    with forked_tasks():  # each step's process forks from the fork server, where there is one
+        image_classifier(config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve)
 
 
 def collect(report: RunReport, run_dir: Path) -> None:

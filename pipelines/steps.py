@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines import warm
 from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
 from pipelines.errors import PipelineError
@@ -68,38 +67,11 @@ def record_path(run_dir: str | Path, step: str) -> Path:
     return Path(run_dir) / "steps" / f"{step}.json"
 
 
-# The steps that import torch: in a local run with a fork server (pipelines/warm.py), they run
-# in a fork of its warm interpreter instead of importing torch and MLflow in their own process.
-FORKED = frozenset({"verify-model", "deploy"})
-
-
 def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, Any]:
     """Run one step from its pipeline parameters; record the outcome for the driver's report.
 
     An expected failure is recorded with its message and ends the process with its exit code,
     so that KFP (or Argo) marks the task failed."""
-    if step in FORKED:
-        args = [step, config, run_dir, json.dumps(inputs)]
-        child = warm.spawn("pipelines.steps:run_forked", args, dict(os.environ), os.getcwd())
-        if child is not None:
-            code = child.wait()  # its lines reach KFP's log through the inherited stdout
-            path = record_path(run_dir, step)
-            record = json.loads(path.read_text()) if path.exists() else {}
-            if code != 0 or record.get("status") != "succeeded":
-                raise SystemExit(code or 1)
-            return record["result"]
-    return _run_here(step, config, run_dir, inputs)
-
-
-def run_forked(argv: list[str]) -> int:
-    """run_step's body in a fork of the run's fork server: argv is the step, its config, its
-    run dir and its inputs as JSON."""
-    step, config, run_dir, inputs = argv
-    _run_here(step, config, run_dir, json.loads(inputs))
-    return 0
-
-
-def _run_here(step: str, config: str, run_dir: str, inputs: dict[str, Any]) -> dict[str, Any]:
     setup_logging()
     record: dict[str, Any] = {"name": step, "status": "running", "inputs": inputs}
     start = time.monotonic()

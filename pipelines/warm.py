@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from setproctitle import setproctitle
 
@@ -30,11 +31,16 @@ from pipelines.processes import exit_now
 
 log = logging.getLogger("mlops.warm")
 SOCKET_ENV = "MLOPS_WARM_SOCKET"  # set for the step processes of a run that has a fork server
-# What a fresh process of a run spends seconds importing (torch 2-4 s, mlflow 2-3 s, KServe
-# and ONNX Runtime about 1 s here), once for all of them, beside the data steps.
-# In the order the run needs them: the trainer's, then what it imports as it starts (dynamo,
-# for its first optimizer, 2-3 s; GitPython, for MLflow's run tags), then deploy's.
+# What a fresh process of a run spends seconds importing (kfp about 1 s, torch 2-4 s, mlflow
+# 2-3 s, KServe and ONNX Runtime about 1 s here), once for all of them, beside the data steps.
+# In the order the run needs them: KFP's executor and the data steps', the trainer's, then what
+# it imports as it starts (dynamo, for its first optimizer, 2-3 s; GitPython, for MLflow's run
+# tags), then deploy's.
 PRELOAD = (
+    "kfp.dsl.executor_main",
+    "pipelines.steps",
+    "components.verify_data",
+    "components.feature_engineering",
     "torch",
     "mlflow",
     "training.train",
@@ -46,9 +52,9 @@ PRELOAD = (
 )
 # The only functions a client may have run: (argv) -> exit code.
 TARGETS = (
+    "pipelines.kfp_task:main",
     "training.train:main",
     "serving.__main__:main",
-    "pipelines.steps:run_forked",
 )
 HEADER = struct.Struct("!I")  # the request's JSON length, sent with the client's three fds
 READY_WAIT_S = 120.0  # a client waits this long for the preload before it starts its own
@@ -120,9 +126,8 @@ class Server:
         then the target; never returns to the server loop."""
         code = 1
         try:
-            # Nothing of the server's stays open here: a client reads its end's closing as
-            # the server's.
-            conn.close()
+            # Nothing of the server's stays open here but this child's own connection, on
+            # which it reports its exit code itself (the server may be busy importing).
             self.listener.close()
             for client in self.children.values():
                 client.close()
@@ -159,14 +164,17 @@ class Server:
         finally:
             # As the trainer and the model server end (processes.exit_now): what the target
             # opened is closed; the interpreter's teardown is skipped.
+            code = (code if isinstance(code, int) else 1) & 0xFF  # as the exit status holds it
             with contextlib.suppress(BaseException):
                 logging.shutdown()
                 sys.stdout.flush()
                 sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
+                _send(conn, {"returncode": code})  # the server's report of a signal comes later
+            os._exit(code)
 
     def reap(self) -> None:
-        """Tell each client whose child exited its exit code, as subprocess reports it."""
+        """Tell each client whose child exited its exit code, as subprocess reports it: a
+        child that ended by a signal could not say so itself."""
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -327,6 +335,24 @@ def spawn(
         conn.close()
         return None
     return WarmProcess(conn, int(reply["pid"]))
+
+
+def spawn_piped(
+    target: str, args: Sequence[str], env: dict[str, str], cwd: str | Path
+) -> tuple[WarmProcess, TextIO] | None:
+    """spawn, with stdin from /dev/null and stdout and stderr into one text stream, which
+    ends when the child does."""
+    read_end, write_end = os.pipe()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    try:
+        child = spawn(target, args, env, cwd, (stdin, write_end, write_end))
+    finally:
+        os.close(stdin)
+        os.close(write_end)  # the child holds its own copy
+    if child is None:
+        os.close(read_end)
+        return None
+    return child, open(read_end, encoding="utf-8", errors="replace")
 
 
 @contextlib.contextmanager

@@ -274,9 +274,9 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     # Every step wrote inside the state dir only.
     assert not list(home.iterdir()) and not list(scratch.iterdir())
 
-    # The steps that import torch ran in forks of the run's fork server (pipelines/warm.py).
+    # Each step's process, and the model server, forked from the run's fork server.
     forks = (state / "runs" / one["run_id"] / "fork-server.log").read_text()
-    assert forks.count("forked pipelines.steps:run_forked") == 2  # verify-model, deploy
+    assert forks.count("forked pipelines.kfp_task:main") == 5
     assert forks.count("forked serving.__main__:main") == 1
     assert "forked training.train:main" not in forks  # 2 workers: torchrun starts them
 

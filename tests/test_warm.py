@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import warm
+from pipelines import kfp_task, warm
 from pipelines.launcher import run_single
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_without_a_server_spawn_says_so(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 CLIENT = """
 import os, time
-from pipelines import warm
+from pipelines import kfp_task, warm
 child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), ".")
 print(child.pid, flush=True)
 time.sleep(60)
@@ -166,3 +166,16 @@ def _parent_of(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_a_kfp_command_of_another_shape_runs_as_kfp_runs_it(
+    server: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a lightweight component's `sh -ec` command forks; kfp's own runner takes the rest."""
+    from kfp.local.subprocess_task_handler import run_local_subprocess
+
+    command = [sys.executable, "-c", "print('fresh', flush=True); raise SystemExit(3)"]
+    assert not kfp_task.is_lightweight(command)
+    assert kfp_task.run_task(command, fresh=run_local_subprocess) == 3
+    assert "fresh" in capsys.readouterr().out
+    assert "kfp_task" not in server.read_text()
