@@ -85,8 +85,8 @@ class Server:
         conn.close()
 
     def fork(self, conn: socket.socket) -> bool:
-        """Read one request and fork its child; the reply is {"pid"} or {"error"}. Whether
-        the connection stays open (to carry the child's exit code)."""
+        """Read one request and fork its child, which answers {"pid"} itself; {"error"} from
+        here otherwise. Whether the connection stays open (to carry the child's exit code)."""
         fds: list[int] = []
         try:
             conn.settimeout(10)
@@ -100,6 +100,7 @@ class Server:
                 raise ValueError("the client runs as another user")
             if _closed_by_peer(conn):  # it gave up waiting for the preload: it runs its own
                 raise ValueError("the client left before its turn")
+            conn.setblocking(True)
             pid = os.fork()
             if pid == 0:
                 self.become_child(req, fds, conn)
@@ -113,12 +114,7 @@ class Server:
             for fd in fds:
                 os.close(fd)
         log.info("forked %s as pid %d", req["target"], pid)
-        self.children[pid] = conn
-        try:
-            _send(conn, {"pid": pid})
-        except OSError:
-            self.client_gone(conn)  # it gave up meanwhile: the child goes
-            return False
+        self.children[pid] = conn  # the child says {"pid"} itself, before its exit code
         return True
 
     def become_child(self, req: dict, fds: list[int], conn: socket.socket) -> None:
@@ -126,8 +122,13 @@ class Server:
         then the target; never returns to the server loop."""
         code = 1
         try:
-            # Nothing of the server's stays open here but this child's own connection, on
-            # which it reports its exit code itself (the server may be busy importing).
+            # Its pid first, then its exit code, on its own connection: in this order whatever
+            # the server does meanwhile (it may be busy importing). Nothing else of the
+            # server's stays open here.
+            try:
+                _send(conn, {"pid": os.getpid()})
+            except OSError:  # the client has gone: so does its child
+                os._exit(1)
             self.listener.close()
             for client in self.children.values():
                 client.close()
