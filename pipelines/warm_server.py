@@ -1,0 +1,298 @@
+"""A fork server for local runs: one interpreter imports torch, MLflow and KServe, and forks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import logging
+import os
+import selectors
+import shlex
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from setproctitle import setproctitle
+
+from pipelines.processes import exit_now
+from pipelines.warm import HEADER, PRELOAD, TARGETS, send_message
+
+log = logging.getLogger("mlops.warm")
+TITLE_MAX = 300  # a step's arguments hold its whole config
+
+
+@dataclass
+class Server:
+    listener: socket.socket
+    targets: frozenset[str]
+    selector: selectors.BaseSelector
+    children: dict[int, socket.socket] = field(default_factory=dict)  # pid: its client
+    private_fds: list[int] = field(default_factory=list)  # the server's own, closed in a child
+
+    def accept(self) -> None:
+        conn, _ = self.listener.accept()
+        if self.fork(conn):
+            # A client sends nothing after its request: its end turning readable is its exit.
+            self.selector.register(conn, selectors.EVENT_READ)
+
+    def drop(self, conn: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+
+    def fork(self, conn: socket.socket) -> bool:
+        """Read one request and fork its child, which answers {"pid"} itself; {"error"} from
+        here otherwise. Whether the connection stays open (to carry the child's exit code)."""
+        fds: list[int] = []
+        try:
+            conn.settimeout(10)
+            data, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
+            if len(fds) != 3 or len(data) != HEADER.size:
+                raise ValueError("a request carries its length and three file descriptors")
+            req = json.loads(_recv_exactly(conn, HEADER.unpack(data)[0]))
+            if req["target"] not in self.targets:
+                raise ValueError(f"target {req['target']!r} is not one this server runs")
+            if _peer_uid(conn) != os.getuid():
+                raise ValueError("the client runs as another user")
+            if _closed_by_peer(conn):  # it gave up waiting for the preload: it runs its own
+                raise ValueError("the client left before its turn")
+            conn.setblocking(True)
+            pid = os.fork()
+            if pid == 0:
+                self.become_child(req, fds, conn)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("refused a request: %s", exc)
+            with contextlib.suppress(OSError):
+                send_message(conn, {"error": str(exc)})
+            conn.close()
+            return False
+        finally:
+            for fd in fds:
+                os.close(fd)
+        log.info("forked %s as pid %d", req["target"], pid)
+        self.children[pid] = conn  # the child says {"pid"} itself, before its exit code
+        return True
+
+    def become_child(self, req: dict, fds: list[int], conn: socket.socket) -> None:
+        """In the forked child: the client's streams, environment, directory and arguments,
+        then the target; never returns to the server loop."""
+        code = 1
+        try:
+            # Its pid first, then its exit code, on its own connection: in this order whatever
+            # the server does meanwhile (it may be busy importing). Nothing else of the
+            # server's stays open here.
+            try:
+                send_message(conn, {"pid": os.getpid()})
+            except OSError:  # the client has gone: so does its child
+                os._exit(1)
+            self.listener.close()
+            for client in self.children.values():
+                client.close()
+            signal.set_wakeup_fd(-1)
+            for fd in self.private_fds:
+                os.close(fd)
+            self.selector.close()
+            log.handlers.clear()  # the server's, on its log file
+            log.propagate = True
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for target_fd, fd in enumerate(fds):
+                os.dup2(fd, target_fd)
+            os.chdir(req["cwd"])
+            os.environ.clear()
+            os.environ.update(req["env"])
+            module, name = req["target"].split(":")
+            sys.argv = [module, *req["args"]]
+            # What `ps` would show for a fresh process (the server's own command line, else).
+            setproctitle(shlex.join([sys.executable, "-m", module, *req["args"]])[:TITLE_MAX])
+            # As a fresh interpreter would: line-buffered, or unbuffered under PYTHONUNBUFFERED.
+            unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+            sys.stdout.reconfigure(line_buffering=True, write_through=unbuffered)
+            _threads_from_env()
+            gc.enable()
+            code = getattr(importlib.import_module(module), name)(req["args"])
+        except SystemExit as exc:
+            code = _exit_code(exc.code)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            # As the trainer and the model server end (processes.exit_now): what the target
+            # opened is closed; the interpreter's teardown is skipped.
+            code = (code if isinstance(code, int) else 1) & 0xFF  # as the exit status holds it
+            with contextlib.suppress(BaseException):
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # (The server reports a death by signal, which a child cannot.)
+                send_message(conn, {"returncode": code})
+            os._exit(code)
+
+    def reap(self) -> None:
+        """Tell each client whose child exited its exit code, as subprocess reports it: a
+        child that ended by a signal could not say so itself."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            client = self.children.pop(pid)
+            with contextlib.suppress(OSError):
+                send_message(client, {"returncode": os.waitstatus_to_exitcode(status)})
+            self.drop(client)
+
+    def client_gone(self, conn: socket.socket) -> None:
+        """A client closed its end (it exited or was killed): its child goes with it, as a
+        child of a killed step would. (It is reaped, and forgotten, once it has exited.)"""
+        for pid, client in self.children.items():
+            if client is conn:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.drop(conn)
+
+    def stop(self) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def serve(path: str, preload: Sequence[str], targets: Sequence[str]) -> None:
+    """Listen at once, import `preload` in order, serving a request between two imports (a
+    child imports what is not loaded yet itself), then fork for each request until SIGTERM or
+    until the parent has gone."""
+    gc.disable()  # collections would touch, and so copy, every page the children share
+    old = os.umask(0o177)  # the socket file: this user only
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path + ".tmp")
+    os.umask(old)
+    listener.listen(64)
+    os.rename(path + ".tmp", path)  # so that a client never finds it bound but not listening
+    parent = os.getppid()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the fd above
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops this server itself
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    selector = selectors.DefaultSelector()
+    server = Server(listener, frozenset(targets), selector, private_fds=[wake_r, wake_w])
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+
+    def turn(timeout: float) -> None:
+        for key, _ in selector.select(timeout):
+            if key.fileobj is listener:
+                server.accept()
+            elif key.fileobj == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+            else:
+                server.client_gone(key.fileobj)  # type: ignore[arg-type]
+        server.reap()
+
+    try:
+        start = time.monotonic()
+        for name in preload:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a child imports it itself, and fails there if it must
+                log.warning("preload of %s failed: %s", name, exc)
+            turn(0)
+        gc.collect()
+        gc.freeze()
+        log.info("preloaded %s in %.1f s", ", ".join(preload), time.monotonic() - start)
+        while os.getppid() == parent:
+            turn(1.0)
+    finally:
+        server.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ValueError("the request ended early")
+        data += chunk
+    return bytes(data)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    conn.settimeout(0)  # a socket with a timeout waits for data before it reads, flags or not
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's argument as the interpreter turns it into an exit status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _threads_from_env() -> None:
+    """torch read OMP_NUM_THREADS when this server imported it; a child may set its own."""
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.warm_server",
+        description="Serve forks of one warm interpreter on a Unix socket (the local driver "
+        "starts it for a run; see pipelines/local.py).",
+    )
+    parser.add_argument("socket", help="path of the Unix socket to listen on")
+    parser.add_argument(
+        "--preload",
+        action="append",
+        help=f"a module to import before forking, repeatable (default: {', '.join(PRELOAD)})",
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        help=f"a module:function clients may run, repeatable (default: {', '.join(TARGETS)})",
+    )
+    args = parser.parse_args(argv)
+    # Its own handler, not the root logger's: the children set up their logging themselves.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        serve(args.socket, args.preload or PRELOAD, args.target or TARGETS)
+    finally:
+        # Its children are stopped and the socket removed: tearing down what it imported took
+        # seconds, at the end of every run.
+        exit_now(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
