@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -32,7 +31,6 @@ from serving.launch import MODEL_JSON, download_model, serving_args
 log = logging.getLogger("mlops.deploy")
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
-SERVER = "serving.__main__:main"  # what `python -m serving` runs
 SMOKE_IMAGES = 16
 
 
@@ -84,10 +82,7 @@ def launch_server(
     command = serving_command(model_dir, name, port, cfg)
     with open(log_path, "ab") as out, open(os.devnull, "rb") as null:
         fds = (null.fileno(), out.fileno(), out.fileno())
-        server = None if outlive else warm.spawn(SERVER, command[3:], dict(os.environ), ROOT, fds)
-        if server is not None:
-            return server
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=out, stdin=null)
+        return warm.start(command[1:], dict(os.environ), ROOT, fds, fork=not outlive)
 
 
 def wait_ready(proc: warm.Process, name: str, port: int, log_path: Path) -> None:

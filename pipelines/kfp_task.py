@@ -31,7 +31,7 @@ def run_task(
     if not is_lightweight(full_command):
         return fresh(full_command=full_command, env_vars=env_vars)
     env = {**os.environ, **(env_vars or {}), "_KFP_RUNTIME": "true"}  # as SCRIPT sets it
-    forked = warm.spawn_piped(TARGET, full_command[3:], env, os.getcwd())
+    forked = warm.piped(lambda fds: warm.spawn(TARGET, full_command[3:], env, os.getcwd(), fds))
     if forked is None:
         return fresh(full_command=full_command, env_vars=env_vars)
     child, output = forked

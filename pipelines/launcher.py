@@ -70,25 +70,10 @@ def _tee(source: TextIO, path: Path) -> None:
 
 
 def _start(program: list[str], env: dict[str, str]) -> tuple[warm.Process, TextIO]:
-    """`python PROGRAM`, forked from the run's fork server where there is one (`-m MODULE`
-    runs MODULE:main), else a fresh process; its stdout and stderr as one text stream."""
-    if program[0] == "-m" and (
-        forked := warm.spawn_piped(f"{program[1]}:main", program[2:], env, ROOT)
-    ):
-        return forked
-    proc = subprocess.Popen(
-        [sys.executable, *program],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
-    assert proc.stdout is not None
-    return proc, proc.stdout
+    """`python PROGRAM` (forked where warm.start can); its stdout and stderr as one stream."""
+    started = warm.piped(lambda fds: warm.start(program, env, ROOT, fds))
+    assert started is not None  # warm.start always starts one
+    return started
 
 
 def run_single(

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -47,6 +47,7 @@ TARGETS = (
     "training.train:main",
     "serving.__main__:main",
 )
+PACKAGE_MAIN = {"serving": "serving.__main__"}  # `python -m PACKAGE` runs PACKAGE.__main__
 HEADER = struct.Struct("!I")  # the request's JSON length, sent with the client's three fds
 READY_WAIT_S = 120.0  # a client waits this long for the preload before it starts its own
 
@@ -129,15 +130,36 @@ def spawn(
     return WarmProcess(conn, int(reply["pid"]))
 
 
-def spawn_piped(
-    target: str, args: Sequence[str], env: dict[str, str], cwd: str | Path
-) -> tuple[WarmProcess, TextIO] | None:
-    """spawn, with stdin from /dev/null and stdout and stderr into one text stream, which
-    ends when the child does."""
+def start(
+    python_args: Sequence[str],
+    env: dict[str, str],
+    cwd: str | Path,
+    fds: tuple[int, int, int],
+    fork: bool = True,
+) -> Process:
+    """`python PYTHON_ARGS` with these stdin, stdout and stderr: forked from the run's fork
+    server where it runs `-m MODULE` (MODULE's main(argv)), else a fresh process."""
+    child = None
+    if fork and python_args[0] == "-m":
+        module = PACKAGE_MAIN.get(python_args[1], python_args[1])
+        child = spawn(f"{module}:main", python_args[2:], env, cwd, fds)
+    if child is not None:
+        return child
+    stdin, stdout, stderr = fds
+    return subprocess.Popen(
+        [sys.executable, *python_args], cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr
+    )
+
+
+def piped(
+    open_child: Callable[[tuple[int, int, int]], Process | None],
+) -> tuple[Process, TextIO] | None:
+    """open_child(fds) with stdin from /dev/null and stdout and stderr into one text stream,
+    which ends when the child does; None where open_child gave no child."""
     read_end, write_end = os.pipe()
     stdin = os.open(os.devnull, os.O_RDONLY)
     try:
-        child = spawn(target, args, env, cwd, (stdin, write_end, write_end))
+        child = open_child((stdin, write_end, write_end))
     finally:
         os.close(stdin)
         os.close(write_end)  # the child holds its own copy
