@@ -106,18 +106,20 @@ def _k8s(model: type, obj: Any) -> Any:
 
 def step(
     cfg: PipelineConfig,
+    pods: dict[str, str],
     name: str,
     module: str,
     extra: list[str],
     inputs: list[Parameter] | None = None,
 ) -> Container:
-    """A container template running one step's CLI; its result JSON is an output parameter."""
+    """A container template running one step's CLI, resolving `pods` (pod_overrides); its
+    result JSON is an output parameter."""
     volumes, mounts = scratch_volumes(shm=False)
     return Container(
         name=name,
         image=cfg.image,
         command=["python", "-m", module],
-        args=[*config_args(cfg, pod_overrides(cfg)), *extra, "--result", RESULT],
+        args=[*config_args(cfg, pods), *extra, "--result", RESULT],
         env=[_k8s(m.EnvVar, e) for e in secret_env(cfg)],
         resources=_k8s(m.ResourceRequirements, resources(cfg.cluster.step_resources)),
         security_context=_k8s(m.SecurityContext, container_security()),
@@ -137,13 +139,14 @@ def _result(task: str, key: str) -> str:
 def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
     """The DAG verify-data >> feature-engineering >> train >> verify-model >> deploy."""
     model_uri = f"s3://{cfg.storage.buckets.models}/{MODEL_NAME}/{RUN_ID}/"
+    pods = pod_overrides(cfg)
     train_job = to_dict(
         pytorchjob(
             cfg,
             f"{RUN_ID}-train",
             "{{inputs.parameters.processed-uri}}",
             RUN_ID,
-            pod_overrides(cfg),
+            pods,
             workflow=RUN_ID,
         )
     )
@@ -163,8 +166,8 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         arguments=workflow_parameters(cfg),
         labels={"app.kubernetes.io/part-of": "mlops-pipeline"},
     ) as workflow:
-        verify_data = step(cfg, "verify-data", "components.verify_data", [])
-        features = step(cfg, "feature-engineering", "components.feature_engineering", [])
+        verify_data = step(cfg, pods, "verify-data", "components.verify_data", [])
+        features = step(cfg, pods, "feature-engineering", "components.feature_engineering", [])
         train = Resource(
             name="train",
             action="create",
@@ -183,13 +186,14 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             active_deadline_seconds=cfg.cluster.active_deadline_s,
         )
         verify_model = step(
-            cfg, "verify-model", "components.verify_model", ["--model-uri", model_uri]
+            cfg, pods, "verify-model", "components.verify_model", ["--model-uri", model_uri]
         )
         # The model the gate put in service (the new one if promoted, else the champion's),
         # applied by the same component as on KFP: it waits for the generation it wrote, where an
         # Argo resource condition would pass on the previous rollout's status.
         deploy = step(
             cfg,
+            pods,
             "deploy",
             "components.deploy",
             ["--model-uri", "{{inputs.parameters.serving-uri}}"],

@@ -79,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers {args.workers}: the server runs one process; add replicas")
     logging.basicConfig(level=logging.INFO)
     model = ImageClassifier(
-        args.model_name,
-        args.model_dir,
-        sv.top_k,
-        sv.max_instances,
-        sv.threads,
-        sv.max_batch,
-        sv.batch_wait_ms,
-        sv.backend,
-        sv.max_queued_images,
+        args.model_name, args.model_dir, **{name: getattr(sv, name) for name in CONFIG_FLAGS}
     )
     try:
         check_listen(args.bind_host, args.http_port)  # before the load, which takes seconds

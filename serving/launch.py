@@ -47,5 +47,5 @@ def serving_args(model_dir: str, name: str, port: int, host: str, sv: ServingCon
         str(port),
         "--bind_host",
         host,
-        *(x for name in CONFIG_FLAGS for x in (f"--{name}", str(getattr(sv, name)))),
+        *(x for flag in CONFIG_FLAGS for x in (f"--{flag}", str(getattr(sv, flag)))),
     ]
