@@ -218,7 +218,7 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             warm_env = start_fork_server(live, run_dir, stack)
             store.ensure_buckets()
             if not live.mlflow.tracking_uri:
-                # It needs ~10 s to become healthy: it starts now, beside the data steps, and
+                # It needs ~5 s to become healthy: it starts now, beside the data steps, and
                 # the train step waits for it (mlflow.wait_s).
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
                 live = with_tracking(live, mlflow_server.uri)
