@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 from setproctitle import setproctitle
 
 from pipelines.processes import exit_now
-from pipelines.warm import HEADER, PRELOAD, TARGETS, send_message
+from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 
 log = logging.getLogger("mlops.warm")
 TITLE_MAX = 300  # a step's arguments hold its whole config
+
+
+@dataclass
+class Request:
+    conn: socket.socket
+    body: dict
+    fds: list[int]  # the client's stdin, stdout and stderr, held open until the fork
 
 
 @dataclass
@@ -33,52 +40,87 @@ class Server:
     listener: socket.socket
     targets: frozenset[str]
     selector: selectors.BaseSelector
+    wait_for: dict[str, str] = field(default_factory=dict)  # target: the import it waits for
+    loaded: set[str] | None = field(default_factory=set)  # preloaded so far; None: all
+    pending: list[Request] = field(default_factory=list)  # waiting for an import
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid: its client
     private_fds: list[int] = field(default_factory=list)  # the server's own, closed in a child
 
     def accept(self) -> None:
-        conn, _ = self.listener.accept()
-        if self.fork(conn):
-            # A client sends nothing after its request: its end turning readable is its exit.
-            self.selector.register(conn, selectors.EVENT_READ)
+        """Every connection that is waiting: one request each, forked once its target may."""
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                break
+            if (request := self.receive(conn)) is not None:
+                self.pending.append(request)
+        self.release()
+
+    def ready(self, request: Request) -> bool:
+        needs = self.wait_for.get(request.body["target"])
+        return self.loaded is None or needs is None or needs in self.loaded
+
+    def release(self) -> None:
+        """Fork each pending request whose target's import is in."""
+        ready = [request for request in self.pending if self.ready(request)]
+        # Off the list first: a child closes what is left on it, which is not its own.
+        self.pending = [request for request in self.pending if request not in ready]
+        for request in ready:
+            self.fork(request)
 
     def drop(self, conn: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn)
         conn.close()
 
-    def fork(self, conn: socket.socket) -> bool:
-        """Read one request and fork its child, which answers {"pid"} itself; {"error"} from
-        here otherwise. Whether the connection stays open (to carry the child's exit code)."""
+    def refuse(self, conn: socket.socket, fds: list[int], exc: Exception) -> None:
+        log.warning("refused a request: %s", exc)
+        with contextlib.suppress(OSError):
+            send_message(conn, {"error": str(exc)})
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+    def receive(self, conn: socket.socket) -> Request | None:
+        """Read and check one request; {"error"} and None when it is refused."""
         fds: list[int] = []
         try:
+            conn.setblocking(True)
             conn.settimeout(10)
             data, fds, _, _ = socket.recv_fds(conn, HEADER.size, 3)
             if len(fds) != 3 or len(data) != HEADER.size:
                 raise ValueError("a request carries its length and three file descriptors")
-            req = json.loads(_recv_exactly(conn, HEADER.unpack(data)[0]))
-            if req["target"] not in self.targets:
-                raise ValueError(f"target {req['target']!r} is not one this server runs")
+            body = json.loads(_recv_exactly(conn, HEADER.unpack(data)[0]))
+            if body["target"] not in self.targets:
+                raise ValueError(f"target {body['target']!r} is not one this server runs")
             if _peer_uid(conn) != os.getuid():
                 raise ValueError("the client runs as another user")
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            self.refuse(conn, fds, exc)
+            return None
+        return Request(conn, body, fds)
+
+    def fork(self, request: Request) -> None:
+        """Fork the request's child, which answers {"pid"} itself; {"error"} from here
+        otherwise. The connection stays open to carry the child's exit code."""
+        conn = request.conn
+        try:
             if _closed_by_peer(conn):  # it gave up waiting for the preload: it runs its own
                 raise ValueError("the client left before its turn")
             conn.setblocking(True)
             pid = os.fork()
             if pid == 0:
-                self.become_child(req, fds, conn)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            log.warning("refused a request: %s", exc)
-            with contextlib.suppress(OSError):
-                send_message(conn, {"error": str(exc)})
-            conn.close()
-            return False
-        finally:
-            for fd in fds:
-                os.close(fd)
-        log.info("forked %s as pid %d", req["target"], pid)
+                self.become_child(request.body, request.fds, conn)
+        except (ValueError, OSError) as exc:
+            self.refuse(conn, request.fds, exc)
+            return
+        for fd in request.fds:
+            os.close(fd)
+        log.info("forked %s as pid %d", request.body["target"], pid)
         self.children[pid] = conn  # the child says {"pid"} itself, before its exit code
-        return True
+        # A client sends nothing after its request: its end turning readable is its exit.
+        self.selector.register(conn, selectors.EVENT_READ)
 
     def become_child(self, req: dict, fds: list[int], conn: socket.socket) -> None:
         """In the forked child: the client's streams, environment, directory and arguments,
@@ -95,6 +137,10 @@ class Server:
             self.listener.close()
             for client in self.children.values():
                 client.close()
+            for other in self.pending:
+                other.conn.close()
+                for fd in other.fds:
+                    os.close(fd)
             signal.set_wakeup_fd(-1)
             for fd in self.private_fds:
                 os.close(fd)
@@ -167,16 +213,19 @@ class Server:
                 os.kill(pid, signal.SIGTERM)
 
 
-def serve(path: str, preload: Sequence[str], targets: Sequence[str]) -> None:
+def serve(
+    path: str, preload: Sequence[str], targets: Sequence[str], wait_for: dict[str, str]
+) -> None:
     """Listen at once, import `preload` in order, serving a request between two imports (a
-    child imports what is not loaded yet itself), then fork for each request until SIGTERM or
-    until the parent has gone."""
+    child imports what is not loaded yet itself, unless its target waits for an import), then
+    fork for each request until SIGTERM or until the parent has gone."""
     gc.disable()  # collections would touch, and so copy, every page the children share
     old = os.umask(0o177)  # the socket file: this user only
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")
     os.umask(old)
     listener.listen(64)
+    listener.setblocking(False)  # accept() takes every waiting connection, then returns
     os.rename(path + ".tmp", path)  # so that a client never finds it bound but not listening
     parent = os.getppid()
     wake_r, wake_w = os.pipe()
@@ -186,7 +235,7 @@ def serve(path: str, preload: Sequence[str], targets: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops this server itself
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     selector = selectors.DefaultSelector()
-    server = Server(listener, frozenset(targets), selector, private_fds=[wake_r, wake_w])
+    server = Server(listener, frozenset(targets), selector, wait_for, private_fds=[wake_r, wake_w])
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
 
@@ -208,7 +257,12 @@ def serve(path: str, preload: Sequence[str], targets: Sequence[str]) -> None:
                 importlib.import_module(name)
             except Exception as exc:  # a child imports it itself, and fails there if it must
                 log.warning("preload of %s failed: %s", name, exc)
+            assert server.loaded is not None
+            server.loaded.add(name)
             turn(0)
+            server.release()
+        server.loaded = None  # whatever is still waiting, for a module not preloaded, goes now
+        server.release()
         gc.collect()
         gc.freeze()
         log.info("preloaded %s in %.1f s", ", ".join(preload), time.monotonic() - start)
@@ -278,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help=f"a module:function clients may run, repeatable (default: {', '.join(TARGETS)})",
     )
+    parser.add_argument(
+        "--wait-for",
+        action="append",
+        default=[],
+        metavar="TARGET=MODULE",
+        help="fork TARGET only once the preload has imported MODULE, repeatable (default: "
+        + ", ".join(f"{t}={m}" for t, m in WAIT_FOR.items())
+        + ")",
+    )
     args = parser.parse_args(argv)
     # Its own handler, not the root logger's: the children set up their logging themselves.
     handler = logging.StreamHandler()
@@ -286,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        serve(args.socket, args.preload or PRELOAD, args.target or TARGETS)
+        wait_for = dict(pair.split("=", 1) for pair in args.wait_for) if args.wait_for else WAIT_FOR
+        serve(args.socket, args.preload or PRELOAD, args.target or TARGETS, wait_for)
     finally:
         # Its children are stopped and the socket removed: tearing down what it imported took
         # seconds, at the end of every run.

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +79,57 @@ def test_a_child_is_driven_as_popen_is(server: Path, tmp_path: Path) -> None:
     assert child.wait(timeout=30) == -signal.SIGTERM and child.poll() == -signal.SIGTERM
     crashed = warm.spawn("tests.warm_target:fail", [], dict(os.environ), tmp_path)
     assert crashed is not None and crashed.wait(timeout=30) == 1  # as an uncaught error exits
+
+
+def test_a_target_that_waits_for_an_import_forks_once_the_server_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's fork waits for the server's import of what it needs, instead of importing
+    it itself beside the server; a target that waits for nothing forks between two imports."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), WARM_GATES=str(gates))
+    gated, other = "tests.warm_target:gated", "tests.warm_target:report"
+    preload = ["tests.warm_gate_a", "tests.warm_gate_b"]
+    wait_for = {gated: "tests.warm_gate_b"}
+    sent = threading.Semaphore(0)
+    receive = warm._recv_reply
+
+    def after_sending(conn: Any) -> dict:
+        sent.release()  # the request is in the server's backlog: it reads it after an import
+        return receive(conn)
+
+    monkeypatch.setattr(warm, "_recv_reply", after_sending)
+    log = tmp_path / "log"
+    with warm.fork_server(env, log, preload, [gated, other], wait_for) as variables:
+        for key, value in variables.items():
+            monkeypatch.setenv(key, value)
+        out_r, out_w = os.pipe()
+        children: dict[str, Any] = {}
+
+        def request(target: str, args: list[str]) -> None:
+            children[target] = warm.spawn(target, args, dict(os.environ), tmp_path, (0, out_w, 2))
+
+        threads = [
+            threading.Thread(target=request, args=(gated, [])),
+            threading.Thread(target=request, args=(other, ["0"])),
+        ]
+        for thread in threads:
+            thread.start()
+            assert sent.acquire(timeout=30)
+        (gates / "tests.warm_gate_a").touch()  # the server takes both requests now
+        threads[1].join(timeout=30)
+        # The other target forked and ended while the server still imports warm_gate_b.
+        assert children[other] is not None and children[other].wait(timeout=30) == 0
+        assert gated not in children
+        (gates / "tests.warm_gate_b").touch()
+        threads[0].join(timeout=30)
+        assert children[gated] is not None and children[gated].wait(timeout=30) == 0
+        os.close(out_w)
+        with open(out_r) as out:
+            lines = out.read().splitlines()
+    assert json.loads(lines[-1]) == {"imported_by_server": True}
+    assert f"forked {gated}" in log.read_text()
 
 
 def test_a_target_not_on_the_list_is_refused_and_the_caller_starts_its_own(

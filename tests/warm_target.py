@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def report(argv: list[str]) -> int:
@@ -31,3 +32,21 @@ def main(argv: list[str]) -> int:
     attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     print(f"attempt {attempt} in pid {os.getpid()} rank {os.environ['RANK']}")
     return int(argv[0]) if attempt == 0 else 0
+
+
+def hold(module: str) -> int:
+    """Block the import of `module` until the file $WARM_GATES/MODULE exists (60 s at most);
+    the importing process's pid."""
+    flag = Path(os.environ["WARM_GATES"]) / module
+    deadline = time.monotonic() + 60
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+def gated(argv: list[str]) -> int:
+    """Whether the fork server, not this child, imported tests.warm_gate_b."""
+    from tests import warm_gate_b
+
+    print(json.dumps({"imported_by_server": os.getpid() != warm_gate_b.IMPORTED_BY}))
+    return 0
