@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -45,8 +46,11 @@ def hold(module: str) -> int:
 
 
 def gated(argv: list[str]) -> int:
-    """Whether the fork server, not this child, imported tests.warm_gate_b."""
+    """Whether the fork server, not this child, imported tests.warm_gate_b, and whether what
+    it had imported is out of this child's garbage collections."""
+    frozen = gc.get_freeze_count()  # before this child imports anything itself
     from tests import warm_gate_b
 
-    print(json.dumps({"imported_by_server": os.getpid() != warm_gate_b.IMPORTED_BY}))
+    imported_by_server = os.getpid() != warm_gate_b.IMPORTED_BY
+    print(json.dumps({"imported_by_server": imported_by_server, "frozen": frozen > 0}))
     return 0
