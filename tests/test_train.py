@@ -316,6 +316,22 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
     assert second.test_accuracy < second.champion_accuracy and not second.promoted
     assert second.serving_uri == trained.model_uri
 
+    # The champion's score comes from its own verification record when that was taken on the
+    # same test split, and is measured again when it was not.
+    bucket, prefix = parse_s3_uri(trained.model_uri)
+    record = env.store.read_json(bucket, prefix + "verification.json")
+    assert record["test_split"] == env.processed
+    assert second.champion_accuracy == first.test_accuracy == record["test_accuracy"]
+    try:
+        env.store.write_json(bucket, prefix + "verification.json", record | {"test_accuracy": 0.5})
+        assert verify_model(lenient, env.store, weak.model_uri).champion_accuracy == 0.5
+        other_split = record | {"test_accuracy": 0.5, "test_split": "s3://processed-data/x/y/"}
+        env.store.write_json(bucket, prefix + "verification.json", other_split)
+        rescored = verify_model(lenient, env.store, weak.model_uri).champion_accuracy
+        assert rescored == first.test_accuracy
+    finally:
+        env.store.write_json(bucket, prefix + "verification.json", record)
+
 
 def test_a_config_error_in_the_trainer_is_not_restarted(env: SimpleNamespace) -> None:
     # A checkpoint of another config under the run id: the trainer refuses it with exit 2, which
