@@ -53,18 +53,26 @@ class RunReport:
         return next((s.result for s in self.steps if s.name == step), {})
 
 
-def step_values(cfg: PipelineConfig) -> dict[str, str]:
-    """What each step process inherits: the store's and tracker's addresses and keys (never in
-    the pipeline's parameters), and the repository on the import path."""
+def process_values(cfg: PipelineConfig) -> dict[str, str]:
+    """What every process of a run inherits: the repository on the import path, the state
+    dir for temporary files and library caches, and MLflow's telemetry switch."""
     scratch = (cfg.state_dir / "tmp").resolve()
     (scratch / "matplotlib").mkdir(parents=True, exist_ok=True)
     return {
-        **storage_env(cfg.storage),
-        "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        # Temporary files and library caches stay in the state dir too.
         "TMPDIR": str(scratch),
         "MPLCONFIGDIR": str(scratch / "matplotlib"),
+        **mlflow_env(cfg.mlflow),
+    }
+
+
+def step_values(cfg: PipelineConfig) -> dict[str, str]:
+    """What each step process inherits besides: the store's and tracker's addresses and keys
+    (never in the pipeline's parameters)."""
+    return {
+        **storage_env(cfg.storage),
+        "MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri or "",
+        **process_values(cfg),
     }
 
 
@@ -193,15 +201,16 @@ def collect(report: RunReport, run_dir: Path) -> None:
 
 
 def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.ExitStack) -> dict:
-    """The run's fork server (pipelines/warm.py), started first: its imports take about as
-    long as the data steps and MLflow's start-up, beside which they run. The variable that
-    points the steps at it, or none where `fork_server` is off."""
+    """The run's fork server (pipelines/warm.py), started first, before the store: its imports
+    up to the trainer's are the run's longest chain before the first epoch (about 8 s). The
+    variable that points the steps at it, or none where `fork_server` is off."""
     if not cfg.fork_server:
         return {}
     run_dir.mkdir(parents=True, exist_ok=True)
     # Imports read a few variables (MLflow's telemetry switch, matplotlib's cache dir): the
-    # server imports under those the steps get.
-    env = {**os.environ, **step_values(cfg), **mlflow_env(cfg.mlflow)}
+    # server imports under those the steps get. It holds no store keys: each child gets its
+    # step's environment with its request.
+    env = {**os.environ, **process_values(cfg)}
     return stack.enter_context(fork_server(env, run_dir / "fork-server.log"))
 
 
@@ -212,10 +221,10 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
     start = time.monotonic()
     mlflow_server: LocalMlflow | None = None
     try:
-        with open_store(cfg) as (with_store, store), contextlib.ExitStack() as stack:
-            live = with_store
+        with contextlib.ExitStack() as stack:
+            warm_env = start_fork_server(cfg, run_dir, stack)
+            live, store = stack.enter_context(open_store(cfg))
             report.storage_endpoint = store.endpoint
-            warm_env = start_fork_server(live, run_dir, stack)
             store.ensure_buckets()
             if not live.mlflow.tracking_uri:
                 # It needs ~5 s to become healthy: it starts now, beside the data steps, and
