@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, PipelineError
+from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 from serving.launch import download_model
 from serving.loader import load_model
@@ -66,9 +66,14 @@ def recorded_score(store: ObjectStore, model_uri: str, processed_uri: str) -> fl
     the same processed data: the same test images, so the same score, without downloading and
     evaluating the model again (1.2 s of each re-run of the smoke pipeline). None otherwise."""
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
-    record = store.read_json(bucket, prefix + VERIFICATION) or {}
+    try:
+        record = store.read_json(bucket, prefix + VERIFICATION)
+    except IntegrityError:  # not JSON: scored again, as before the record existed
+        return None
+    if not isinstance(record, dict) or record.get("test_split") != processed_uri:
+        return None
     accuracy = record.get("test_accuracy")
-    if record.get("test_split") != processed_uri or not isinstance(accuracy, int | float):
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int | float):
         return None
     return float(accuracy)
 

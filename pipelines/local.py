@@ -219,17 +219,21 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
     report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name in STEPS])
     run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
-    mlflow_server: LocalMlflow | None = None
     try:
+        # Started: the fork server, S3, MLflow. Stopped: MLflow, the fork server (its children
+        # write to the store), S3.
         with contextlib.ExitStack() as stack:
-            warm_env = start_fork_server(cfg, run_dir, stack)
+            forks = stack.enter_context(contextlib.ExitStack())
+            warm_env = start_fork_server(cfg, run_dir, forks)
             live, store = stack.enter_context(open_store(cfg))
+            stack.callback(forks.close)  # its children before the store they write to
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
             if not live.mlflow.tracking_uri:
                 # It needs ~5 s to become healthy: it starts now, beside the data steps, and
                 # the train step waits for it (mlflow.wait_s).
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
+                stack.callback(mlflow_server.stop)
                 live = with_tracking(live, mlflow_server.uri)
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.
@@ -240,9 +244,6 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
-    finally:
-        if mlflow_server is not None:
-            mlflow_server.stop()
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     return report

@@ -17,6 +17,9 @@ from typing import Any
 
 import mlflow.server
 from mlflow.cli import cli
+from mlflow.server import security
+from mlflow.server.constants import PROMETHEUS_EXPORTER_ENV_VAR
+from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
 from uvicorn.main import main as uvicorn_cli
 
 from pipelines.processes import exit_now
@@ -29,20 +32,33 @@ log = logging.getLogger("mlops.mlflow")
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 
 
+# What mlflow.server reads when it is imported, which here is before the CLI has run: the child
+# MLflow would start reads them from the environment the CLI gives it.
+IMPORT_TIME = (STATIC_PREFIX_ENV_VAR, PROMETHEUS_EXPORTER_ENV_VAR)
+
+
 def serve_here(cmd: list[str], *, extra_env: dict[str, str] | None = None, **kwargs: Any) -> Any:
     """Stands in for the `_exec_cmd` that `mlflow server` starts its server with: a uvicorn
     command runs in this process, with the environment MLflow would have given the child."""
-    if cmd[1:3] != ["-m", "uvicorn"]:  # --gunicorn-opts or --waitress-opts: as MLflow does
+    env = extra_env or {}
+    # --gunicorn-opts, --waitress-opts, --static-prefix or --expose-prometheus: as MLflow does.
+    if cmd[1:3] != ["-m", "uvicorn"] or any(name in env for name in IMPORT_TIME):
         return spawn(cmd, extra_env=extra_env, **kwargs)
-    os.environ.update(extra_env or {})
+    os.environ.update(env)
+    if not mlflow.server.is_running_as_server:
+        # The child's import of mlflow.server, under the variables above, sets up the Flask
+        # app's host and CORS checks (as the FastAPI app sets up its own): now that the CLI
+        # has set --allowed-hosts and --cors-allowed-origins, so here.
+        security.init_security_middleware(mlflow.server.app)
     code: Any = 0
     try:
         uvicorn_cli.main(args=cmd[3:], prog_name="uvicorn", standalone_mode=False)
     except SystemExit as exc:  # uvicorn could not start (a taken port): its exit status
         code = exc.code
-    # uvicorn has shut down gracefully (SIGTERM) or never started: all the CLI has left to do
-    # is wait on the child this process was, so skip it and the interpreter's teardown.
-    exit_now(code if isinstance(code, int) else 1)
+    # uvicorn never started, or shut down on SIGINT. (On SIGTERM it shuts down gracefully,
+    # then raises the signal again, which ends this process before it gets here.) All the CLI
+    # has left to do is wait on the child this process was: skip that, and the teardown.
+    exit_now(0 if code is None else code if isinstance(code, int) else 1)
 
 
 spawn = getattr(mlflow.server, "_exec_cmd", None)

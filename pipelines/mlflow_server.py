@@ -110,7 +110,7 @@ class LocalMlflow:
         return self.uri
 
     def stop(self) -> None:
-        """SIGTERM: uvicorn shuts down gracefully, closing the database, and the process exits
-        without its interpreter's teardown."""
+        """SIGTERM: uvicorn shuts down gracefully, closing the database, then ends the
+        process by that signal, without its interpreter's teardown."""
         proc, self.proc = self.proc, None
         terminate(proc, timeout_s=15)

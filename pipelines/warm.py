@@ -190,9 +190,8 @@ def fork_server(
     folder = tempfile.mkdtemp(prefix="mlops-warm-", dir=scratch)
     path = os.path.join(folder, "socket")
     flags = [f"--preload={name}" for name in preload] + [f"--target={name}" for name in targets]
-    flags += [
-        f"--wait-for={t}={m}" for t, m in (WAIT_FOR if wait_for is None else wait_for).items()
-    ]
+    waits = WAIT_FOR if wait_for is None else wait_for
+    flags += [f"--wait-for={t}={m}" for t, m in waits.items()] or ["--wait-for=none"]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipelines.warm_server", path, *flags],

@@ -63,10 +63,11 @@ class Server:
 
     def release(self) -> None:
         """Fork each pending request whose target's import is in."""
-        ready = [request for request in self.pending if self.ready(request)]
-        # Off the list first: a child closes what is left on it, which is not its own.
-        self.pending = [request for request in self.pending if request not in ready]
-        for request in ready:
+        for request in [request for request in self.pending if self.ready(request)]:
+            # Off the list just before its fork: a child closes what is on it, which holds
+            # every other request not forked yet (their sockets, and their streams, whose
+            # readers would otherwise wait for this child's end).
+            self.pending.remove(request)
             self.fork(request)
 
     def drop(self, conn: socket.socket) -> None:
@@ -319,6 +320,16 @@ def _threads_from_env() -> None:
         torch.set_num_threads(int(threads))
 
 
+def _wait_pair(text: str) -> tuple[str, str] | None:
+    """TARGET=MODULE for --wait-for; None for `none`."""
+    if text == "none":
+        return None
+    target, _, module = text.partition("=")
+    if ":" not in target or not module:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TARGET=MODULE, e.g. a.b:main=torch")
+    return target, module
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.warm_server",
@@ -339,11 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-for",
         action="append",
-        default=[],
+        type=_wait_pair,
         metavar="TARGET=MODULE",
-        help="fork TARGET only once the preload has imported MODULE, repeatable (default: "
-        + ", ".join(f"{t}={m}" for t, m in WAIT_FOR.items())
-        + ")",
+        help="fork TARGET only once the preload has imported MODULE, repeatable; `none` for "
+        "no waits (default: " + ", ".join(f"{t}={m}" for t, m in WAIT_FOR.items()) + ")",
     )
     args = parser.parse_args(argv)
     # Its own handler, not the root logger's: the children set up their logging themselves.
@@ -353,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        wait_for = dict(pair.split("=", 1) for pair in args.wait_for) if args.wait_for else WAIT_FOR
+        pairs = args.wait_for if args.wait_for is not None else list(WAIT_FOR.items())
+        wait_for = dict(pair for pair in pairs if pair is not None)
         serve(args.socket, args.preload or PRELOAD, args.target or TARGETS, wait_for)
     finally:
         # Its children are stopped and the socket removed: tearing down what it imported took

@@ -281,7 +281,7 @@ def trained(env: SimpleNamespace):
 
 
 def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None:
-    from components.verify_model import GateError, verify_model
+    from components.verify_model import GateError, recorded_score, verify_model
 
     first = verify_model(env.cfg, env.store, trained.model_uri)
     assert first.passed and first.promoted and first.test_accuracy > 0.2
@@ -329,6 +329,12 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
         env.store.write_json(bucket, prefix + "verification.json", other_split)
         rescored = verify_model(lenient, env.store, weak.model_uri).champion_accuracy
         assert rescored == first.test_accuracy
+        # A record that is not JSON, or not an object, is no reason to fail: it is scored again.
+        key = prefix + "verification.json"
+        a_flag = json.dumps({"test_split": env.processed, "test_accuracy": True}).encode()
+        for broken in (b"{not json", b'["a list"]', a_flag):
+            env.store.put_bytes(bucket, key, broken)
+            assert recorded_score(env.store, trained.model_uri, env.processed) is None
     finally:
         env.store.write_json(bucket, prefix + "verification.json", record)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -85,13 +86,15 @@ def test_a_target_that_waits_for_an_import_forks_once_the_server_has_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The trainer's fork waits for the server's import of what it needs, instead of importing
-    it itself beside the server; a target that waits for nothing forks between two imports."""
+    it itself beside the server; a target that waits for nothing forks between two imports.
+    Two that wait for the same import fork in one batch, and neither holds the other's
+    streams."""
     gates = tmp_path / "gates"
     gates.mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), WARM_GATES=str(gates))
-    gated, other = "tests.warm_target:gated", "tests.warm_target:report"
+    sleeper, gated, other = (f"tests.warm_target:{n}" for n in ("sleep", "gated", "report"))
     preload = ["tests.warm_gate_a", "tests.warm_gate_b"]
-    wait_for = {gated: "tests.warm_gate_b"}
+    wait_for = {sleeper: "tests.warm_gate_b", gated: "tests.warm_gate_b"}
     sent = threading.Semaphore(0)
     receive = warm._recv_reply
 
@@ -101,37 +104,58 @@ def test_a_target_that_waits_for_an_import_forks_once_the_server_has_it(
 
     monkeypatch.setattr(warm, "_recv_reply", after_sending)
     log = tmp_path / "log"
-    with warm.fork_server(env, log, preload, [gated, other], wait_for) as variables:
+    with warm.fork_server(env, log, preload, [sleeper, gated, other], wait_for) as variables:
         for key, value in variables.items():
             monkeypatch.setenv(key, value)
-        out_r, out_w = os.pipe()
+        pipes = {target: os.pipe() for target in (sleeper, gated, other)}
         children: dict[str, Any] = {}
 
         def request(target: str, args: list[str]) -> None:
-            children[target] = warm.spawn(target, args, dict(os.environ), tmp_path, (0, out_w, 2))
+            fds = (0, pipes[target][1], 2)
+            children[target] = warm.spawn(target, args, dict(os.environ), tmp_path, fds)
 
-        threads = [
-            threading.Thread(target=request, args=(gated, [])),
-            threading.Thread(target=request, args=(other, ["0"])),
-        ]
-        for thread in threads:
+        threads = {
+            target: threading.Thread(target=request, args=(target, args))
+            for target, args in ((sleeper, ["60"]), (gated, []), (other, ["0"]))
+        }
+        for thread in threads.values():  # in this order, into the server's backlog
             thread.start()
             assert sent.acquire(timeout=30)
-        (gates / "tests.warm_gate_a").touch()  # the server takes both requests now
-        threads[1].join(timeout=30)
+        for _, write_end in pipes.values():
+            os.close(write_end)
+        (gates / "tests.warm_gate_a").touch()  # the server takes the three requests now
+        threads[other].join(timeout=30)
         # The other target forked and ended while the server still imports warm_gate_b.
         assert children[other] is not None and children[other].wait(timeout=30) == 0
-        assert gated not in children
-        (gates / "tests.warm_gate_b").touch()
-        threads[0].join(timeout=30)
-        assert children[gated] is not None and children[gated].wait(timeout=30) == 0
-        os.close(out_w)
-        with open(out_r) as out:
-            lines = out.read().splitlines()
+        assert gated not in children and sleeper not in children
+        (gates / "tests.warm_gate_b").touch()  # both waiting requests fork, sleeper first
+        for target in (sleeper, gated):
+            threads[target].join(timeout=30)
+            assert children[target] is not None
+        # The sleeper (60 s) holds no copy of the gated child's stdout: it ends with that child.
+        lines = read_to_end(pipes[gated][0], within_s=30).splitlines()
+        assert children[gated].wait(timeout=30) == 0 and children[sleeper].poll() is None
+        children[sleeper].terminate()
+        assert children[sleeper].wait(timeout=30) == -signal.SIGTERM
+        for target in (sleeper, other):
+            os.close(pipes[target][0])
     # Forked before the server froze its heap (it does once the preload is done), the child
     # froze it itself.
     assert json.loads(lines[-1]) == {"imported_by_server": True, "frozen": True}
     assert f"forked {gated}" in log.read_text()
+
+
+def read_to_end(fd: int, within_s: float) -> str:
+    """What a pipe carries until every writer has closed it; fails after within_s."""
+    deadline = time.monotonic() + within_s
+    data = b""
+    while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            os.close(fd)
+            return data.decode()
+        data += chunk
+    raise AssertionError(f"the pipe was still open after {within_s} s: {data!r}")
 
 
 def test_a_target_not_on_the_list_is_refused_and_the_caller_starts_its_own(
