@@ -22,7 +22,7 @@ from mlflow.server.constants import PROMETHEUS_EXPORTER_ENV_VAR
 from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
 from uvicorn.main import main as uvicorn_cli
 
-from pipelines.processes import exit_now
+from pipelines.processes import exit_now, exit_status
 
 log = logging.getLogger("mlops.mlflow")
 
@@ -50,15 +50,15 @@ def serve_here(cmd: list[str], *, extra_env: dict[str, str] | None = None, **kwa
         # app's host and CORS checks (as the FastAPI app sets up its own): now that the CLI
         # has set --allowed-hosts and --cors-allowed-origins, so here.
         security.init_security_middleware(mlflow.server.app)
-    code: Any = 0
+    code = 0
     try:
         uvicorn_cli.main(args=cmd[3:], prog_name="uvicorn", standalone_mode=False)
     except SystemExit as exc:  # uvicorn could not start (a taken port): its exit status
-        code = exc.code
+        code = exit_status(exc.code)
     # uvicorn never started, or shut down on SIGINT. (On SIGTERM it shuts down gracefully,
     # then raises the signal again, which ends this process before it gets here.) All the CLI
     # has left to do is wait on the child this process was: skip that, and the teardown.
-    exit_now(0 if code is None else code if isinstance(code, int) else 1)
+    exit_now(code)
 
 
 spawn = getattr(mlflow.server, "_exec_cmd", None)

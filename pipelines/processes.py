@@ -23,6 +23,16 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def exit_status(code: object) -> int:
+    """SystemExit's argument as the interpreter turns it into an exit status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
 def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if the process has not exited within timeout_s."""
     if proc is None:

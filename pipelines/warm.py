@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from pipelines.processes import terminate
+
 log = logging.getLogger("mlops.warm")
 
 SOCKET_ENV = "MLOPS_WARM_SOCKET"  # set for the step processes of a run that has a fork server
@@ -205,12 +207,7 @@ def fork_server(
         _wait_listening(path, proc)
         yield {SOCKET_ENV: path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
-from pipelines.processes import exit_now
+from pipelines.processes import exit_now, exit_status
 from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 
 log = logging.getLogger("mlops.warm")
@@ -34,6 +34,11 @@ class Request:
     body: dict
     fds: list[int]  # the client's stdin, stdout and stderr, held open until the fork
 
+    def close(self) -> None:
+        self.conn.close()
+        for fd in self.fds:
+            os.close(fd)
+
 
 @dataclass
 class Server:
@@ -41,7 +46,7 @@ class Server:
     targets: frozenset[str]
     selector: selectors.BaseSelector
     wait_for: dict[str, str] = field(default_factory=dict)  # target: the import it waits for
-    loaded: set[str] | None = field(default_factory=set)  # preloaded so far; None: all
+    loaded: set[str] = field(default_factory=set)  # the imports a wait may be for, done
     pending: list[Request] = field(default_factory=list)  # waiting for an import
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid: its client
     private_fds: list[int] = field(default_factory=list)  # the server's own, closed in a child
@@ -55,11 +60,10 @@ class Server:
                 break
             if (request := self.receive(conn)) is not None:
                 self.pending.append(request)
-        self.release()
 
     def ready(self, request: Request) -> bool:
         needs = self.wait_for.get(request.body["target"])
-        return self.loaded is None or needs is None or needs in self.loaded
+        return needs is None or needs in self.loaded
 
     def release(self) -> None:
         """Fork each pending request whose target's import is in."""
@@ -75,13 +79,11 @@ class Server:
             self.selector.unregister(conn)
         conn.close()
 
-    def refuse(self, conn: socket.socket, fds: list[int], exc: Exception) -> None:
+    def refuse(self, request: Request, exc: Exception) -> None:
         log.warning("refused a request: %s", exc)
         with contextlib.suppress(OSError):
-            send_message(conn, {"error": str(exc)})
-        conn.close()
-        for fd in fds:
-            os.close(fd)
+            send_message(request.conn, {"error": str(exc)})
+        request.close()
 
     def receive(self, conn: socket.socket) -> Request | None:
         """Read and check one request; {"error"} and None when it is refused."""
@@ -98,7 +100,7 @@ class Server:
             if _peer_uid(conn) != os.getuid():
                 raise ValueError("the client runs as another user")
         except (ValueError, KeyError, TypeError, OSError) as exc:
-            self.refuse(conn, fds, exc)
+            self.refuse(Request(conn, {}, fds), exc)
             return None
         return Request(conn, body, fds)
 
@@ -112,9 +114,9 @@ class Server:
             conn.setblocking(True)
             pid = os.fork()
             if pid == 0:
-                self.become_child(request.body, request.fds, conn)
+                self.become_child(request)
         except (ValueError, OSError) as exc:
-            self.refuse(conn, request.fds, exc)
+            self.refuse(request, exc)
             return
         for fd in request.fds:
             os.close(fd)
@@ -123,9 +125,10 @@ class Server:
         # A client sends nothing after its request: its end turning readable is its exit.
         self.selector.register(conn, selectors.EVENT_READ)
 
-    def become_child(self, req: dict, fds: list[int], conn: socket.socket) -> None:
+    def become_child(self, request: Request) -> None:
         """In the forked child: the client's streams, environment, directory and arguments,
         then the target; never returns to the server loop."""
+        req, fds, conn = request.body, request.fds, request.conn
         code = 1
         try:
             # Its pid first, then its exit code, on its own connection: in this order whatever
@@ -139,9 +142,7 @@ class Server:
             for client in self.children.values():
                 client.close()
             for other in self.pending:
-                other.conn.close()
-                for fd in other.fds:
-                    os.close(fd)
+                other.close()
             signal.set_wakeup_fd(-1)
             for fd in self.private_fds:
                 os.close(fd)
@@ -171,7 +172,7 @@ class Server:
             gc.enable()
             code = getattr(importlib.import_module(module), name)(req["args"])
         except SystemExit as exc:
-            code = _exit_code(exc.code)
+            code = exit_status(exc.code)
         except BaseException:
             import traceback
 
@@ -254,6 +255,7 @@ def serve(
             else:
                 server.client_gone(key.fileobj)  # type: ignore[arg-type]
         server.reap()
+        server.release()
 
     try:
         start = time.monotonic()
@@ -262,12 +264,10 @@ def serve(
                 importlib.import_module(name)
             except Exception as exc:  # a child imports it itself, and fails there if it must
                 log.warning("preload of %s failed: %s", name, exc)
-            assert server.loaded is not None
             server.loaded.add(name)
             turn(0)
-            server.release()
-        server.loaded = None  # whatever is still waiting, for a module not preloaded, goes now
-        server.release()
+        server.loaded.update(wait_for.values())  # a wait for a module not preloaded ends now
+        turn(0)
         gc.collect()
         gc.freeze()
         log.info("preloaded %s in %.1f s", ", ".join(preload), time.monotonic() - start)
@@ -300,16 +300,6 @@ def _closed_by_peer(conn: socket.socket) -> bool:
         return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
-
-
-def _exit_code(code: object) -> int:
-    """SystemExit's argument as the interpreter turns it into an exit status."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
 
 
 def _threads_from_env() -> None:
