@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pipelines.errors import ConfigError
 
 DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
+# Datasets whose classes change when an image is mirrored (digits): never flipped by default.
+UNMIRRORED_DATASETS = frozenset({"mnist"})
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
 
@@ -144,10 +146,16 @@ class TrainConfig(_Section):
         "AVX512-BF16 or AMX, a GPU from Ampere on), else fp32 on a CPU and fp16 on a GPU; or "
         "fp32, bf16, fp16 (CUDA only) as given.",
     )
+    hflip: bool | None = Field(
+        None,
+        description="Mirror images left-right: random flips in training, and flip_tta. Unset: "
+        f"on, except for {', '.join(sorted(UNMIRRORED_DATASETS))} (mirrored digits are not "
+        "digits).",
+    )
     flip_tta: bool = Field(
         True,
         description="Average the logits of each image and its mirror at evaluation and in "
-        "serving (twice the inference cost).",
+        "serving (twice the inference cost); only where hflip is on.",
     )
 
 
@@ -413,6 +421,9 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     `profile` (a dumped config names the one it came from; only --profile chooses it)."""
     try:
         path = path.expanduser()
+    except RuntimeError as exc:  # ~user of no such user, or no home directory
+        raise ConfigError(f"config file {path}: {exc}") from None
+    try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -426,8 +437,10 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    except RuntimeError as exc:  # expanduser: ~user of no such user, or no home directory
-        raise ConfigError(f"config file {path}: {exc}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(
+            f"config file {path} nests too deeply: a config is a few levels of sections"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data)}")
     if profile is not None and data.get("profile", profile) != profile:

@@ -92,6 +92,10 @@ def test_unreadable_config_files_name_the_path(tmp_path: Path) -> None:
         load_config(config_file=binary, environ={})
     with pytest.raises(ConfigError, match=r"config file ~no-such-user-x/c\.yaml: "):
         load_config(config_file=Path("~no-such-user-x/c.yaml"), environ={})
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=f"config file {deep} nests too deeply"):
+        load_config(config_file=deep, environ={})
     numbers = tmp_path / "numbers.yaml"
     numbers.write_text("dataset:\n  id: 2024\n")
     with pytest.raises(ConfigError, match=r"dataset\.id=2024: .*string \(quote it in a YAML"):

@@ -290,10 +290,16 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
     assert client.get_model_version_by_alias(trained.registered_model, "champion").version == (
         trained.version
     )
-    # A learning rate that leaves it near chance: surely below the champion.
+    # A learning rate that leaves it near chance: surely below the champion. Trained without
+    # mirrors, it is evaluated and served without them too.
     weak = train_model(
-        _cfg(env, workers=1, epochs=1, lr=1e-6), env.store, env.processed, "verify-weak"
+        _cfg(env, workers=1, epochs=1, lr=1e-6, hflip=False),
+        env.store,
+        env.processed,
+        "verify-weak",
     )
+    bucket, prefix = parse_s3_uri(weak.model_uri)
+    assert env.store.read_json(bucket, prefix + "model.json")["flip_tta"] is False
     strict = env.cfg.model_copy(
         update={"gate": env.cfg.gate.model_copy(update={"min_accuracy": 0.999})}
     )
@@ -301,7 +307,6 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
         verify_model(strict, env.store, weak.model_uri)
     champion = client.get_model_version_by_alias(trained.registered_model, "champion")
     assert champion.version == trained.version  # unchanged
-    bucket, prefix = parse_s3_uri(weak.model_uri)
     record = env.store.read_json(bucket, prefix + "verification.json")
     assert record["passed"] is False and record["promoted"] is False
     assert record["serving_uri"] == trained.model_uri  # the champion stays in service

@@ -9,7 +9,7 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore
 from training import checkpoint
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
-from training.data import Tensors, augment, rank_batches
+from training.data import Tensors, augment, rank_batches, resolve_hflip
 from training.dist import usable_cores
 from training.loop import epoch_generator, lr_at, param_groups, run_epoch
 from training.model import build_classifier, build_model
@@ -41,6 +41,22 @@ def test_augment_crops_and_flips_whole_batches() -> None:
     assert any(not torch.equal(o, images) for o in shifted)
     # Every output pixel is an input pixel or padding zero.
     assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0}
+
+
+def test_hflip_off_never_mirrors_and_is_the_default_for_digits() -> None:
+    # Each row rises left to right; a crop only shifts it (zeros come in at the sides), so
+    # a row whose middle four pixels fall is a mirrored one.
+    images = (torch.arange(8, dtype=torch.uint8) + 1).expand(64, 1, 8, 8).contiguous()
+
+    def mirrored(out: torch.Tensor) -> torch.Tensor:
+        middle = out[:, 0, 4, 2:-2].float()
+        return (middle[:, 1:] < middle[:, :-1]).all(1)
+
+    gen = torch.Generator().manual_seed(0)
+    assert not mirrored(augment(images, gen, hflip=False)).any()
+    assert mirrored(augment(images, gen)).any()
+    assert resolve_hflip(None, "mnist") is False and resolve_hflip(None, "cifar10") is True
+    assert resolve_hflip(True, "mnist") is True and resolve_hflip(False, "imagefolder") is False
 
 
 def test_schedule_warms_up_then_anneals_to_zero() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from pipelines.config import UNMIRRORED_DATASETS
 from pipelines.errors import ConfigError, DataError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 
@@ -82,8 +83,9 @@ def rank_batches(
     yield from order.to(device).split(per_rank)
 
 
-def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after 4-pixel zero padding, and a random horizontal flip, for a whole batch."""
+def augment(images: torch.Tensor, gen: torch.Generator, hflip: bool = True) -> torch.Tensor:
+    """Random crop after 4-pixel zero padding, and (with hflip) a random horizontal flip, for a
+    whole batch."""
     n, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
     dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=images.device)
@@ -93,8 +95,15 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     cropped = padded[batch, chan, rows, cols]
+    if not hflip:
+        return cropped
     flip = torch.rand(n, generator=gen, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def resolve_hflip(setting: bool | None, dataset: str) -> bool:
+    """train.hflip as set, or unset: on unless the dataset's classes change when mirrored."""
+    return setting if setting is not None else dataset not in UNMIRRORED_DATASETS
 
 
 class Normalize(torch.nn.Module):

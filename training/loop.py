@@ -84,10 +84,12 @@ def run_epoch(
     gen: torch.Generator,
     autocast: Any,
     schedule: tuple[int, int, float],
+    hflip: bool = True,
 ) -> tuple[torch.Tensor, int, float]:
     """One epoch over `batches` (index tensors on data's device), the lr set before each step
-    from schedule = (first step, total steps, peak lr). Returns (loss sum, correct, count) as a
-    float64 tensor on the device, the next step and the last lr.
+    from schedule = (first step, total steps, peak lr), images mirrored at random with hflip.
+    Returns (loss sum, correct, count) as a float64 tensor on the device, the next step and the
+    last lr.
 
     Nothing in here waits for the device, so a GPU can run ahead of Python: the counts stay on
     it and the indices are already there. (In fp16, the gradient scaler's inf check does wait.)"""
@@ -98,7 +100,7 @@ def run_epoch(
         lr = lr_at(step, total, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = augment(data.images[idx], gen), data.labels[idx]
+        x, y = augment(data.images[idx], gen, hflip), data.labels[idx]
         loss, logits = train_step(model, optimizer, scaler, criterion, x, y, autocast)
         step += 1
         sums[:2] += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()]).double()

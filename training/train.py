@@ -38,7 +38,7 @@ from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
 from training import checkpoint, tracking
-from training.data import load_processed, rank_batches
+from training.data import load_processed, rank_batches, resolve_hflip
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import evaluate, make_autocast
 from training.loop import epoch_generator, optimisation, run_epoch
@@ -116,6 +116,10 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     steps_per_epoch = len(train_set) // tc.batch_size
     total_steps = steps_per_epoch * tc.epochs
     classes, image = meta["classes"], meta["image"]
+    hflip = resolve_hflip(tc.hflip, meta["name"])
+    flip_tta = tc.flip_tta and hflip  # a model never trained on mirrors is not asked about them
+    if d.main and not hflip:
+        log.info("no horizontal flips (train.hflip=%s, dataset %s)", tc.hflip, meta["name"])
 
     # -- model: normalisation inside, so the model takes uint8 images as served
     torch.manual_seed(tc.seed)
@@ -178,6 +182,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             epoch_generator(device, tc.seed, epoch, d.rank),
             autocast,
             (step, total_steps, tc.lr),
+            hflip,
         )
         if d.world > 1:
             dist.all_reduce(sums)
@@ -221,9 +226,9 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             tracker.log_epoch(row)
 
     # -- final evaluation on val and test as the model will be served; the model and its record
-    model.flip_tta = tc.flip_tta
+    model.flip_tta = flip_tta
     val_acc = history[-1]["val_accuracy"] if history else 0.0
-    if tc.flip_tta and history:
+    if flip_tta and history:
         _, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
     test_loss, test_acc, confusion = evaluate(ddp, splits["test"], d, 512, len(classes), autocast)
     digest = hashlib.sha256(
@@ -258,7 +263,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         "name": cfg.serving.model_name,
         "architecture": tc.arch,
         "stem": tc.stem,
-        "flip_tta": tc.flip_tta,
+        "flip_tta": flip_tta,
         "precision": precision,
         "classes": classes,
         "num_classes": len(classes),
