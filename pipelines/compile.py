@@ -9,7 +9,7 @@ import yaml
 from kfp import compiler
 
 from pipelines.argo import build, build_template
-from pipelines.config import PipelineConfig, config_overrides
+from pipelines.config import PipelineConfig, config_overrides, for_cluster
 from pipelines.kfp_pipeline import image_classifier
 from pipelines.manifests import inference_service, pytorchjob, to_dict
 
@@ -28,7 +28,8 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
     files = {
         "argo-workflow.yaml": build(cfg).to_yaml(),
         "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),
-        # The pods resolve what was compiled: the profile plus every --set and --config value.
+        # The pods resolve what was compiled (the profile plus every --set and --config value),
+        # as the pipeline's own train step does: in the Kubernetes runtime.
         "pytorchjob.yaml": _yaml(
             to_dict(
                 pytorchjob(
@@ -36,7 +37,7 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
                     f"{cfg.serving.model_name}-train",
                     PROCESSED_URI,
                     RUN_ID,
-                    config_overrides(cfg),
+                    config_overrides(for_cluster(cfg)),
                 )
             )
         ),

@@ -159,6 +159,7 @@ def test_every_pod_resolves_the_compiled_config(tmp_path: Path) -> None:
     standalone = load(tmp_path, "pytorchjob.yaml")["spec"]["pytorchReplicaSpecs"]["Master"]
     sets = _sets(standalone["template"]["spec"]["containers"][0]["command"])
     assert wanted.items() <= sets.items() and sets["train.epochs"] == "3"
+    assert sets["runtime"] == '"kubernetes"'  # its pods are on the cluster too
 
 
 def _sdk_round_trip(client: Any, doc: dict, klass: str) -> dict:
