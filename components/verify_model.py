@@ -9,9 +9,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines.cli import step_main
@@ -56,8 +58,31 @@ def test_accuracy(model: torch.nn.Module, test: Tensors, num_classes: int) -> fl
     return evaluate(model, test, Dist(), 512, num_classes, autocast)[1]
 
 
-def _score(store: ObjectStore, model_uri: str, test: Tensors, tmp: Path) -> float:
-    model, meta = load_model(download_model(store, model_uri, tmp))
+def task(meta: dict[str, Any]) -> str:
+    """What a model's clients send and get back: its input shape and its classes."""
+    shape = "x".join(map(str, meta["input"]["shape"]))
+    classes = meta["classes"]
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    return f"{shape} images, {len(classes)} classes ({shown})"
+
+
+def _score_champion(
+    store: ObjectStore, champion: ModelVersion, test: Tensors, ours: dict, force: bool, tmp: Path
+) -> float | None:
+    """The champion's accuracy on our test split; None when it serves another task and
+    gate.force_promote lets this model replace it. A champion of another task cannot be
+    scored on our data, and replacing it unasked would break what its clients send."""
+    model, meta = load_model(download_model(store, champion.tags["mlops.model_uri"], tmp))
+    if (meta["input"]["shape"], meta["classes"]) != (ours["input"]["shape"], ours["classes"]):
+        if not force:
+            raise GateError(
+                f"champion v{champion.version} of {champion.name} serves another task "
+                f"({task(meta)}) than this model ({task(ours)}): give this model its own "
+                "name with --set serving.model_name=NAME, or replace the champion with "
+                "--set gate.force_promote=true"
+            )
+        log.warning("replacing champion v%s, which served %s", champion.version, task(meta))
+        return None
     return test_accuracy(model, test, meta["num_classes"])
 
 
@@ -104,8 +129,11 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
                 champion_acc = recorded_score(store, champion_uri, lineage["processed_uri"])
                 how = "as recorded when it was verified on"
                 if champion_acc is None:
-                    champion_acc = _score(store, champion_uri, splits["test"], Path(tmp) / "champ")
+                    champion_acc = _score_champion(
+                        store, champion, splits["test"], meta, gate.force_promote, Path(tmp) / "c"
+                    )
                     how = "on"
+            if champion_acc is not None:
                 log.info(
                     "champion v%s scores %.4f %s the same test split",
                     champion.version,

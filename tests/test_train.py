@@ -344,6 +344,42 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
         env.store.write_json(bucket, prefix + "verification.json", record)
 
 
+def test_a_champion_of_another_task_is_replaced_only_when_asked(
+    env, trained, tmp_path: Path
+) -> None:
+    """An MNIST champion under the name a CIFAR-shaped model registers into: it cannot be
+    scored on this model's data, and replacing it would break what its clients send."""
+    from components.verify_model import GateError, verify_model
+    from serving.untrained import write_untrained_model
+
+    client = mlflow.MlflowClient(env.cfg.mlflow.tracking_uri)
+    name, bucket = trained.registered_model, env.cfg.storage.buckets.models
+    digits = [str(i) for i in range(10)]
+    folder = write_untrained_model(tmp_path / "digits", digits, "s2", (1, 28, 28))
+    for path in folder.iterdir():
+        env.store.put_file(bucket, f"{name}/digits/{path.name}", path)
+    uri = f"s3://{bucket}/{name}/digits/"
+    other = client.create_model_version(name, uri, tags={"mlops.model_uri": uri})
+    client.set_registered_model_alias(name, "champion", other.version)
+    try:
+        with pytest.raises(GateError) as refused:
+            verify_model(env.cfg, env.store, trained.model_uri)
+        assert str(refused.value).startswith(
+            f"champion v{other.version} of {name} serves another task (1x28x28 images, 10 "
+            "classes (0, 1, 2, ...)) than this model (3x32x32 images, 10 classes ("
+        )
+        assert "--set serving.model_name=NAME" in str(refused.value)
+        assert client.get_model_version_by_alias(name, "champion").version == other.version
+        forced = env.cfg.model_copy(
+            update={"gate": env.cfg.gate.model_copy(update={"force_promote": True})}
+        )
+        result = verify_model(forced, env.store, trained.model_uri)
+        assert result.promoted and result.champion_version == other.version
+        assert result.champion_accuracy is None  # not comparable, so not compared
+    finally:
+        client.set_registered_model_alias(name, "champion", trained.version)
+
+
 def test_a_config_error_in_the_trainer_is_not_restarted(env: SimpleNamespace) -> None:
     # A checkpoint of another config under the run id: the trainer refuses it with exit 2, which
     # a restart (the smoke profile allows one) could only repeat.
