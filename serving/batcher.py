@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from kserve.errors import InferenceError
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("mlops.serving")
 
@@ -22,6 +22,11 @@ BATCH_IMAGES = Histogram(
     "Images per forward pass of the micro-batcher",
     ["model_name"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+# The server logs a sample of its 503s (serving/rest.py); this counts every one.
+REQUESTS_SHED = Counter(
+    "requests_shed", "Requests refused with a 503 because too many images wait", ["model_name"]
 )
 
 
@@ -65,6 +70,7 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task[None] | None = None
         self._sizes = BATCH_IMAGES.labels(model_name=name)
+        self._shed = REQUESTS_SHED.labels(model_name=name)
 
     async def submit(self, images: np.ndarray) -> Rows:
         """The outputs of `infer` for exactly these (already validated) images."""
@@ -73,6 +79,7 @@ class MicroBatcher:
             self._start(loop)
         if self._queued and self._queued + len(images) > self.max_queued:
             # Past this the wait only grows: a client told now can retry elsewhere or later.
+            self._shed.inc()
             raise Overloaded(
                 f"{self._queued} images already wait for the model "
                 f"(serving.max_queued_images={self.max_queued}): retry later, or add replicas"

@@ -1,10 +1,11 @@
-"""KServe's REST server, adapted: the host it binds, and 400s that log one line each."""
+"""KServe's REST server, adapted: the host it binds, and client errors that log one line each."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from pipelines.processes import bind_error
 from serving.batcher import Overloaded
 
 log = logging.getLogger("mlops.serving")
+SHED_LOG_EVERY_S = 10.0  # at most one log line per this many seconds for the 503s of overload
 V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
 
 
@@ -40,13 +42,39 @@ def check_listen(host: str, port: int) -> None:
     )
 
 
-def client_error(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-    """A handler answering `status` with {"error": message} and logging one line."""
+class Throttle:
+    """Admits one event per `every_s` seconds and counts the ones held back in between."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self.next = float("-inf")
+        self.held = 0
+
+    def admit(self) -> int | None:
+        """None to hold this one back; else how many were held back since the last admitted."""
+        now = self.clock()
+        if now < self.next:
+            self.held += 1
+            return None
+        held, self.held, self.next = self.held, 0, now + self.every_s
+        return held
+
+
+def client_error(
+    status: int, throttle: Throttle | None = None
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """A handler answering `status` with {"error": message} and logging one line, or with a
+    throttle, the lines it admits, each saying how many it left out."""
+    throttle = throttle or Throttle(0.0)
 
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         # KServe's own handlers log every client error at ERROR with a 30-line traceback: one
         # bad client would flood the log. The client's mistake needs one line, no traceback.
-        log.warning("%d %s %s: %s", status, request.method, request.url.path, exc)
+        held = throttle.admit()
+        if held is not None:
+            more = f" ({held} more since the last such line)" if held else ""
+            log.warning("%d %s %s: %s%s", status, request.method, request.url.path, exc, more)
         return JSONResponse(status_code=status, content={"error": str(exc)})
 
     return handler
@@ -104,7 +132,9 @@ def install_rest_server(host: str) -> None:
             super()._add_exception_handlers(app)
             app.add_exception_handler(InvalidInput, invalid_input)
             app.add_exception_handler(ModelNotFound, client_error(404))
-            app.add_exception_handler(Overloaded, client_error(503))
+            # Under overload a line per refused request would add load where there is none to
+            # spare: a sample of lines, and every refusal counted on /metrics (requests_shed).
+            app.add_exception_handler(Overloaded, client_error(503, Throttle(SHED_LOG_EVERY_S)))
             app.add_exception_handler(InferenceError, undecodable_bytes)
             app.add_exception_handler(RequestValidationError, invalid_request)
 

@@ -494,8 +494,14 @@ def test_batches_close_at_max_batch_and_never_split_a_request() -> None:
 
 
 def test_a_full_queue_refuses_a_request_and_takes_one_once_drained() -> None:
+    from prometheus_client import REGISTRY
+
     from serving.batcher import Overloaded
 
+    def shed() -> float:
+        return REGISTRY.get_sample_value("requests_shed_total", {"model_name": "unit"}) or 0.0
+
+    before = shed()
     batcher, sizes = batcher_with_log(max_batch=8, max_queued=3)
 
     async def scenario() -> list:
@@ -508,6 +514,35 @@ def test_a_full_queue_refuses_a_request_and_takes_one_once_drained() -> None:
     assert isinstance(refused, Overloaded) and "serving.max_queued_images=3" in str(refused)
     assert later[0].tolist() == [6, 7, 8, 9]
     assert sizes == [3, 4]
+    assert shed() == before + 1  # /metrics counts every refusal
+
+
+def test_overload_503s_log_a_line_per_interval_saying_how_many_it_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.requests import Request
+
+    from serving.batcher import Overloaded
+    from serving.rest import Throttle, client_error
+
+    now = [100.0]
+    handler = client_error(503, Throttle(10.0, clock=lambda: now[0]))
+    scope = {"type": "http", "method": "POST", "path": "/v1/models/m:predict", "headers": []}
+    request = Request(scope)
+
+    def refuse(times: int) -> list:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mlops.serving"):
+            answers = [asyncio.run(handler(request, Overloaded("full"))) for _ in range(times)]
+        assert [a.status_code for a in answers] == [503] * times
+        assert json.loads(answers[-1].body) == {"error": "full"}
+        return [r.getMessage() for r in caplog.records]
+
+    assert refuse(5) == ["503 POST /v1/models/m:predict: full"]
+    now[0] += 9.9
+    assert refuse(1) == []
+    now[0] += 0.1
+    assert refuse(2) == ["503 POST /v1/models/m:predict: full (5 more since the last such line)"]
 
 
 def test_a_failed_forward_fails_only_its_batch_and_the_worker_carries_on() -> None:
