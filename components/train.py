@@ -18,6 +18,7 @@ from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, 
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_server import wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
+from training import checkpoint
 from training.dist import usable_cores
 from training.precision import check_here
 from training.result import TrainResult
@@ -62,6 +63,18 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
             )
 
 
+def check_run_id(cfg: PipelineConfig, store: ObjectStore, processed_uri: str, run_id: str) -> None:
+    """A run id that holds a checkpoint of another config or data is refused now, from the
+    checkpoint's small state object. The trainer refuses it too, but only after its start;
+    under torchrun, whose agent restarts any failed worker, max_restarts times over."""
+    bucket, _, prefix = checkpoint.location(cfg, run_id)
+    state = checkpoint.load_state(store, bucket, prefix)
+    if state is not None:
+        checkpoint.check_resumable(
+            state, checkpoint.config_hash(cfg, processed_uri), bucket, prefix
+        )
+
+
 def tracking_ready(uri: str, wait_s: float) -> Ready:
     """The tracking server may still be starting (a local one starts beside the data steps):
     the launcher waits for it while the trainer imports torch and loads the data, not before.
@@ -89,6 +102,7 @@ def train_model(
     if cfg.runtime == "local":
         check_here(cfg.train.precision)
     check_feasible(cfg, store, processed_uri)
+    check_run_id(cfg, store, processed_uri, run_id)
     if cfg.runtime == "kubernetes":
         from components.pytorchjob import run_pytorchjob
 

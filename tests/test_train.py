@@ -380,17 +380,27 @@ def test_a_champion_of_another_task_is_replaced_only_when_asked(
         client.set_registered_model_alias(name, "champion", trained.version)
 
 
-def test_a_config_error_in_the_trainer_is_not_restarted(env: SimpleNamespace) -> None:
-    # A checkpoint of another config under the run id: the trainer refuses it with exit 2, which
-    # a restart (the smoke profile allows one) could only repeat.
+def test_a_run_id_of_another_config_is_refused_before_training_starts(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint of another config under the run id: the step refuses it from the
+    # checkpoint's state before any process starts, for torchrun's workers too.
     bucket = env.cfg.storage.buckets.models
     prefix = f"{env.cfg.serving.model_name}/config-error/checkpoints/"
     other = checkpoint.Checkpoint(1, {"rng.torch": torch.zeros(1)}, {"config_hash": "another"})
     checkpoint.upload(env.store, bucket, prefix, checkpoint.encode(other))
-    # The step fails as a config error too (exit 2), with the trainer's own line.
+    run_dir = env.cfg.state_dir / "runs" / "config-error"
+    for workers in (2, 1):
+        with pytest.raises(ConfigError, match=r"holds a checkpoint of another config"):
+            train_model(_cfg(env, workers=workers), env.store, env.processed, "config-error")
+        assert not run_dir.exists()  # nothing started, not even a config file written
+
+    # The trainer refuses it too (a PyTorchJob's pods, or a step that did not check): exit 2,
+    # which a restart (the smoke profile allows one) could only repeat, so none is made.
+    monkeypatch.setattr("components.train.check_run_id", lambda *args: None)
     with pytest.raises(ConfigError, match=r"holds a checkpoint of another config"):
         train_model(_cfg(env, workers=1), env.store, env.processed, "config-error")
-    (launch,) = (env.cfg.state_dir / "runs" / "config-error" / "train-logs").iterdir()
+    (launch,) = (run_dir / "train-logs").iterdir()
     assert [p.name for p in launch.iterdir()] == ["attempt-0.log"]
     assert "holds a checkpoint of another config" in (launch / "attempt-0.log").read_text()
 

@@ -13,11 +13,36 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pipelines.errors import IntegrityError
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError, IntegrityError
 from pipelines.storage import ObjectStore, s3_uri
 
 log = logging.getLogger("mlops.checkpoint")
 LATEST = "latest.json"
+
+
+def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
+    """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints."""
+    prefix = f"{cfg.serving.model_name}/{run_id}/"
+    return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
+
+
+def config_hash(cfg: PipelineConfig, processed: str) -> str:
+    """What a checkpoint must have been trained under to be resumed: the training settings
+    (the world size included: BatchNorm sees each rank's share of the batch) and the data.
+    Restarts allowed and the final evaluation's flip TTA change no training state."""
+    train = cfg.train.model_dump(mode="json", exclude={"max_restarts", "flip_tta"})
+    doc = {"train": train, "processed": processed.rstrip("/")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resumable(state: dict[str, Any], chash: str, bucket: str, prefix: str) -> None:
+    """A run id resumes its own training only, not one of another config or data."""
+    if state.get("config_hash") != chash:
+        raise ConfigError(
+            f"{s3_uri(bucket, prefix)} holds a checkpoint of another config or data; "
+            "use a new run id"
+        )
 
 
 @dataclass
@@ -99,17 +124,37 @@ class Saver:
             pending.result()
 
 
-def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:
+def _malformed(bucket: str, prefix: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"{s3_uri(bucket, prefix + LATEST)} is malformed ({exc})")
+
+
+def _pointer_and_state(
+    store: ObjectStore, bucket: str, prefix: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
     pointer = store.read_json(bucket, prefix + LATEST)
     if pointer is None:
         return None
     try:
-        payload = store.get_bytes(
-            bucket, prefix + pointer["tensors"]["key"], pointer["tensors"]["sha256"]
-        )
-        state = json.loads(
-            store.get_bytes(bucket, prefix + pointer["state"]["key"], pointer["state"]["sha256"])
-        )
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{s3_uri(bucket, prefix + LATEST)} is malformed ({exc})") from None
+        key, sha256 = pointer["state"]["key"], pointer["state"]["sha256"]
+        return pointer, json.loads(store.get_bytes(bucket, prefix + key, sha256))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise _malformed(bucket, prefix, exc) from None
+
+
+def load_state(store: ObjectStore, bucket: str, prefix: str) -> dict[str, Any] | None:
+    """The latest checkpoint's state (a small JSON object) without its tensors; None if none."""
+    found = _pointer_and_state(store, bucket, prefix)
+    return None if found is None else found[1]
+
+
+def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:
+    found = _pointer_and_state(store, bucket, prefix)
+    if found is None:
+        return None
+    pointer, state = found
+    try:
+        key, sha256 = pointer["tensors"]["key"], pointer["tensors"]["sha256"]
+        payload = store.get_bytes(bucket, prefix + key, sha256)
+    except (KeyError, TypeError) as exc:
+        raise _malformed(bucket, prefix, exc) from None
     return Checkpoint(pointer["epoch"], load_safetensors(payload), state)

@@ -56,15 +56,6 @@ WEIGHTS = "model.safetensors"  # named in model.json, so readers never assume it
 # training/loop.py; evaluation: training/evaluate.py
 
 
-def config_hash(cfg: PipelineConfig, processed: str) -> str:
-    """What a checkpoint must have been trained under to be resumed: the training settings
-    (the world size included: BatchNorm sees each rank's share of the batch) and the data.
-    Restarts allowed and the final evaluation's flip TTA change no training state."""
-    train = cfg.train.model_dump(mode="json", exclude={"max_restarts", "flip_tta"})
-    doc = {"train": train, "processed": processed.rstrip("/")}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]  # baked into the image at build time
@@ -129,19 +120,13 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     optimizer, scaler, criterion = optimisation(model, tc, precision)
 
     # -- resume: every rank reads the same checkpoint
-    prefix = f"{cfg.serving.model_name}/{run_id}/"
-    ckpt_prefix = prefix + "checkpoints/"
-    bucket = cfg.storage.buckets.models
-    chash = config_hash(cfg, processed)
+    bucket, prefix, ckpt_prefix = checkpoint.location(cfg, run_id)
+    chash = checkpoint.config_hash(cfg, processed)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = checkpoint.load_latest(store, bucket, ckpt_prefix)
     if ckpt is not None:
-        if ckpt.state["config_hash"] != chash:
-            raise ConfigError(
-                f"{s3_uri(bucket, ckpt_prefix)} holds a checkpoint of another config or data; "
-                "use a new run id"
-            )
+        checkpoint.check_resumable(ckpt.state, chash, bucket, ckpt_prefix)
         model.load_state_dict({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
         optimizer.load_state_dict(checkpoint.unflatten_optimizer(ckpt.tensors, ckpt.state["optim"]))
         torch.set_rng_state(ckpt.tensors["rng.torch"])
