@@ -11,8 +11,11 @@ the cluster's stock `mlflow server` runs the same app with the same settings.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import mlflow.server
@@ -22,6 +25,7 @@ from mlflow.server.constants import PROMETHEUS_EXPORTER_ENV_VAR
 from mlflow.server.handlers import STATIC_PREFIX_ENV_VAR
 from uvicorn.main import main as uvicorn_cli
 
+from pipelines.mlflow_server import create_database
 from pipelines.processes import exit_now, exit_status
 
 log = logging.getLogger("mlops.mlflow")
@@ -64,7 +68,18 @@ def serve_here(cmd: list[str], *, extra_env: dict[str, str] | None = None, **kwa
 spawn = getattr(mlflow.server, "_exec_cmd", None)
 
 
+def sqlite_path(argv: list[str]) -> Path | None:
+    """The file of a `--backend-store-uri sqlite:///PATH` among the CLI's arguments."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--backend-store-uri" and value.startswith("sqlite:///"):
+            return Path(value.removeprefix("sqlite:///"))
+    return None
+
+
 def main() -> None:
+    db = sqlite_path(sys.argv)
+    if db is not None:
+        create_database(db)
     if spawn is None:  # a newer MLflow starts its server otherwise: let it, in two processes
         log.warning("this MLflow starts no server through _exec_cmd; running stock mlflow server")
     else:

@@ -30,6 +30,27 @@ def wait_healthy(
     )
 
 
+def create_database(db: Path) -> None:
+    """A new sqlite store, built aside and renamed into place once whole. MLflow builds one
+    through some sixty alembic migrations (seconds); a server stopped among them (a Ctrl-C,
+    or a run that failed that early) left a half-migrated database that every later start
+    refused. An existing database is left to MLflow, as is any other store."""
+    if db.exists():
+        return
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    new = db.with_name(db.name + ".new")
+    for leftover in (new, new.with_name(new.name + "-journal")):  # from an interrupted build
+        leftover.unlink(missing_ok=True)
+    engine = sqlalchemy.create_engine(f"sqlite:///{new}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(new, db)
+
+
 def with_tracking(cfg: PipelineConfig, uri: str) -> PipelineConfig:
     """The same config, pointed at a running tracking server."""
     return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})

@@ -92,6 +92,38 @@ def test_mlflow_server_is_one_process_with_no_job_runner(env: SimpleNamespace) -
     port = int(env.cfg.mlflow.tracking_uri.rsplit(":", 1)[1])
     listening = [c.laddr.port for c in server.connections() if c.status == psutil.CONN_LISTEN]
     assert listening == [port]
+    assert sorted(p.name for p in env.mlflow.workdir.glob("mlflow.db*")) == ["mlflow.db"]
+
+
+def test_a_new_mlflow_database_appears_only_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server stopped during the first migrations used to leave a database every later
+    start refused; now the half-built one is aside, and the next start builds it again."""
+    import sqlalchemy
+    from mlflow.store.db import utils
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+    from pipelines.mlflow_server import create_database
+
+    def interrupted(engine: sqlalchemy.engine.Engine) -> None:
+        InitialBase.metadata.create_all(engine)  # the first tables, then a Ctrl-C
+        raise KeyboardInterrupt
+
+    db = tmp_path / "mlflow.db"
+    real = utils._initialize_tables
+    monkeypatch.setattr(utils, "_initialize_tables", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        create_database(db)
+    assert not db.exists() and (tmp_path / "mlflow.db.new").exists()
+    monkeypatch.setattr(utils, "_initialize_tables", real)
+    create_database(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    try:
+        assert utils._all_tables_exist(engine)
+    finally:
+        engine.dispose()
 
 
 def test_neither_the_embedded_server_nor_a_step_sends_mlflow_telemetry(
