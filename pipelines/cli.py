@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
 from pipelines.console import setup_logging
-from pipelines.errors import ConfigError, PipelineError, report
+from pipelines.errors import INTERRUPTED, ConfigError, PipelineError, report
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
 
@@ -227,7 +227,7 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0
 
 

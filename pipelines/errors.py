@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports a process ended by SIGINT
+
 
 class PipelineError(Exception):
     """A failure the user can act on. The message names the problem and what to do."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
-from pipelines.errors import PipelineError
+from pipelines.errors import INTERRUPTED, PipelineError
 from pipelines.storage import ObjectStore
 
 log = logging.getLogger("mlops.steps")
@@ -83,6 +83,8 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
         record |= {"status": "succeeded", "result": dataclasses.asdict(result)}
     except PipelineError as exc:
         record |= {"status": "failed", "error": str(exc), "exit_code": exc.exit_code}
+    except KeyboardInterrupt:  # Ctrl-C reaches every step process: one line, not a traceback
+        record |= {"status": "failed", "error": "interrupted", "exit_code": INTERRUPTED}
     record["seconds"] = round(time.monotonic() - start, 2)
     path = record_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,37 @@ def test_a_trainer_config_error_ends_the_train_step_at_once(tmp_path: Path) -> N
     assert time.monotonic() - start < 300
 
 
+def test_an_interrupted_step_records_it_and_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Ctrl-C reaches every process of the run: a step says "interrupted", as the driver
+    does, and its record tells the driver why it ended, instead of a traceback and no record."""
+    from pipelines import steps
+    from pipelines.config import load_config, public_json
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(steps.STEPS, "verify-data", interrupted)
+    for var, value in (
+        ("ENDPOINT", "http://127.0.0.1:9"),
+        ("ACCESS_KEY", "a"),
+        ("SECRET_KEY", "b"),
+    ):
+        monkeypatch.setenv(f"MINIO_{var}", value)
+    cfg = load_config("smoke", overrides={"state_dir": str(tmp_path)}, environ={})
+    with pytest.raises(SystemExit) as exited:
+        steps.run_step("verify-data", public_json(cfg), str(tmp_path / "run"))
+    assert exited.value.code == 130
+    record = json.loads(steps.record_path(tmp_path / "run", "verify-data").read_text())
+    assert (record["status"], record["error"], record["exit_code"]) == (
+        "failed",
+        "interrupted",
+        130,
+    )
+    assert capsys.readouterr().err.endswith("error: interrupted\n")
+
+
 def test_torchrun_workers_report_their_config_error(tmp_path: Path) -> None:
     """torchrun exits 1 whatever its workers' codes: the step reads the reason they reported."""
     worker = tmp_path / "worker.py"
