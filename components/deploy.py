@@ -22,7 +22,14 @@ from pipelines import warm
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
-from pipelines.processes import HOST, require_free, terminate, wait_for_pid, wait_http_ok
+from pipelines.processes import (
+    HOST,
+    require_free,
+    serve_until_stopped,
+    server_log,
+    terminate,
+    wait_http_ok,
+)
 from pipelines.storage import ObjectStore
 from serving.launch import MODEL_JSON, download_model, serving_args
 
@@ -177,7 +184,7 @@ def deploy(
     meta = json.loads((model_dir / MODEL_JSON).read_text())
     port = cfg.serving.port
     require_free(port, "serving.port")
-    log_path = model_dir.parent / f"{name}.log"
+    log_path = server_log(model_dir)
     proc = launch_server(model_dir, name, port, cfg, log_path, outlive=serve)
     base = f"http://{HOST}:{port}"
     try:
@@ -225,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         result = deploy(cfg, store, args.model_uri, args.serve)
         if args.serve:
             print(f"serving {result.endpoint_v1} (Ctrl-C to stop)", file=sys.stderr)
-            wait_for_pid(result.pid)
+            assert result.pid is not None  # a served result has one
+            serve_until_stopped(result.pid, Path(result.model_dir))
         return result
 
     return step_main(step, "components.deploy", __doc__, ["--port", "--state-dir"], argv, _add_args)

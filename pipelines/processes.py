@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -9,6 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from pipelines.errors import PipelineError
 
 HOST = "127.0.0.1"  # every embedded service binds loopback only
 
@@ -100,16 +104,39 @@ def wait_http_ok(
     raise PipelineError(f"{what} was not {state} within {timeout_s:.0f} s: {hint}")
 
 
+def _ended(pid: int) -> bool:
+    """Whether the process has gone; one of ours that exited is reaped here (a zombie still
+    answers os.kill(pid, 0), so polling that alone would wait for it forever)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not our child: its parent reaps it
+        return False
+
+
+def server_log(model_dir: Path) -> Path:
+    """Where a model server started for model_dir (state/serving/NAME) logs: beside it."""
+    return model_dir.parent / f"{model_dir.name}.log"
+
+
+def serve_until_stopped(pid: int, model_dir: Path) -> None:
+    """Block while the model server serves: Ctrl-C stops it (and re-raises); a server that
+    ends on its own is a failed run, not a quiet exit 0, and its log says why."""
+    wait_for_pid(pid)
+    raise PipelineError(f"the model server (pid {pid}) exited; its log: {server_log(model_dir)}")
+
+
 def wait_for_pid(pid: int | None) -> None:
     """Block until the process exits; Ctrl-C stops it and re-raises."""
     if pid is None:
         return
     try:
-        while True:
-            os.kill(pid, 0)
+        while not _ended(pid):
             time.sleep(1)
-    except ProcessLookupError:
-        return
     except KeyboardInterrupt:
-        os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
         raise

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 
 from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
 from pipelines.local import STEPS, RunReport, check_before_run, run_pipeline  # noqa: E402
-from pipelines.processes import require_free, wait_for_pid  # noqa: E402
+from pipelines.processes import require_free, serve_until_stopped  # noqa: E402
 
 # Each command and its one-line help, for its parser and the list in the default --help.
 COMMANDS = {
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(as_json(report), flush=True)
     deployed = report.result("deploy")
     if deployed.get("serving"):
-        wait_for_pid(deployed["pid"])
+        serve_until_stopped(deployed["pid"], Path(deployed["model_dir"]))
     return report.exit_code
 
 
@@ -153,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from components.deploy import start_server
     from pipelines.cli import open_store
-    from pipelines.processes import HOST
+    from pipelines.processes import HOST, server_log
     from serving.launch import download_model
 
     cfg = config_from_args(args)
@@ -163,13 +163,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir)
     name, port = cfg.serving.model_name, cfg.serving.port
-    proc = start_server(model_dir, name, port, cfg, model_dir.parent / f"{name}.log")
+    proc = start_server(model_dir, name, port, cfg, server_log(model_dir))
     print(
         f"serving {args.model_uri}\n  V1 http://{HOST}:{port}/v1/models/{name}:predict\n"
         f"  V2 http://{HOST}:{port}/v2/models/{name}/infer\n(Ctrl-C to stop)",
         flush=True,
     )
-    wait_for_pid(proc.pid)
+    serve_until_stopped(proc.pid, model_dir)
     return 0
 
 

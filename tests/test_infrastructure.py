@@ -448,3 +448,27 @@ def test_pods_keep_their_state_in_a_writable_scratch_volume() -> None:
     assert any(state.group(1).startswith(m.mount_path + "/") for m in mounts)
     cfg = load_config("quick", environ={"MLOPS_STATE_DIR": state.group(1)})
     assert str(cfg.state_dir) == state.group(1)
+
+
+def test_serving_in_the_foreground_ends_when_the_server_dies(tmp_path: Path) -> None:
+    """`run --serve` and `serve` wait on their model server: one that dies is an error that
+    names its log, whether or not it has been reaped (a zombie still answers kill(pid, 0))."""
+    import threading
+
+    from pipelines.errors import PipelineError
+    from pipelines.processes import serve_until_stopped
+
+    server = subprocess.Popen([sys.executable, "-c", "pass"])  # ends at once, left unreaped
+    ended: list[str] = []
+
+    def serve() -> None:
+        try:
+            serve_until_stopped(server.pid, tmp_path / "serving" / "m")
+        except PipelineError as exc:
+            ended.append(str(exc))
+
+    waiter = threading.Thread(target=serve, daemon=True)
+    waiter.start()
+    waiter.join(timeout=120)  # a liveness bound: the old wait never ended
+    log_path = tmp_path / "serving" / "m.log"
+    assert ended == [f"the model server (pid {server.pid}) exited; its log: {log_path}"]
