@@ -55,7 +55,10 @@ def _layout(paths: list[PurePosixPath]) -> tuple[int, bool]:
     drop = 0
     while True:
         tops = {p.parts[drop] for p in paths if len(p.parts) > drop + 1}
-        if len(tops) == 1 and not tops & set(SPLITS):
+        # One folder holding only images is a class (a lone one, refused later as such), not
+        # a wrapper: a wrapper holds class folders.
+        nested = any(len(p.parts) > drop + 2 for p in paths)
+        if len(tops) == 1 and not tops & set(SPLITS) and nested:
             drop += 1
             continue
         return drop, bool(tops) and tops <= set(SPLITS)

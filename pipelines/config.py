@@ -8,11 +8,21 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.errors import ConfigError
 
 DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
+# Official datasets, whose images have one size: dataset.image_size resizes the others only.
+FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 # Datasets whose classes change when an image is mirrored (digits): never flipped by default.
 UNMIRRORED_DATASETS = frozenset({"mnist"})
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
@@ -67,7 +77,8 @@ class DatasetConfig(_Section):
         None,
         ge=8,
         le=1024,
-        description="Resize images to this square size. Unset: every image must share one size.",
+        description="Resize images to this square size (imagefolder, synthetic). Unset: every "
+        "image must share one size.",
     )
     synthetic_per_class: int = Field(
         200, ge=10, description="Synthetic data: train images per class (test gets a fifth)."
@@ -76,6 +87,15 @@ class DatasetConfig(_Section):
     @property
     def key(self) -> str:
         return self.id or self.name
+
+    @model_validator(mode="after")
+    def _size_applies(self) -> DatasetConfig:
+        if self.image_size is not None and self.name in FIXED_SIZE_DATASETS:
+            raise ValueError(
+                f"image_size={self.image_size} resizes imagefolder and synthetic images only; "
+                f"{self.name} images have one size: unset dataset.image_size"
+            )
+        return self
 
 
 class Buckets(_Section):
@@ -465,6 +485,10 @@ def format_validation_error(exc: ValidationError) -> str:
         field = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown setting (see `python pipelines/run.py config`)")
+            continue
+        if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            # A section's own check, across its fields: its message names the field.
+            lines.append(f"{field}.{err['msg'].removeprefix('Value error, ')}")
             continue
         value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.

@@ -102,6 +102,20 @@ def test_unreadable_config_files_name_the_path(tmp_path: Path) -> None:
         load_config(config_file=numbers, environ={})
 
 
+def test_image_size_is_refused_where_it_would_be_ignored() -> None:
+    for name in ("cifar10", "mnist"):
+        overrides = {"dataset.name": name, "dataset.image_size": 32}
+        with pytest.raises(ConfigError) as refused:
+            load_config("smoke", overrides=overrides, environ={})
+        assert str(refused.value) == (
+            "dataset.image_size=32 resizes imagefolder and synthetic images only; "
+            f"{name} images have one size: unset dataset.image_size"
+        )
+    for name in ("imagefolder", "synthetic"):
+        overrides = {"dataset.name": name, "dataset.image_size": 24}
+        assert load_config("smoke", overrides=overrides, environ={}).dataset.image_size == 24
+
+
 def test_set_gives_text_fields_the_text_typed() -> None:
     """YAML reads 4, 2024 and on as numbers and a boolean; a text field wants them as typed."""
     typed = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -93,6 +94,17 @@ def test_empty_class_is_named(make_cfg, store, tmp_path: Path) -> None:
         png.unlink()
     with pytest.raises(DataError, match=r"class7"):
         verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(folder)), store)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_lone_class_folder_is_a_class_not_a_wrapper(
+    make_cfg, store, tmp_path: Path, wrapped: bool
+) -> None:
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
+    lone = tmp_path / "lone" / ("wrapper" if wrapped else "") / "class3"
+    shutil.copytree(folder / "train" / "class3", lone)
+    with pytest.raises(DataError, match=r"found 1 class\(es\), need at least 2"):
+        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(lone.parent)), store)
 
 
 def test_empty_class_in_archive_is_named(make_cfg, store, tmp_path: Path) -> None:
