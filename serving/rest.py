@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,7 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference_error_handler
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest import server as rest_server
 
 from pipelines.errors import ConfigError
@@ -116,6 +119,33 @@ async def undecodable_bytes(request: Request, exc: Exception) -> JSONResponse:
     return await inference_error_handler(request, exc)
 
 
+def guard_binary_bodies() -> None:
+    """KServe parses a V2 binary-extension body (a JSON header, then raw tensors) on the sizes
+    the client declares: a body shorter than its shape, a header length that is no number, a
+    BYTES element without its length prefix raised ValueError or struct.error, each a 500 and a
+    traceback in the log. They are the request's fault: a 400 that says what did not match."""
+    decode = DataPlane.decode_inference_request
+    if getattr(decode, "guarded", False):
+        return
+
+    def guarded(self: DataPlane, body: Any, headers: dict, model_name: str) -> Any:
+        try:
+            return decode(self, body, headers, model_name)
+        except InvalidInput:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+            if not isinstance(body, bytes):
+                raise  # a JSON body is parsed and checked before this: not a client error here
+            raise InvalidInput(
+                f"the binary body does not match its JSON header ({exc}): send "
+                f"{INFERENCE_CONTENT_LENGTH_HEADER} as the header's byte length, and each "
+                "input's binary_data_size as the bytes that follow for its shape and datatype"
+            ) from None
+
+    guarded.guarded = True  # type: ignore[attr-defined]
+    DataPlane.decode_inference_request = guarded  # type: ignore[method-assign]
+
+
 def install_rest_server(host: str) -> None:
     """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
     server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
@@ -139,3 +169,4 @@ def install_rest_server(host: str) -> None:
             app.add_exception_handler(RequestValidationError, invalid_request)
 
     model_server.RESTServer = BoundRESTServer
+    guard_binary_bodies()

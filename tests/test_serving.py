@@ -154,6 +154,34 @@ def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespa
     assert requests.get(f"{server.base}/v2/health/ready", timeout=10).status_code == 200
 
 
+def test_v2_binary_bodies_that_do_not_match_their_header_are_400s(
+    server: SimpleNamespace,
+) -> None:
+    url = f"{server.base}/v2/models/{NAME}/infer"
+
+    def post(tensor: dict, blob: bytes, length: str | None = None) -> requests.Response:
+        header = json.dumps({"inputs": [tensor]})
+        length = str(len(header)) if length is None else length
+        headers = {"Inference-Header-Content-Length": length}
+        return requests.post(url, data=header.encode() + blob, headers=headers, timeout=30)
+
+    uint8 = {"name": "x", "datatype": "UINT8", "shape": [1, 32, 32, 3]}
+    png = base64.b64decode(png_b64(server.images[0]))
+    bad = [
+        post({**uint8, "parameters": {"binary_data_size": 100}}, bytes(100)),  # short of 3072
+        post({**uint8, "parameters": {"binary_data_size": 3072}}, bytes(3072), length="abc"),
+        # BYTES without the 4-byte length prefix: the PNG signature read as a length.
+        post(
+            {"name": "x", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}},
+            png,
+        ),
+    ]
+    for answer in bad:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"].startswith("the binary body does not match its JSON header")
+    assert requests.get(f"{server.base}/v2/health/ready", timeout=10).status_code == 200
+
+
 def png_header(width: int, height: int) -> str:
     """base64 of a 1-bit PNG that declares width x height over one row of pixel data: it fails
     to decode, so an answer that names its size shows the size was checked before decoding."""
