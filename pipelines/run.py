@@ -153,10 +153,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from components.deploy import start_server
     from pipelines.cli import open_store
+    from pipelines.errors import ConfigError, PipelineError
     from pipelines.processes import HOST, server_log
+    from pipelines.storage import parse_s3_uri
     from serving.launch import download_model
 
     cfg = config_from_args(args)
+    try:
+        parse_s3_uri(args.model_uri)
+    except PipelineError as exc:
+        raise ConfigError(f"--model-uri: {exc}") from None
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
     model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()
     with open_store(cfg) as (_, store):

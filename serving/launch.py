@@ -30,7 +30,10 @@ def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
     meta = store.read_json(bucket, prefix + MODEL_JSON)
     if meta is None:
-        raise PipelineError(f"{model_uri} has no {MODEL_JSON}: the training did not complete")
+        raise PipelineError(
+            f"{model_uri} has no {MODEL_JSON}: no trained model is there (a wrong URI, or a "
+            "training that did not complete)"
+        )
     store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
     store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
     return dest

@@ -17,9 +17,12 @@ from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
+from data.imagefolder import COLOR_MODES, GRAY_MODES
 from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
+
+EIGHT_BIT_MODES = GRAY_MODES | COLOR_MODES  # what training decodes (data/imagefolder.py)
 
 
 class ImageClassifier(Model):
@@ -79,6 +82,12 @@ class ImageClassifier(Model):
                 raise InvalidInput(
                     f"{where}: image is {opened.size[0]}x{opened.size[1]}, the model takes "
                     f"{self.width}x{self.height}"
+                )
+            # 16-bit or float pixels would be clipped, mostly to white, and still classified.
+            if opened.mode not in EIGHT_BIT_MODES:
+                raise InvalidInput(
+                    f"{where}: image mode {opened.mode} is not supported: send an 8-bit "
+                    "grayscale or color image (L or RGB), as the model was trained on"
                 )
             try:
                 img = opened.convert("L" if self.channels == 1 else "RGB")

@@ -89,6 +89,11 @@ def held_port() -> Iterator[int]:
         (["pipelines/run.py", "config", "--config", "{tmp}/bin"], {}, "{tmp}/bin is not UTF-8"),
         (["pipelines/run.py", "--state-dir", "{tmp}/file"], {}, "state_dir: {tmp}/file is a file"),
         (
+            ["pipelines/run.py", "serve", "--model-uri", "not-a-uri"],
+            {},
+            "--model-uri: 'not-a-uri' is not an s3://bucket/key URI",
+        ),
+        (
             ["-m", "components.verify_data", "--result", "{tmp}/file/r.json"],
             {},
             "--result {tmp}/file/r.json: {tmp}/file is a file, not a folder",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.errors import InferenceError
+from PIL import Image
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from pipelines.config import load_config
@@ -196,6 +198,13 @@ def png_header(width: int, height: int) -> str:
     return base64.b64encode(b"\x89PNG\r\n\x1a\n" + png).decode()
 
 
+def png16_b64() -> str:
+    """A 32x32 16-bit grayscale PNG (mode I;16), which training refuses too."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 40_000, np.uint16)).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
 def uint8_input(value: object, shape: tuple[int, ...] = (1, 32, 32, 3)) -> list[dict]:
     data = [value] * int(np.prod(shape))
     return [{"name": "x", "datatype": "UINT8", "shape": list(shape), "data": data}]
@@ -214,6 +223,7 @@ BAD_V1 = [
     ([{"image_bytes": {"b64": png_header(20000, 20000)}}], "larger than the decoder accepts"),
     ([{"image_bytes": {"b64": png_header(12000, 12000)}}], "is 12000x12000, the model takes 32x32"),
     ([{"image_bytes": {"b64": png_header(32, 32)}}], "not a decodable PNG or JPEG"),
+    ([{"image_bytes": {"b64": png16_b64()}}], "image mode I;16 is not supported"),
     # Counted before any is decoded: else this would answer "invalid base64".
     ([{"image_bytes": {"b64": "@@"}}] * 9, "9 instances exceed the maximum of 8"),
 ]
