@@ -9,6 +9,7 @@ import os
 import sys
 from datetime import UTC, datetime
 
+import psutil
 import yaml
 
 from pipelines import warm
@@ -16,7 +17,7 @@ from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, reported
 from pipelines.launcher import Ready, run_single, run_torchrun
-from pipelines.mlflow_server import wait_healthy
+from pipelines.mlflow_server import LOCAL_SERVER_ENV, wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training import checkpoint
 from training.dist import usable_cores
@@ -81,14 +82,44 @@ def tracking_ready(uri: str, wait_s: float) -> Ready:
     The trainer's exit ends the wait too: its exit code then says why, where a config error
     would otherwise wait wait_s and be blamed on the tracking server."""
 
+    local = os.environ.get(LOCAL_SERVER_ENV, "")
+    pid, _, server_log = local.partition(":")
+
     def ready(trainer: warm.Process) -> None:
         try:
-            wait_healthy(uri, wait_s, trainer)
+            if local:  # the run's own server: its exit ends the wait, and its log says why
+                watched = EitherExit(trainer, int(pid))
+                wait_healthy(uri, wait_s, watched, f"see {server_log}")  # type: ignore[arg-type]
+            else:
+                wait_healthy(uri, wait_s, trainer)
         except PipelineError:
             if trainer.poll() is None:  # the server's failure, not the trainer's
                 raise
 
     return ready
+
+
+class EitherExit:
+    """A trainer and the run's MLflow server, polled as one process that exits when either
+    does. The server is the driver's child, not this step's: its exit code is not ours to read
+    (returncode says "?")."""
+
+    def __init__(self, trainer: warm.Process, server_pid: int):
+        self.trainer, self.server_pid = trainer, server_pid
+        self.returncode: int | str | None = None
+
+    def poll(self) -> int | str | None:
+        self.returncode = self.trainer.poll()
+        if self.returncode is None and _gone(self.server_pid):
+            self.returncode = "?"
+        return self.returncode
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def train_model(

@@ -235,6 +235,7 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
                 stack.callback(mlflow_server.stop)
                 live = with_tracking(live, mlflow_server.uri)
+                warm_env = warm_env | mlflow_server.env()
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.
             quiet = QuietKfp(sys.stderr)

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("mlops.mlflow")
 
+# The local server, for the steps that wait on it: "PID:LOG". Its death ends their wait at once,
+# and its log, not MLFLOW_TRACKING_URI, is what they point to.
+LOCAL_SERVER_ENV = "MLOPS_LOCAL_MLFLOW"
 READY_TIMEOUT_S = 90.0  # about 5 s on 2 idle cores; slower while the data steps run
 
 
@@ -123,6 +126,11 @@ class LocalMlflow:
                 stdin=subprocess.DEVNULL,
             )
         return self
+
+    def env(self) -> dict[str, str]:
+        """LOCAL_SERVER_ENV for the steps, once started."""
+        assert self.proc is not None
+        return {LOCAL_SERVER_ENV: f"{self.proc.pid}:{self.workdir.resolve() / 'server.log'}"}
 
     def wait(self) -> str:
         # This server is ours: its log, not the user's MLFLOW_TRACKING_URI, says what failed.

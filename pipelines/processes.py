@@ -93,7 +93,9 @@ def wait_http_ok(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise PipelineError(f"{what} exited with code {proc.returncode}: {hint}")
+            code = proc.returncode
+            told = f" with code {code}" if isinstance(code, int) else ""  # not ours to read
+            raise PipelineError(f"{what} exited{told}: {hint}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:

@@ -154,6 +154,31 @@ def test_a_trainer_config_error_ends_the_train_step_at_once(tmp_path: Path) -> N
     assert time.monotonic() - start < 300
 
 
+def test_the_wait_for_the_runs_mlflow_server_ends_when_it_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's own server died (a database it refused, say): the train step's wait ends at
+    once and points to the server's log, not to MLFLOW_TRACKING_URI after mlflow.wait_s."""
+    from pipelines.errors import PipelineError
+    from pipelines.mlflow_server import LOCAL_SERVER_ENV
+
+    server = subprocess.Popen([sys.executable, "-c", "pass"])  # dead at once, a zombie
+    log_path = tmp_path / "server.log"
+    monkeypatch.setenv(LOCAL_SERVER_ENV, f"{server.pid}:{log_path}")
+    uri = f"http://{HOST}:{free_port()}"
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(PipelineError) as failed:
+            tracking_ready(uri, wait_s=600)(trainer)  # type: ignore[arg-type]
+        assert str(failed.value) == f"the MLflow server at {uri} exited: see {log_path}"
+        assert time.monotonic() - start < 300  # a liveness bound, not a timing
+    finally:
+        trainer.kill()
+        trainer.wait()
+        server.wait()
+
+
 def test_an_interrupted_step_records_it_and_exits_130(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
