@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +44,16 @@ SECRET_FIELDS = {"storage.access_key", "storage.secret_key"}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic takes true for 1 in a number field: `--set train.epochs=true` (YAML reads it
+        # as a boolean) would train one epoch without a word.
+        kinds = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {kinds, *get_args(kinds)}:
+            raise ValueError("a number is expected, not true or false")
+        return value
 
 
 class DatasetConfig(_Section):
@@ -494,7 +505,7 @@ def format_validation_error(exc: ValidationError) -> str:
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
         text = err["type"] == "string_type" and err.get("input") is not None
         quote = " (quote it in a YAML file)" if text else ""
-        lines.append(f"{field}={value}: {err['msg']}{quote}")
+        lines.append(f"{field}={value}: {err['msg'].removeprefix('Value error, ')}{quote}")
     return "; ".join(lines)
 
 

@@ -102,6 +102,15 @@ def test_unreadable_config_files_name_the_path(tmp_path: Path) -> None:
         load_config(config_file=numbers, environ={})
 
 
+def test_a_boolean_is_no_number() -> None:
+    """YAML reads true as a boolean, which pydantic would take for 1 in a number field."""
+    for key in ("train.epochs", "dataset.seed", "train.lr", "dataset.image_size"):
+        with pytest.raises(ConfigError) as refused:
+            load_config("smoke", overrides={key: True}, environ={})
+        assert str(refused.value) == f"{key}=True: a number is expected, not true or false"
+    assert load_config("smoke", overrides={"train.hflip": True}, environ={}).train.hflip is True
+
+
 def test_image_size_is_refused_where_it_would_be_ignored() -> None:
     for name in ("cifar10", "mnist"):
         overrides = {"dataset.name": name, "dataset.image_size": 32}
