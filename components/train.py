@@ -9,7 +9,6 @@ import os
 import sys
 from datetime import UTC, datetime
 
-import psutil
 import yaml
 
 from pipelines import warm
@@ -18,6 +17,7 @@ from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, reported
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_server import LOCAL_SERVER_ENV, wait_healthy
+from pipelines.processes import process_ended
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training import checkpoint
 from training.dist import usable_cores
@@ -82,16 +82,15 @@ def tracking_ready(uri: str, wait_s: float) -> Ready:
     The trainer's exit ends the wait too: its exit code then says why, where a config error
     would otherwise wait wait_s and be blamed on the tracking server."""
 
+    # The run's own server: its exit ends the wait too, and its log is what to read.
     local = os.environ.get(LOCAL_SERVER_ENV, "")
     pid, _, server_log = local.partition(":")
+    hint = {"hint": f"see {server_log}"} if local else {}
 
     def ready(trainer: warm.Process) -> None:
+        watched = EitherExit(trainer, int(pid)) if local else trainer
         try:
-            if local:  # the run's own server: its exit ends the wait, and its log says why
-                watched = EitherExit(trainer, int(pid))
-                wait_healthy(uri, wait_s, watched, f"see {server_log}")  # type: ignore[arg-type]
-            else:
-                wait_healthy(uri, wait_s, trainer)
+            wait_healthy(uri, wait_s, watched, **hint)  # type: ignore[arg-type]
         except PipelineError:
             if trainer.poll() is None:  # the server's failure, not the trainer's
                 raise
@@ -110,16 +109,9 @@ class EitherExit:
 
     def poll(self) -> int | str | None:
         self.returncode = self.trainer.poll()
-        if self.returncode is None and _gone(self.server_pid):
+        if self.returncode is None and process_ended(self.server_pid):
             self.returncode = "?"
         return self.returncode
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def train_model(

@@ -497,15 +497,16 @@ def format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown setting (see `python pipelines/run.py config`)")
             continue
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
         if err["type"] == "value_error" and isinstance(err.get("input"), dict):
             # A section's own check, across its fields: its message names the field.
-            lines.append(f"{field}.{err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{field}.{msg}")
             continue
         value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
         text = err["type"] == "string_type" and err.get("input") is not None
         quote = " (quote it in a YAML file)" if text else ""
-        lines.append(f"{field}={value}: {err['msg'].removeprefix('Value error, ')}{quote}")
+        lines.append(f"{field}={value}: {msg}{quote}")
     return "; ".join(lines)
 
 

@@ -81,6 +81,10 @@ class LocalMlflow:
     def uri(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        return self.workdir.resolve() / "server.log"
+
     def start(self) -> LocalMlflow:
         storage = self.cfg.storage
         assert storage.endpoint and storage.access_key and storage.secret_key
@@ -116,7 +120,7 @@ class LocalMlflow:
             f"s3://{storage.buckets.mlflow}/artifacts",
             *self.extra_args,
         ]
-        with open(self.workdir / "server.log", "ab") as out:
+        with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd,
                 cwd=ROOT,
@@ -130,11 +134,11 @@ class LocalMlflow:
     def env(self) -> dict[str, str]:
         """LOCAL_SERVER_ENV for the steps, once started."""
         assert self.proc is not None
-        return {LOCAL_SERVER_ENV: f"{self.proc.pid}:{self.workdir.resolve() / 'server.log'}"}
+        return {LOCAL_SERVER_ENV: f"{self.proc.pid}:{self.log_path}"}
 
     def wait(self) -> str:
         # This server is ours: its log, not the user's MLFLOW_TRACKING_URI, says what failed.
-        wait_healthy(self.uri, READY_TIMEOUT_S, self.proc, f"see {self.workdir / 'server.log'}")
+        wait_healthy(self.uri, READY_TIMEOUT_S, self.proc, f"see {self.log_path}")
         log.info("MLflow server on %s (UI and API)", self.uri)
         return self.uri
 

@@ -106,9 +106,9 @@ def wait_http_ok(
     raise PipelineError(f"{what} was not {state} within {timeout_s:.0f} s: {hint}")
 
 
-def _ended(pid: int) -> bool:
-    """Whether the process has gone; one of ours that exited is reaped here (a zombie still
-    answers os.kill(pid, 0), so polling that alone would wait for it forever)."""
+def process_ended(pid: int) -> bool:
+    """Whether the process has ended. A zombie still answers os.kill(pid, 0), so polling that
+    alone would wait for it forever: one of ours is reaped here, another's is read as ended."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -116,7 +116,12 @@ def _ended(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:  # not our child: its parent reaps it
-        return False
+        import psutil
+
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
 
 
 def server_log(model_dir: Path) -> Path:
@@ -136,7 +141,7 @@ def wait_for_pid(pid: int | None) -> None:
     if pid is None:
         return
     try:
-        while not _ended(pid):
+        while not process_ended(pid):
             time.sleep(1)
     except KeyboardInterrupt:
         with contextlib.suppress(ProcessLookupError):

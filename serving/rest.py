@@ -129,13 +129,13 @@ def guard_binary_bodies() -> None:
         return
 
     def guarded(self: DataPlane, body: Any, headers: dict, model_name: str) -> Any:
+        if not isinstance(body, bytes):  # a JSON body, which FastAPI has parsed and checked
+            return decode(self, body, headers, model_name)
         try:
             return decode(self, body, headers, model_name)
         except InvalidInput:
             raise
         except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
-            if not isinstance(body, bytes):
-                raise  # a JSON body is parsed and checked before this: not a client error here
             raise InvalidInput(
                 f"the binary body does not match its JSON header ({exc}): send "
                 f"{INFERENCE_CONTENT_LENGTH_HEADER} as the header's byte length, and each "
