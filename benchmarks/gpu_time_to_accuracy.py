@@ -40,7 +40,7 @@ from data.raw import files_of
 from pipelines.cli import parse_set, run_main
 from pipelines.config import PROFILES, TrainConfig, load_config
 from pipelines.errors import ConfigError
-from training.data import Tensors, rank_batches
+from training.data import Tensors, epoch_flips, rank_batches
 from training.dist import Dist
 from training.evaluate import evaluate, make_autocast
 from training.loop import epoch_generator, optimisation, run_epoch
@@ -104,6 +104,7 @@ class Trainer:
                 batches = itertools.islice(batches, steps)
             sync(device)
             t0 = time.perf_counter()
+            gen = epoch_generator(device, tc.seed, epoch, 0)
             sums, step, _ = run_epoch(
                 self.net,
                 optimizer,
@@ -111,9 +112,11 @@ class Trainer:
                 criterion,
                 train,
                 batches,
-                epoch_generator(device, tc.seed, epoch, 0),
+                gen,
                 self.autocast,
                 (step, total, tc.lr),
+                tc.crop_pad,
+                epoch_flips(len(train), epoch, tc.seed, tc.alternate_flips, gen),
             )
             images += int(sums[2].item())  # waits for the device
             train_s += time.perf_counter() - t0

@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmarks.common import ROOT, median, write_result
 from pipelines.config import PipelineConfig
-from training.data import augment
+from training.data import augment, epoch_flips
 from training.dist import detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import make_autocast
 from training.loop import param_groups, train_step
@@ -56,7 +56,8 @@ def worker(stem: str, precision: str, steps: int, warmup: int) -> None:
             if d.world > 1:
                 torch.distributed.barrier()
             start = time.perf_counter()
-        train_step(ddp, optimizer, scaler, criterion, augment(images, gen), labels, autocast)
+        x = augment(images, gen, tc.crop_pad, epoch_flips(per_rank, i, 0, tc.alternate_flips, gen))
+        train_step(ddp, optimizer, scaler, criterion, x, labels, autocast)
     elapsed = time.perf_counter() - start
     if d.main:
         print(json.dumps({"images_per_s": steps * tc.batch_size / elapsed}))

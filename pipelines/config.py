@@ -156,7 +156,14 @@ class TrainConfig(_Section):
     lr: float = Field(0.2, gt=0, le=10, description="Peak learning rate of the schedule.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD Nesterov momentum.")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    label_smoothing: float = Field(0.2, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    crop_pad: int = Field(
+        2,
+        ge=0,
+        le=32,
+        description="Pixels of zero padding around each training image before the random crop "
+        "back to its size (0: no crop).",
+    )
     workers: int = Field(
         1, ge=1, le=64, description="DDP processes locally; PyTorchJob replicas on a cluster."
     )
@@ -182,6 +189,12 @@ class TrainConfig(_Section):
         description="Mirror images left-right: random flips in training, and flip_tta. Unset: "
         f"on, except for {', '.join(sorted(UNMIRRORED_DATASETS))} (mirrored digits are not "
         "digits).",
+    )
+    alternate_flips: bool = Field(
+        True,
+        description="With hflip: mirror a seeded random half of the images in even epochs and "
+        "the other half in odd ones, so any two epochs in a row show each image both ways; "
+        "false: a fresh random half every epoch.",
     )
     flip_tta: bool = Field(
         True,

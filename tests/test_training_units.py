@@ -9,7 +9,7 @@ from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore
 from training import checkpoint
 from training.checkpoint import flatten_optimizer, unflatten_optimizer
-from training.data import Tensors, augment, rank_batches, resolve_hflip
+from training.data import Tensors, augment, epoch_flips, rank_batches, resolve_hflip
 from training.dist import usable_cores
 from training.loop import epoch_generator, lr_at, param_groups, run_epoch
 from training.model import build_classifier, build_model
@@ -35,12 +35,15 @@ def test_batches_the_data_cannot_fill_are_refused() -> None:
 
 def test_augment_crops_and_flips_whole_batches() -> None:
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
-    out = augment(images, torch.Generator().manual_seed(0))
+    out = augment(images, torch.Generator().manual_seed(0), 2)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    shifted = [augment(images, torch.Generator().manual_seed(s)) for s in range(20)]
+    shifted = [augment(images, torch.Generator().manual_seed(s), 2) for s in range(20)]
     assert any(not torch.equal(o, images) for o in shifted)
     # Every output pixel is an input pixel or padding zero.
     assert set(out.unique().tolist()) <= set(images.unique().tolist()) | {0}
+    # No padding, no crop: only the flagged image is mirrored.
+    out = augment(images, torch.Generator().manual_seed(0), 0, torch.tensor([True, False]))
+    assert torch.equal(out[0], images[0].flip(2)) and torch.equal(out[1], images[1])
 
 
 def test_hflip_off_never_mirrors_and_is_the_default_for_digits() -> None:
@@ -53,10 +56,25 @@ def test_hflip_off_never_mirrors_and_is_the_default_for_digits() -> None:
         return (middle[:, 1:] < middle[:, :-1]).all(1)
 
     gen = torch.Generator().manual_seed(0)
-    assert not mirrored(augment(images, gen, hflip=False)).any()
-    assert mirrored(augment(images, gen)).any()
+    assert not mirrored(augment(images, gen, 2, None)).any()
+    flips = epoch_flips(64, 0, 0, False, gen)
+    assert torch.equal(mirrored(augment(images, gen, 2, flips)), flips) and flips.any()
     assert resolve_hflip(None, "mnist") is False and resolve_hflip(None, "cifar10") is True
     assert resolve_hflip(True, "mnist") is True and resolve_hflip(False, "imagefolder") is False
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs() -> None:
+    gen = lambda epoch: epoch_generator(torch.device("cpu"), 0, epoch, 0)  # noqa: E731
+    first = epoch_flips(1000, 0, 7, True, gen(0))
+    assert 400 < first.sum() < 600  # a random half
+    assert torch.equal(epoch_flips(1000, 1, 7, True, gen(1)), ~first)
+    assert torch.equal(epoch_flips(1000, 2, 7, True, gen(2)), first)
+    # The same bits on every rank (another generator) and after a resume; another seed differs.
+    assert torch.equal(epoch_flips(1000, 2, 7, True, torch.Generator().manual_seed(5)), first)
+    assert not torch.equal(epoch_flips(1000, 0, 8, True, gen(0)), first)
+    # Random flips: a fresh half each epoch, not the complement of the last.
+    again = epoch_flips(1000, 1, 7, False, gen(1))
+    assert not torch.equal(again, ~epoch_flips(1000, 0, 7, False, gen(0)))
 
 
 def test_schedule_warms_up_then_anneals_to_zero() -> None:
@@ -82,6 +100,8 @@ def test_an_epoch_counts_its_images_and_follows_the_schedule() -> None:
         epoch_generator(torch.device("cpu"), 0, 0, 0),
         lambda: torch.autocast("cpu", enabled=False),
         (5, 10, 0.4),
+        2,
+        torch.arange(40) % 2 == 0,
     )
     assert step == 7 and sums[2].item() == 32  # 2 full batches of 16, from step 5 of 10
     assert lr == lr_at(6, 10, 0.4) == optimizer.param_groups[0]["lr"]

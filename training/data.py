@@ -13,8 +13,6 @@ from pipelines.config import UNMIRRORED_DATASETS
 from pipelines.errors import ConfigError, DataError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 
-PAD = 4  # pixels of zero padding before the random crop, the standard CIFAR augmentation
-
 
 @dataclass
 class Tensors:
@@ -83,22 +81,40 @@ def rank_batches(
     yield from order.to(device).split(per_rank)
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, hflip: bool = True) -> torch.Tensor:
-    """Random crop after 4-pixel zero padding, and (with hflip) a random horizontal flip, for a
-    whole batch."""
+def augment(
+    images: torch.Tensor, gen: torch.Generator, pad: int, flips: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Random crop after `pad` pixels of zero padding, then the images whose bit in `flips` is
+    set mirrored left-right (None: none), for a whole batch."""
     n, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
-    dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=images.device)
-    dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gen, device=images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    cropped = padded[batch, chan, rows, cols]
-    if not hflip:
-        return cropped
-    flip = torch.rand(n, generator=gen, device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+    if pad:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=images.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        images = padded[batch, chan, rows, cols]
+    if flips is None:
+        return images
+    return torch.where(flips[:, None, None, None], images.flip(3), images)
+
+
+def epoch_flips(
+    n: int, epoch: int, seed: int, alternate: bool, gen: torch.Generator
+) -> torch.Tensor:
+    """Which of the n training images one epoch mirrors, on gen's device. alternate: a seeded
+    random half in even epochs and the other half in odd ones, so that any two epochs in a row
+    show every image both ways (airbench's alternating flip: short schedules see more distinct
+    views); else a fresh random half from gen. A pure function of its arguments, so every rank
+    and a resumed run draw the same bits."""
+    if not alternate:
+        return torch.rand(n, generator=gen, device=gen.device) < 0.5
+    # A stream of its own (rank_batches' permutations seed theirs with seed * 100_003 + epoch),
+    # drawn on the CPU so that every device gets the same bits.
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed + 2**40)) < 0.5
+    return (first ^ bool(epoch % 2)).to(gen.device)
 
 
 def resolve_hflip(setting: bool | None, dataset: str) -> bool:

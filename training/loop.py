@@ -84,10 +84,12 @@ def run_epoch(
     gen: torch.Generator,
     autocast: Any,
     schedule: tuple[int, int, float],
-    hflip: bool = True,
+    pad: int,
+    flips: torch.Tensor | None,
 ) -> tuple[torch.Tensor, int, float]:
     """One epoch over `batches` (index tensors on data's device), the lr set before each step
-    from schedule = (first step, total steps, peak lr), images mirrored at random with hflip.
+    from schedule = (first step, total steps, peak lr), each image cropped after `pad` pixels of
+    padding and mirrored where its bit in `flips` (indexed like data) is set.
     Returns (loss sum, correct, count) as a float64 tensor on the device, the next step and the
     last lr.
 
@@ -100,7 +102,8 @@ def run_epoch(
         lr = lr_at(step, total, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = augment(data.images[idx], gen, hflip), data.labels[idx]
+        x = augment(data.images[idx], gen, pad, None if flips is None else flips[idx])
+        y = data.labels[idx]
         loss, logits = train_step(model, optimizer, scaler, criterion, x, y, autocast)
         step += 1
         sums[:2] += torch.stack([loss * len(y), (logits.argmax(1) == y).sum()]).double()

@@ -38,7 +38,7 @@ from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
 from training import checkpoint, tracking
-from training.data import load_processed, rank_batches, resolve_hflip
+from training.data import epoch_flips, load_processed, rank_batches, resolve_hflip
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import evaluate, make_autocast
 from training.loop import epoch_generator, optimisation, run_epoch
@@ -157,6 +157,10 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             world=d.world,
             device=device,
         )
+        gen = epoch_generator(device, tc.seed, epoch, d.rank)
+        flips = (
+            epoch_flips(len(train_set), epoch, tc.seed, tc.alternate_flips, gen) if hflip else None
+        )
         sums, step, lr = run_epoch(
             ddp,
             optimizer,
@@ -164,10 +168,11 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             criterion,
             train_set,
             batches,
-            epoch_generator(device, tc.seed, epoch, d.rank),
+            gen,
             autocast,
             (step, total_steps, tc.lr),
-            hflip,
+            tc.crop_pad,
+            flips,
         )
         if d.world > 1:
             dist.all_reduce(sums)
