@@ -72,6 +72,11 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
             if r
             else None
         )
+        if r and "train_images_per_s" in r:  # runs recorded since 2026-11-26 carry the pace
+            measured += (
+                f" (training at {r['train_images_per_s']:.0f} img/s; "
+                f"{r['beyond_epochs_s']:.0f} s beyond the epochs)"
+            )
         rows.append(
             _row(
                 f"`{profile}` profile, whole pipeline",

@@ -17,10 +17,11 @@ import itertools
 import json
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, write_result
+from benchmarks.common import RESULTS, ROOT, git_commit, median, write_result
 from benchmarks.runs import SHARED_CIFAR, run_pipeline, step_seconds
 from pipelines.config import load_config
 
@@ -67,15 +68,25 @@ def main(argv: list[str] | None = None) -> int:
                 Path(tmp) / "state",
             )
         tc = load_config(profile, environ={}).train
+        history = report["train"]["history"]
         precision = report["train"]["precision"]  # what auto resolved to
         accuracy, budget = TARGETS.get(profile, (None, None))
         rows.append(
             {
                 "profile": profile,
+                # A run of one profile keeps the other's row, so each row says when it ran.
+                "measured": f"{datetime.now(UTC):%Y-%m-%d}, {git_commit()}",
                 "recipe": f"{tc.stem} stem, {precision}, batch {tc.batch_size}, lr {tc.lr}, "
-                f"{tc.epochs} epochs, flip TTA {'on' if tc.flip_tta else 'off'}",
+                f"{tc.epochs} epochs, label smoothing {tc.label_smoothing}, {tc.crop_pad}-pixel "
+                f"crops, {'alternating' if tc.alternate_flips else 'random'} flips, flip TTA "
+                f"{'on' if tc.flip_tta else 'off'}",
                 "wall_s": report["wall_s"],
                 "train_s": report["train"]["seconds"],
+                # The machine's pace, so that runs on hosts of different speed can be compared.
+                "train_images_per_s": round(median([h["images_per_s"] for h in history]), 1),
+                "beyond_epochs_s": round(
+                    report["wall_s"] - sum(h["epoch_seconds"] for h in history), 2
+                ),
                 "val_accuracy": report["metrics"]["val_accuracy"],
                 "test_accuracy": report["metrics"]["test_accuracy"],
                 "target": f">= {accuracy:.0%} in <= {budget / 60:.0f} min" if accuracy else "",

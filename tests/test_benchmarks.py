@@ -43,6 +43,12 @@ def test_targets_are_judged_from_the_results() -> None:
     assert rows["`quick` profile"]["verdict"] == "NOT met"
     assert rows["`quick` profile"]["measured"] == "83.00% test / 84.00% val in 9.7 min"
     assert rows["`full` profile"]["verdict"] == "not measured"
+    # A run that recorded its pace shows it: runs on hosts of different speed compare.
+    quick = docs["time_to_accuracy"]["figures"][0]
+    quick |= {"train_images_per_s": 612.4, "beyond_epochs_s": 61.2}
+    assert targets(docs)[0]["measured"] == (
+        "83.00% test / 84.00% val in 9.7 min (training at 612 img/s; 61 s beyond the epochs)"
+    )
     assert rows["pipeline overhead (smoke"]["verdict"] == "met"
     assert rows["serving p50"]["verdict"] == "met"
     assert rows["serving 16-client throughput / in-process batched"]["verdict"] == "NOT met"
