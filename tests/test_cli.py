@@ -341,12 +341,14 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     assert forks.count("forked serving.__main__:main") == 1
     assert "forked training.train:main" not in forks  # 2 workers: torchrun starts them
 
-    # An impossible gate fails the run at verify-model: nothing deployed, champion unchanged.
-    # One worker this time: the trainer forks too.
+    # A gate the model cannot pass fails the run at verify-model: nothing deployed, champion
+    # unchanged. The smoke recipe can score 1.0 on synthetic images, so this model trains at a
+    # near-zero lr and stays near chance. One worker this time: the trainer forks too.
     client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
     name = one["mlflow"]["registered_model"]
     before = client.get_model_version_by_alias(name, "champion").version
-    gated = run(*args, "--workers", "1", "--set", "gate.min_accuracy=1.0")
+    gate = ["--set", "gate.min_accuracy=1.0", "--set", "train.lr=0.000001"]
+    gated = run(*args, "--workers", "1", *gate)
     assert gated.returncode == 1
     three = json.loads(gated.stdout.strip().splitlines()[-1])
     forks = (state / "runs" / three["run_id"] / "fork-server.log").read_text()
