@@ -131,6 +131,12 @@ class Server:
         req, fds, conn = request.body, request.fds, request.conn
         code = 1
         try:
+            # A fresh process's signal handling before its pid leaves: the client may signal
+            # it at once, and the server's SIGTERM handler (sys.exit(0)) would end it with 0.
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             # Its pid first, then its exit code, on its own connection: in this order whatever
             # the server does meanwhile (it may be busy importing). Nothing else of the
             # server's stays open here.
@@ -143,15 +149,11 @@ class Server:
                 client.close()
             for other in self.pending:
                 other.close()
-            signal.set_wakeup_fd(-1)
             for fd in self.private_fds:
                 os.close(fd)
             self.selector.close()
             log.handlers.clear()  # the server's, on its log file
             log.propagate = True
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
             for target_fd, fd in enumerate(fds):
                 os.dup2(fd, target_fd)
             os.chdir(req["cwd"])

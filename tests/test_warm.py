@@ -82,6 +82,21 @@ def test_a_child_is_driven_as_popen_is(server: Path, tmp_path: Path) -> None:
     assert crashed is not None and crashed.wait(timeout=30) == 1  # as an uncaught error exits
 
 
+def test_a_child_signalled_as_soon_as_its_pid_arrives_dies_of_the_signal(
+    server: Path, tmp_path: Path
+) -> None:
+    # The child used to take a fresh process's signal handling after it had sent its pid: a
+    # SIGTERM in between ran the server's handler and the child reported exit 0 (seen once
+    # in CI, in the test below, as 0 == -SIGTERM).
+    codes = []
+    for _ in range(20):
+        child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), tmp_path)
+        assert child is not None
+        child.terminate()
+        codes.append(child.wait(timeout=30))
+    assert codes == [-signal.SIGTERM] * 20
+
+
 def test_a_target_that_waits_for_an_import_forks_once_the_server_has_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
