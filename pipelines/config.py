@@ -146,10 +146,10 @@ class TrainConfig(_Section):
     """ResNet-18 training."""
 
     arch: Literal["resnet18"] = Field("resnet18", description="Network architecture.")
-    stem: Literal["cifar", "imagenet", "s2"] = Field(
+    stem: Literal["cifar", "imagenet", "s2", "s1pool"] = Field(
         "s2",
         description="cifar: 3x3 stride-1 conv, no maxpool; imagenet: 7x7 stride-2 conv + "
-        "maxpool; s2: 3x3 stride-2 conv, no maxpool.",
+        "maxpool; s2: 3x3 stride-2 conv, no maxpool; s1pool: 3x3 stride-1 conv + 2x2 maxpool.",
     )
     epochs: int = Field(8, ge=1, le=1000, description="Training epochs.")
     batch_size: int = Field(256, ge=1, description="Global batch size, summed over all ranks.")

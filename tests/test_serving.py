@@ -689,7 +689,8 @@ def test_the_server_runs_the_configured_backend(server: SimpleNamespace) -> None
 
 
 @pytest.mark.parametrize(
-    "stem,flip_tta,shape", [("s2", True, (32, 32, 3)), ("cifar", False, (28, 28, 1))]
+    "stem,flip_tta,shape",
+    [("s2", True, (32, 32, 3)), ("cifar", False, (28, 28, 1)), ("s1pool", True, (32, 32, 3))],
 )
 def test_onnxruntime_answers_as_pytorch_does(
     tmp_path: Path, stem: str, flip_tta: bool, shape: tuple[int, int, int]

@@ -12,7 +12,7 @@ from training.checkpoint import flatten_optimizer, unflatten_optimizer
 from training.data import Tensors, augment, epoch_flips, rank_batches, resolve_hflip
 from training.dist import usable_cores
 from training.loop import epoch_generator, lr_at, param_groups, run_epoch
-from training.model import build_classifier, build_model
+from training.model import STEMS, build_classifier, build_model
 
 
 def test_ranks_split_each_epoch_disjointly_and_reshuffle() -> None:
@@ -109,11 +109,35 @@ def test_an_epoch_counts_its_images_and_follows_the_schedule() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(("stem", "channels"), [("cifar", 3), ("imagenet", 1), ("s2", 3)])
+@pytest.mark.parametrize(
+    ("stem", "channels"), [("cifar", 3), ("imagenet", 1), ("s2", 3), ("s1pool", 1)]
+)
 def test_stems_give_logits_for_every_class(stem: str, channels: int) -> None:
     model = build_model(7, channels, stem).eval()
     with torch.no_grad():
         assert model(torch.randn(2, channels, 32, 32)).shape == (2, 7)
+
+
+def test_the_config_offers_every_stem_the_model_builds() -> None:
+    from typing import get_args
+
+    from pipelines.config import TrainConfig
+
+    assert get_args(TrainConfig.model_fields["stem"].annotation) == STEMS
+
+
+def test_s1pool_max_pools_a_full_resolution_stem_to_s2s_map_size() -> None:
+    """The stem convolves every position at 32x32; layer1 sees the 2x2 maxima at 16x16."""
+    torch.manual_seed(0)
+    model = build_model(10, 3, "s1pool").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model.relu(model.bn1(model.conv1(x)))
+        pooled = model.maxpool(full)
+        s2 = build_model(10, 3, "s2").eval()
+        assert full.shape == (2, 64, 32, 32)
+        assert pooled.shape == s2.relu(s2.bn1(s2.conv1(x))).shape == (2, 64, 16, 16)
+        assert torch.equal(pooled, full.unflatten(3, (16, 2)).unflatten(2, (16, 2)).amax((3, 5)))
 
 
 def test_optimizer_state_round_trips_without_pickle() -> None:
@@ -160,13 +184,15 @@ def _torchvision_model(num_classes: int, in_channels: int, stem: str) -> torch.n
         if in_channels != 3:
             model.conv1 = torch.nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
-    stride = 1 if stem == "cifar" else 2
+    stride = 2 if stem == "s2" else 1
     model.conv1 = torch.nn.Conv2d(in_channels, 64, 3, stride=stride, padding=1, bias=False)
-    model.maxpool = torch.nn.Identity()
+    model.maxpool = torch.nn.MaxPool2d(2) if stem == "s1pool" else torch.nn.Identity()
     return model
 
 
-@pytest.mark.parametrize(("stem", "channels"), [("s2", 3), ("cifar", 1), ("imagenet", 3)])
+@pytest.mark.parametrize(
+    ("stem", "channels"), [("s2", 3), ("cifar", 1), ("imagenet", 3), ("s1pool", 3)]
+)
 def test_resnet18_is_torchvisions_weight_for_weight(stem: str, channels: int) -> None:
     """Same seed, same weights under the same names; same logits: models trained before the
     network was written out load and answer as they did."""

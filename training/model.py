@@ -7,7 +7,7 @@ from torch import nn
 
 from training.data import Normalize
 
-STEMS = ("cifar", "imagenet", "s2")
+STEMS = ("cifar", "imagenet", "s2", "s1pool")
 
 
 # torchvision's ResNet-18, written out: importing torchvision costs 2-3 s per process here (it
@@ -75,11 +75,14 @@ class ResNet18(nn.Module):
 
 
 def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") -> nn.Module:
-    """ResNet-18 (random init, nothing downloaded) with one of three stems:
+    """ResNet-18 (random init, nothing downloaded) with one of four stems:
 
     - imagenet: torchvision's own 7x7 stride-2 conv + maxpool (4x downsampling, cheapest);
     - cifar: 3x3 stride-1 conv, no maxpool (full 32x32 resolution, about 16x the stem cost);
-    - s2: 3x3 stride-2 conv, no maxpool (2x downsampling, about a quarter of cifar's cost).
+    - s2: 3x3 stride-2 conv, no maxpool (2x downsampling, about a quarter of cifar's cost);
+    - s1pool: 3x3 stride-1 conv, then a 2x2 maxpool: s2's 16x16 maps from layer1 on, at about
+      s2's speed, but the stem's features are computed at every position and the strongest of
+      each 2x2 kept, where s2 computes them at one position in four.
     """
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r}: choose one of {', '.join(STEMS)}")
@@ -89,9 +92,9 @@ def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") 
             model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         return model
     model.conv1 = nn.Conv2d(
-        in_channels, 64, 3, stride=1 if stem == "cifar" else 2, padding=1, bias=False
+        in_channels, 64, 3, stride=2 if stem == "s2" else 1, padding=1, bias=False
     )
-    model.maxpool = nn.Identity()
+    model.maxpool = nn.MaxPool2d(2) if stem == "s1pool" else nn.Identity()
     return model
 
 
