@@ -23,6 +23,8 @@ from pipelines.errors import ConfigError
 
 DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
 # Official datasets, whose images have one size: dataset.image_size resizes the others only.
+# The same names as verify-data's table of shapes (data.sources.EXPECTED; a test holds them
+# equal), kept apart so that the config does not import the readers.
 FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 # Datasets whose classes change when an image is mirrored (digits): never flipped by default.
 UNMIRRORED_DATASETS = frozenset({"mnist"})
