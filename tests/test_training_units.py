@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
+from pipelines.config import TrainConfig
 from pipelines.errors import ConfigError
 from pipelines.storage import ObjectStore
 from training import checkpoint
@@ -119,10 +122,6 @@ def test_stems_give_logits_for_every_class(stem: str, channels: int) -> None:
 
 
 def test_the_config_offers_every_stem_the_model_builds() -> None:
-    from typing import get_args
-
-    from pipelines.config import TrainConfig
-
     assert get_args(TrainConfig.model_fields["stem"].annotation) == STEMS
 
 

@@ -80,9 +80,9 @@ def build_model(num_classes: int, in_channels: int = 3, stem: str = "imagenet") 
     - imagenet: torchvision's own 7x7 stride-2 conv + maxpool (4x downsampling, cheapest);
     - cifar: 3x3 stride-1 conv, no maxpool (full 32x32 resolution, about 16x the stem cost);
     - s2: 3x3 stride-2 conv, no maxpool (2x downsampling, about a quarter of cifar's cost);
-    - s1pool: 3x3 stride-1 conv, then a 2x2 maxpool: s2's 16x16 maps from layer1 on, at about
-      s2's speed, but the stem's features are computed at every position and the strongest of
-      each 2x2 kept, where s2 computes them at one position in four.
+    - s1pool: 3x3 stride-1 conv, then a 2x2 maxpool: s2's 16x16 maps from layer1 on, but the
+      stem's features are computed at every position and the strongest of each 2x2 kept, where
+      s2 computes them at one position in four (0.88x s2's training pace on 2 CPU cores).
     """
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r}: choose one of {', '.join(STEMS)}")
