@@ -30,10 +30,14 @@ TARGETS = {"quick": (0.85, 600.0), "full": (0.90, 3600.0)}  # (accuracy, whole-p
 
 
 def curve(report: dict[str, Any]) -> list[tuple[float, float]]:
-    """(seconds since training started, val accuracy) after each epoch."""
+    """(seconds since training started, val accuracy) after each validated epoch."""
     history = report["train"]["history"]
     elapsed = itertools.accumulate(h["epoch_seconds"] for h in history)
-    return [(round(t, 1), h["val_accuracy"]) for t, h in zip(elapsed, history, strict=True)]
+    return [
+        (round(t, 1), h["val_accuracy"])
+        for t, h in zip(elapsed, history, strict=True)
+        if "val_accuracy" in h
+    ]
 
 
 def plot(curves: dict[str, list[tuple[float, float]]]) -> None:

@@ -12,6 +12,7 @@ from benchmarks import gpu_time_to_accuracy as gpu
 from benchmarks.ab import git
 from benchmarks.common import ROOT
 from benchmarks.report import targets
+from benchmarks.time_to_accuracy import curve
 from pipelines.config import PipelineConfig
 
 
@@ -85,6 +86,15 @@ def test_targets_are_judged_from_the_results() -> None:
     over = {r["target"].split(",")[0]: r for r in targets(docs)}["pipeline overhead (smoke"]
     assert over["verdict"] == "NOT met"
     assert "0.7x that of abc (abc1234) at `def5678`" in over["measured"]
+
+
+def test_the_accuracy_curve_has_a_point_per_validated_epoch_at_its_elapsed_time() -> None:
+    history = [
+        {"epoch_seconds": 10.0, "val_accuracy": 0.5},
+        {"epoch_seconds": 11.0},  # not validated (train.eval_every=2): no point, but its time
+        {"epoch_seconds": 12.0, "val_accuracy": 0.7},
+    ]
+    assert curve({"train": {"history": history}}) == [(10.0, 0.5), (33.0, 0.7)]
 
 
 def test_ab_refuses_a_ref_that_names_no_commit() -> None:

@@ -312,6 +312,23 @@ def trained(env: SimpleNamespace):
     return train_model(_cfg(env, workers=1, epochs=2), env.store, env.processed, "verify-base")
 
 
+def test_eval_every_skips_validation_and_changes_no_weight(env, trained) -> None:
+    sparse = train_model(
+        _cfg(env, workers=1, epochs=2, eval_every=5), env.store, env.processed, "eval-every"
+    )
+    # Validation draws no random numbers and leaves BatchNorm's statistics: the same weights.
+    assert sparse.model_sha256 == trained.model_sha256
+    assert sparse.test_accuracy == trained.test_accuracy
+    client = mlflow.MlflowClient(env.cfg.mlflow.tracking_uri)
+
+    def steps(run_id: str, key: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+    assert steps(sparse.mlflow_run_id, "train_loss") == [1, 2]
+    assert steps(sparse.mlflow_run_id, "val_accuracy") == [2]  # the last epoch always
+    assert steps(trained.mlflow_run_id, "val_accuracy") == [1, 2]
+
+
 def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None:
     from components.verify_model import GateError, recorded_score, verify_model
 

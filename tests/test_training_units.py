@@ -241,7 +241,10 @@ def test_resume_ignores_settings_that_change_no_training_state() -> None:
 
     cfg = load_config("smoke")
     base = config_hash(cfg, "s3://processed-data/x/abc/")
-    same = load_config("smoke", overrides={"train.max_restarts": 5, "train.flip_tta": False})
+    same = load_config(
+        "smoke",
+        overrides={"train.max_restarts": 5, "train.flip_tta": False, "train.eval_every": 3},
+    )
     assert config_hash(same, "s3://processed-data/x/abc") == base
     other = load_config("smoke", overrides={"train.lr": 0.123})
     assert config_hash(other, "s3://processed-data/x/abc/") != base

@@ -30,8 +30,10 @@ def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
 def config_hash(cfg: PipelineConfig, processed: str) -> str:
     """What a checkpoint must have been trained under to be resumed: the training settings
     (the world size included: BatchNorm sees each rank's share of the batch) and the data.
-    Restarts allowed and the final evaluation's flip TTA change no training state."""
-    train = cfg.train.model_dump(mode="json", exclude={"max_restarts", "flip_tta"})
+    Restarts allowed, the final evaluation's flip TTA and how often it validates change no
+    training state (evaluation draws no random numbers and leaves BatchNorm's statistics)."""
+    unused = {"max_restarts", "flip_tta", "eval_every"}
+    train = cfg.train.model_dump(mode="json", exclude=unused)
     doc = {"train": train, "processed": processed.rstrip("/")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

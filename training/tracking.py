@@ -93,7 +93,8 @@ class Tracker:
         if not history:
             return
         client = mlflow.MlflowClient()
-        logged = {m.step for m in client.get_metric_history(self.run_id, "val_accuracy")}
+        # train_loss, not val: every epoch has it, whatever train.eval_every skips.
+        logged = {m.step for m in client.get_metric_history(self.run_id, "train_loss")}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_epoch(row)
@@ -153,13 +154,11 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
 
 
 def _curves(history: list[dict[str, float]]) -> plt.Figure:
-    epochs = [r["epoch"] for r in history]
+    validated = [r for r in history if "val_accuracy" in r]  # train.eval_every may skip some
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 4))
-    loss.plot(epochs, [r["train_loss"] for r in history], label="train")
-    loss.plot(epochs, [r["val_loss"] for r in history], label="val")
-    acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
-    acc.plot(epochs, [r["val_accuracy"] for r in history], label="val")
     for ax, name in ((loss, "loss"), (acc, "accuracy")):
+        ax.plot([r["epoch"] for r in history], [r[f"train_{name}"] for r in history], label="train")
+        ax.plot([r["epoch"] for r in validated], [r[f"val_{name}"] for r in validated], label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.legend()

@@ -178,27 +178,28 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             dist.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()  # waits for the device: the epoch is done
         seconds = time.monotonic() - t_epoch
-        val_loss, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / count,
             "train_accuracy": correct / count,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
             "lr": lr,
             "images_per_s": count / seconds,
             "epoch_seconds": seconds,
         }
+        validated = ""
+        if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            val_loss, val_acc, _ = evaluate(ddp, splits["val"], d, 512, len(classes), autocast)
+            row |= {"val_loss": val_loss, "val_accuracy": val_acc}
+            validated = f"  val_loss {val_loss:.3f}  val_acc {val_acc:.3f}"
         history.append(row)
         if d.main:
             log.info(
-                "epoch %d/%d  loss %.3f  acc %.3f  val_loss %.3f  val_acc %.3f  %.0f img/s  %.1f s",
+                "epoch %d/%d  loss %.3f  acc %.3f%s  %.0f img/s  %.1f s",
                 epoch + 1,
                 tc.epochs,
                 row["train_loss"],
                 row["train_accuracy"],
-                val_loss,
-                val_acc,
+                validated,
                 row["images_per_s"],
                 seconds,
             )
