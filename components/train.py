@@ -19,7 +19,7 @@ from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_server import LOCAL_SERVER_ENV, wait_healthy
 from pipelines.processes import process_ended
 from pipelines.storage import ObjectStore, parse_s3_uri
-from training import checkpoint
+from training import resume
 from training.dist import usable_cores
 from training.precision import check_here
 from training.result import TrainResult
@@ -68,12 +68,10 @@ def check_run_id(cfg: PipelineConfig, store: ObjectStore, processed_uri: str, ru
     """A run id that holds a checkpoint of another config or data is refused now, from the
     checkpoint's small state object. The trainer refuses it too, but only after its start;
     under torchrun, whose agent restarts any failed worker, max_restarts times over."""
-    bucket, _, prefix = checkpoint.location(cfg, run_id)
-    state = checkpoint.load_state(store, bucket, prefix)
+    bucket, _, prefix = resume.location(cfg, run_id)
+    state = resume.load_state(store, bucket, prefix)
     if state is not None:
-        checkpoint.check_resumable(
-            state, checkpoint.config_hash(cfg, processed_uri), bucket, prefix
-        )
+        resume.check_resumable(state, resume.config_hash(cfg, processed_uri), bucket, prefix)
 
 
 def tracking_ready(uri: str, wait_s: float) -> Ready:

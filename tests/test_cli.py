@@ -65,6 +65,15 @@ def test_help_explains_every_option_with_its_default(command: list[str]) -> None
     assert "--dataset {cifar10,mnist,imagefolder,synthetic}" in out.stdout
 
 
+def test_the_driver_starts_without_torch() -> None:
+    # Importing torch takes 1.2 s and more on 2 busy cores: the driver starts the fork server
+    # and S3 first, and torch is imported in the fork server beside the data steps. A module
+    # the driver imports that pulls torch in (as training.checkpoint once did) delays it all.
+    out = run("-c", "import sys; import pipelines.run; print('torch' in sys.modules)")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "the driver imported torch"
+
+
 def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     out = run("pipelines/run.py", "--set", "train.lr=-1", "--state-dir", str(tmp_path))
     assert out.returncode == 2

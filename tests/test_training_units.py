@@ -237,7 +237,7 @@ def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:
 
 def test_resume_ignores_settings_that_change_no_training_state() -> None:
     from pipelines.config import load_config
-    from training.checkpoint import config_hash
+    from training.resume import config_hash
 
     cfg = load_config("smoke")
     base = config_hash(cfg, "s3://processed-data/x/abc/")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -13,38 +12,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, IntegrityError
-from pipelines.storage import ObjectStore, s3_uri
-
-log = logging.getLogger("mlops.checkpoint")
-LATEST = "latest.json"
-
-
-def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
-    """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints."""
-    prefix = f"{cfg.serving.model_name}/{run_id}/"
-    return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
-
-
-def config_hash(cfg: PipelineConfig, processed: str) -> str:
-    """What a checkpoint must have been trained under to be resumed: the training settings
-    (the world size included: BatchNorm sees each rank's share of the batch) and the data.
-    Restarts allowed, the final evaluation's flip TTA and how often it validates change no
-    training state (evaluation draws no random numbers and leaves BatchNorm's statistics)."""
-    unused = {"max_restarts", "flip_tta", "eval_every"}
-    train = cfg.train.model_dump(mode="json", exclude=unused)
-    doc = {"train": train, "processed": processed.rstrip("/")}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_resumable(state: dict[str, Any], chash: str, bucket: str, prefix: str) -> None:
-    """A run id resumes its own training only, not one of another config or data."""
-    if state.get("config_hash") != chash:
-        raise ConfigError(
-            f"{s3_uri(bucket, prefix)} holds a checkpoint of another config or data; "
-            "use a new run id"
-        )
+from pipelines.storage import ObjectStore
+from training.resume import LATEST, malformed, read_pointer
 
 
 @dataclass
@@ -126,31 +95,8 @@ class Saver:
             pending.result()
 
 
-def _malformed(bucket: str, prefix: str, exc: Exception) -> IntegrityError:
-    return IntegrityError(f"{s3_uri(bucket, prefix + LATEST)} is malformed ({exc})")
-
-
-def _pointer_and_state(
-    store: ObjectStore, bucket: str, prefix: str
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    pointer = store.read_json(bucket, prefix + LATEST)
-    if pointer is None:
-        return None
-    try:
-        key, sha256 = pointer["state"]["key"], pointer["state"]["sha256"]
-        return pointer, json.loads(store.get_bytes(bucket, prefix + key, sha256))
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise _malformed(bucket, prefix, exc) from None
-
-
-def load_state(store: ObjectStore, bucket: str, prefix: str) -> dict[str, Any] | None:
-    """The latest checkpoint's state (a small JSON object) without its tensors; None if none."""
-    found = _pointer_and_state(store, bucket, prefix)
-    return None if found is None else found[1]
-
-
 def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:
-    found = _pointer_and_state(store, bucket, prefix)
+    found = read_pointer(store, bucket, prefix)
     if found is None:
         return None
     pointer, state = found
@@ -158,5 +104,5 @@ def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | No
         key, sha256 = pointer["tensors"]["key"], pointer["tensors"]["sha256"]
         payload = store.get_bytes(bucket, prefix + key, sha256)
     except (KeyError, TypeError) as exc:
-        raise _malformed(bucket, prefix, exc) from None
+        raise malformed(bucket, prefix, exc) from None
     return Checkpoint(pointer["epoch"], load_safetensors(payload), state)

@@ -37,7 +37,7 @@ from pipelines.errors import ConfigError
 from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
-from training import checkpoint, tracking
+from training import checkpoint, resume, tracking
 from training.data import epoch_flips, load_processed, rank_batches, resolve_hflip
 from training.dist import Dist, detect_dist, init_process_group, usable_cores, wrap_ddp
 from training.evaluate import evaluate, make_autocast
@@ -120,13 +120,13 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     optimizer, scaler, criterion = optimisation(model, tc, precision)
 
     # -- resume: every rank reads the same checkpoint
-    bucket, prefix, ckpt_prefix = checkpoint.location(cfg, run_id)
-    chash = checkpoint.config_hash(cfg, processed)
+    bucket, prefix, ckpt_prefix = resume.location(cfg, run_id)
+    chash = resume.config_hash(cfg, processed)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = checkpoint.load_latest(store, bucket, ckpt_prefix)
     if ckpt is not None:
-        checkpoint.check_resumable(ckpt.state, chash, bucket, ckpt_prefix)
+        resume.check_resumable(ckpt.state, chash, bucket, ckpt_prefix)
         model.load_state_dict({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
         optimizer.load_state_dict(checkpoint.unflatten_optimizer(ckpt.tensors, ckpt.state["optim"]))
         torch.set_rng_state(ckpt.tensors["rng.torch"])

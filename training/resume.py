@@ -1,0 +1,64 @@
+"""Where a run's checkpoints live and whether they resume it: no torch, so the train step's
+check before it starts anything costs the driver no torch import (about 1.2 s)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError, IntegrityError
+from pipelines.storage import ObjectStore, s3_uri
+
+LATEST = "latest.json"
+
+
+def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
+    """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints."""
+    prefix = f"{cfg.serving.model_name}/{run_id}/"
+    return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
+
+
+def config_hash(cfg: PipelineConfig, processed: str) -> str:
+    """What a checkpoint must have been trained under to be resumed: the training settings
+    (the world size included: BatchNorm sees each rank's share of the batch) and the data.
+    Restarts allowed, the final evaluation's flip TTA and how often it validates change no
+    training state (evaluation draws no random numbers and leaves BatchNorm's statistics)."""
+    unused = {"max_restarts", "flip_tta", "eval_every"}
+    train = cfg.train.model_dump(mode="json", exclude=unused)
+    doc = {"train": train, "processed": processed.rstrip("/")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resumable(state: dict[str, Any], chash: str, bucket: str, prefix: str) -> None:
+    """A run id resumes its own training only, not one of another config or data."""
+    if state.get("config_hash") != chash:
+        raise ConfigError(
+            f"{s3_uri(bucket, prefix)} holds a checkpoint of another config or data; "
+            "use a new run id"
+        )
+
+
+def malformed(bucket: str, prefix: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"{s3_uri(bucket, prefix + LATEST)} is malformed ({exc})")
+
+
+def read_pointer(
+    store: ObjectStore, bucket: str, prefix: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The latest checkpoint's pointer and its state, checked against the pointer's digest."""
+    pointer = store.read_json(bucket, prefix + LATEST)
+    if pointer is None:
+        return None
+    try:
+        key, sha256 = pointer["state"]["key"], pointer["state"]["sha256"]
+        return pointer, json.loads(store.get_bytes(bucket, prefix + key, sha256))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise malformed(bucket, prefix, exc) from None
+
+
+def load_state(store: ObjectStore, bucket: str, prefix: str) -> dict[str, Any] | None:
+    """The latest checkpoint's state (a small JSON object) without its tensors; None if none."""
+    found = read_pointer(store, bucket, prefix)
+    return None if found is None else found[1]
