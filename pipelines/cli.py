@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from pipelines import state_lock
 from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
 from pipelines.console import setup_logging
 from pipelines.errors import INTERRUPTED, ConfigError, PipelineError, report
@@ -195,14 +196,15 @@ def check_result(path: Path) -> None:
 
 
 @contextmanager
-def open_store(cfg: PipelineConfig) -> Iterator[tuple[PipelineConfig, ObjectStore]]:
-    """The configured store, or an embedded one for as long as the block runs."""
+def open_store(cfg: PipelineConfig, command: str) -> Iterator[tuple[PipelineConfig, ObjectStore]]:
+    """The configured store, or an embedded one for as long as the block runs. `command` names
+    this one to another that finds the state dir held."""
     check_state_dir(cfg)
     check_storage(cfg)
     if cfg.storage.endpoint:
         yield cfg, ObjectStore(cfg.storage)
         return
-    with EmbeddedS3(cfg.state_dir / "s3") as server:
+    with state_lock.hold(cfg.state_dir, command), EmbeddedS3(cfg.state_dir / "s3") as server:
         cfg = with_embedded_store(cfg, server)
         yield cfg, ObjectStore(cfg.storage)
 
@@ -250,7 +252,7 @@ def step_main(
         cfg = config_from_args(args)
         if args.result is not None:
             check_result(args.result)
-        with open_store(cfg) as (live, store):
+        with open_store(cfg, module) as (live, store):
             emit(step(live, store, args), args.result)
 
     return run_main(body, args.verbose)

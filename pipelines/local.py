@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from components.train import check_ranks, new_run_id
+from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
 from pipelines.errors import PipelineError
@@ -225,7 +226,7 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
         with contextlib.ExitStack() as stack:
             forks = stack.enter_context(contextlib.ExitStack())
             warm_env = start_fork_server(cfg, run_dir, forks)
-            live, store = stack.enter_context(open_store(cfg))
+            live, store = stack.enter_context(open_store(cfg, "run"))
             stack.callback(forks.close)  # its children before the store they write to
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
@@ -235,6 +236,7 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
                 mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
                 stack.callback(mlflow_server.stop)
                 live = with_tracking(live, mlflow_server.uri)
+                state_lock.note(cfg.state_dir, mlflow=mlflow_server.uri)
                 warm_env = warm_env | mlflow_server.env()
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.

@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines.cli import HelpFormatter, add_config_args, config_from_args, run_main  # noqa: E402
+from pipelines import state_lock  # noqa: E402
+from pipelines.cli import (  # noqa: E402
+    HelpFormatter,
+    add_config_args,
+    check_state_dir,
+    config_from_args,
+    run_main,
+)
 from pipelines.local import STEPS, RunReport, check_before_run, run_pipeline  # noqa: E402
 from pipelines.processes import require_free, serve_until_stopped  # noqa: E402
 
@@ -129,8 +136,12 @@ def as_json(report: RunReport) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    check_before_run(cfg)
-    report = run_pipeline(cfg, serve=args.serve)
+    check_state_dir(cfg)
+    # Held from the checks on (a port another run's server will take is free now) to the
+    # run's end; not while --serve keeps the model server up, which reads its own folder.
+    with state_lock.hold(cfg.state_dir, "run"):
+        check_before_run(cfg)
+        report = run_pipeline(cfg, serve=args.serve)
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(as_json(report), flush=True)
@@ -165,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model-uri: {exc}") from None
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
     model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()
-    with open_store(cfg) as (_, store):
+    with open_store(cfg, "serve") as (_, store):
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir)
     name, port = cfg.serving.model_name, cfg.serving.port
@@ -295,7 +306,7 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     port = cfg.mlflow.ui_port
     # Else the server fails to bind and exits, and only its log says why.
     require_free(port, "mlflow.ui_port", "pass --set mlflow.ui_port=N (another MLflow UI?)")
-    with open_store(cfg) as (live, store):
+    with open_store(cfg, "mlflow-ui") as (live, store):
         store.ensure_buckets()
         server = LocalMlflow(live, live.state_dir / "mlflow", port).start()
         try:

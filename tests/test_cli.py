@@ -142,6 +142,51 @@ def test_what_is_known_up_front_fails_before_any_work(
     assert not (state / "s3").exists()  # no embedded store started, so no step either
 
 
+def test_a_state_dir_in_use_refuses_a_second_command_until_its_holder_dies(
+    tmp_path: Path,
+) -> None:
+    """Two commands' S3 servers on one data folder, or two runs' MLflow servers and KFP
+    workspaces, would corrupt each other: the second is refused (exit 2) and told who holds
+    the state dir. The lock dies with its holder, even by SIGKILL."""
+    state = tmp_path / "state"
+    state.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipelines import state_lock\n"
+            "with state_lock.hold(Path(sys.argv[1]), 'run'):\n"
+            "    state_lock.note(Path(sys.argv[1]), mlflow='http://127.0.0.1:5999')\n"
+            "    print('held', flush=True); time.sleep(300)",
+            str(state),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        for command in (
+            ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke"],
+            ["-m", "components.verify_data", "--dataset", "synthetic"],  # an embedded store
+        ):
+            out = run(*command, "--state-dir", str(state))
+            assert out.returncode == 2, out.stderr
+            assert out.stderr == (
+                f"error: state_dir {state} is in use by `run` (pid {holder.pid}, since "
+                f"{json.loads((state / 'lock').read_text())['since']}), whose MLflow UI is "
+                "http://127.0.0.1:5999; wait for it to end, or pass --state-dir DIR\n"
+            )
+        assert not (state / "s3").exists()  # refused before its store started
+    finally:
+        holder.kill()
+        holder.wait()
+    from pipelines import state_lock
+
+    with state_lock.hold(state, "test"), state_lock.hold(state, "the same process again"):
+        assert json.loads((state / "lock").read_text())["pid"] == os.getpid()
+
+
 def test_a_trainer_config_error_ends_the_train_step_at_once(tmp_path: Path) -> None:
     """A trainer that exits 2 is not restarted, it reports its error for the step, and the wait
     for an unreachable tracking server ends with the trainer instead of after mlflow.wait_s."""
