@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import urllib.parse
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,23 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
 
 TIMEOUT_S = 15
+
+
+def server_url(url: str, where: str, example: str) -> str:
+    """A server's URL as the argo and kfp CLIs read it (https:// unless a scheme is given),
+    checked: a bad one is a usage error here, not a library's assertion or retry later."""
+    if "://" not in url:
+        url = f"https://{url}"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is no number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{where}: {url} is not a server URL; expected http(s)://HOST[:PORT], e.g. {example}"
+        )
+    return url.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -41,14 +61,13 @@ class ArgoTarget:
         url = url or os.environ.get("ARGO_SERVER")
         if not url:
             raise ConfigError("no Argo Server: pass --argo-server URL or set ARGO_SERVER")
-        if "://" not in url:
-            url = f"https://{url}"  # as the argo CLI reads ARGO_SERVER
+        url = server_url(url, "--argo-server / ARGO_SERVER", "https://localhost:2746")
         token = token or os.environ.get("ARGO_TOKEN")
         if token and not token.startswith("Bearer "):
             token = f"Bearer {token}"
         # As the argo CLI: a port-forwarded server presents its self-signed certificate.
         insecure = insecure or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "") in ("true", "1")
-        return cls(url.rstrip("/"), token, namespace or cfg.cluster.namespace, not insecure)
+        return cls(url, token, namespace or cfg.cluster.namespace, not insecure)
 
 
 class ArgoClient:
@@ -191,6 +210,11 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise ConfigError("no KFP API server: pass --kfp-host URL or set KFP_HOST")
+    host = server_url(host, "--kfp-host / KFP_HOST", "http://localhost:8080")
+    # urllib3 logs each retry of an unreachable server; the error below says it once. kfp warns
+    # on every client that it needs KFP 2: the IR is KFP 2's.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "This client only works", FutureWarning)
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
@@ -205,8 +229,13 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
             # Without it the run's pods take KFP's broad default account (pipeline-runner).
             service_account=cfg.cluster.service_account,
         )
-    except (requests.exceptions.ConnectionError, OSError) as exc:
-        raise PipelineError(f"cannot reach the KFP API server at {host} ({exc})") from None
+    except (requests.exceptions.ConnectionError, urllib3.exceptions.HTTPError, OSError) as exc:
+        # kfp's generated client is urllib3's: a server it cannot reach is a MaxRetryError.
+        why = getattr(exc, "reason", None) or exc
+        raise PipelineError(
+            f"cannot reach the KFP API server at {host} ({why}); check --kfp-host / KFP_HOST "
+            "and that the server is port-forwarded"
+        ) from None
     except ApiException as exc:
         raise PipelineError(f"the KFP API server at {host} refused the run: {exc}") from None
     return run.run_id

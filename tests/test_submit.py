@@ -251,6 +251,27 @@ def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> 
     assert "Traceback" not in unreachable.stderr
 
 
+@pytest.mark.parametrize("backend", ["argo", "kfp"])
+def test_a_bad_or_unreachable_server_is_one_line(backend: str) -> None:
+    """A URL that names no http(s) server is a usage error (exit 2) before any request; one
+    that nobody answers is exit 1 naming it. kfp's client is urllib3's: its MaxRetryError
+    was a traceback."""
+    flag = "--argo-server" if backend == "argo" else "--kfp-host"
+    submit = ["submit", "--backend", backend]
+    for bad in ("ftp://host", "http://:2746", "localhost:port"):
+        out = cli(*submit, flag, bad, url="")
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.endswith(
+            "is not a server URL; expected http(s)://HOST[:PORT], e.g. "
+            f"{'https://localhost:2746' if backend == 'argo' else 'http://localhost:8080'}\n"
+        )
+    down = f"http://127.0.0.1:{free_port()}"
+    out = cli(*submit, flag, down, url="")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("error: cannot reach the ") and out.stderr.count("\n") == 1
+    assert down in out.stderr
+
+
 def test_tls_verification_is_on_unless_asked_off(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(environ={})
     monkeypatch.delenv("ARGO_INSECURE_SKIP_VERIFY", raising=False)
