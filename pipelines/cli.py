@@ -35,6 +35,7 @@ SHORTCUTS = {
     "--epochs": "train.epochs",
     "--workers": "train.workers",
     "--port": "serving.port",
+    "--namespace": "cluster.namespace",
 }
 
 

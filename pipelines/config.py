@@ -28,6 +28,12 @@ DatasetName = Literal["cifar10", "mnist", "imagefolder", "synthetic"]
 FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 # Datasets whose classes change when an image is mirrored (digits): never flipped by default.
 UNMIRRORED_DATASETS = frozenset({"mnist"})
+# Kubernetes' rule for most object names (a namespace, a Service): what an error then says.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+PATTERN_WORDS = {
+    DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
+    "starting and ending with a letter or digit",
+}
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
 
@@ -230,7 +236,7 @@ class ServingConfig(_Section):
 
     model_name: str = Field(
         "cifar10-resnet18",
-        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        pattern=DNS_LABEL,
         description="Registered model and InferenceService name (a DNS-1123 label).",
     )
     port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
@@ -298,7 +304,11 @@ class Resources(_Section):
 class ClusterConfig(_Section):
     """Where and how the pipeline runs on Kubernetes (Argo, the Training Operator, KServe)."""
 
-    namespace: str = Field("mlops", pattern=r"^[a-z0-9-]{1,63}$", description="Namespace.")
+    namespace: str = Field(
+        "mlops",
+        pattern=DNS_LABEL,
+        description="Kubernetes namespace of the workflows, jobs and services.",
+    )
     service_account: str = Field(
         "mlops-pipeline", description="ServiceAccount of the workflow and training pods."
     )
@@ -521,6 +531,8 @@ def format_validation_error(exc: ValidationError) -> str:
             lines.append(f"{field}: unknown setting (see `python pipelines/run.py config`)")
             continue
         msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
+        if err["type"] == "string_pattern_mismatch":  # not the regex, where words are known
+            msg = PATTERN_WORDS.get(err.get("ctx", {}).get("pattern"), msg)
         if err["type"] == "value_error" and isinstance(err.get("input"), dict):
             # A section's own check, across its fields: its message names the field.
             lines.append(f"{field}.{msg}")

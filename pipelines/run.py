@@ -198,7 +198,6 @@ def _argo(args: argparse.Namespace):
         ArgoTarget.resolve(
             args.argo_server,
             args.argo_token,
-            args.namespace,
             cfg,
             args.insecure_skip_tls_verify,
         )
@@ -285,7 +284,6 @@ def _argo_flags(parser: argparse.ArgumentParser) -> None:
         metavar="TOKEN",
         help="bearer token (default: $ARGO_TOKEN; prefer the variable)",
     )
-    parser.add_argument("--namespace", help="namespace (default: cluster.namespace)")
     parser.add_argument(
         "-k",
         "--insecure-skip-tls-verify",
@@ -319,9 +317,12 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.cli import make_dir
     from pipelines.compile import write_all
 
-    for path in write_all(config_from_args(args), args.out):
+    cfg = config_from_args(args)
+    make_dir(args.out, "--out", "pass --out DIR")  # a bad path: one line, before any work
+    for path in write_all(cfg, args.out):
         print(path)
     return 0
 
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--kfp-host", metavar="URL", help="KFP API server (default: $KFP_HOST)")
     _argo_flags(submit)
-    add_config_args(submit, ["--dataset", "--epochs", "--workers"])
+    add_config_args(submit, ["--dataset", "--epochs", "--workers", "--namespace"])
     submit.set_defaults(func=cmd_submit)
     for name, func in (
         ("list", cmd_list),
@@ -390,14 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             cmd.add_argument("--step", help="only this step's pods (default: every step)")
         _argo_flags(cmd)
-        add_config_args(cmd, [])
+        add_config_args(cmd, ["--namespace"])
         cmd.set_defaults(func=func)
     template = add("template")
     template.add_argument(
         "action", choices=["create"], help="create (or update) it, for submission from the Argo UI"
     )
     _argo_flags(template)
-    add_config_args(template, ["--workers"])
+    add_config_args(template, ["--workers", "--namespace"])
     template.set_defaults(func=cmd_template)
     ui = add("mlflow-ui")
     add_config_args(ui, ["--state-dir"])
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--out", type=Path, default=Path("build"), help="output folder (default: build)"
     )
-    add_config_args(comp, ["--workers"])
+    add_config_args(comp, ["--workers", "--namespace"])
     comp.set_defaults(func=cmd_compile)
     return parser
 

@@ -54,7 +54,6 @@ class ArgoTarget:
         cls,
         url: str | None,
         token: str | None,
-        namespace: str | None,
         cfg: PipelineConfig,
         insecure: bool = False,
     ) -> ArgoTarget:
@@ -67,7 +66,7 @@ class ArgoTarget:
             token = f"Bearer {token}"
         # As the argo CLI: a port-forwarded server presents its self-signed certificate.
         insecure = insecure or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "") in ("true", "1")
-        return cls(url, token, namespace or cfg.cluster.namespace, not insecure)
+        return cls(url, token, cfg.cluster.namespace, not insecure)
 
 
 class ArgoClient:

@@ -83,6 +83,13 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_compile_refuses_an_out_path_it_cannot_write(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = run("pipelines/run.py", "compile", "--out", str(tmp_path / "file"))
+    assert out.returncode == 2
+    assert out.stderr == f"error: --out: {tmp_path}/file is a file, not a folder; pass --out DIR\n"
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     with socket.socket() as sock:

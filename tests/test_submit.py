@@ -214,6 +214,21 @@ def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer
     assert "dataset.name={{workflow.parameters.dataset}}" in args
 
 
+def test_namespace_is_the_configs_for_the_request_and_the_workflow(argo: FakeArgoServer) -> None:
+    """--namespace is cluster.namespace: the workflow compiled for another namespace than the
+    one it is sent to would put its pods, jobs and services where the request did not say."""
+    assert cli("submit", "--namespace", "team-a", url=argo.url).returncode == 0
+    (workflow,) = argo.workflows.values()
+    assert ("POST", "api/v1/workflows/team-a") in argo.calls
+    assert workflow["metadata"]["namespace"] == "team-a"
+    bad = cli("list", "--namespace", "Team_A", url=argo.url)
+    assert bad.returncode == 2 and bad.stderr == (
+        "error: cluster.namespace='Team_A': a DNS-1123 label is expected: 1-63 lowercase "
+        "letters, digits and '-', starting and ending with a letter or digit\n"
+    )
+    assert len(argo.calls) == 1  # refused before any request
+
+
 def test_list_status_logs_and_stop(argo: FakeArgoServer) -> None:
     assert cli("submit", url=argo.url).returncode == 0
     (name,) = argo.workflows
@@ -275,9 +290,9 @@ def test_a_bad_or_unreachable_server_is_one_line(backend: str) -> None:
 def test_tls_verification_is_on_unless_asked_off(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(environ={})
     monkeypatch.delenv("ARGO_INSECURE_SKIP_VERIFY", raising=False)
-    target = ArgoTarget.resolve("localhost:2746", "t", None, cfg)
+    target = ArgoTarget.resolve("localhost:2746", "t", cfg)
     assert target.url == "https://localhost:2746" and target.verify_tls
     assert target.token == "Bearer t" and target.namespace == cfg.cluster.namespace
-    assert not ArgoTarget.resolve("localhost:2746", None, None, cfg, insecure=True).verify_tls
+    assert not ArgoTarget.resolve("localhost:2746", None, cfg, insecure=True).verify_tls
     monkeypatch.setenv("ARGO_INSECURE_SKIP_VERIFY", "true")  # as the argo CLI reads it
-    assert not ArgoTarget.resolve("localhost:2746", None, None, cfg).verify_tls
+    assert not ArgoTarget.resolve("localhost:2746", None, cfg).verify_tls
