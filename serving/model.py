@@ -23,6 +23,13 @@ from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
 
 EIGHT_BIT_MODES = GRAY_MODES | COLOR_MODES  # what training decodes (data/imagefolder.py)
+# A V2 response's tensors, in order, and whether each has a top-k axis after the batch one.
+OUTPUTS = (
+    ("class_index", "INT64", False),
+    ("class_name", "BYTES", False),
+    ("top_k_index", "INT64", True),
+    ("top_k_probability", "FP32", True),
+)
 
 
 class ImageClassifier(Model):
@@ -62,6 +69,26 @@ class ImageClassifier(Model):
         self.top_k = min(self.top_k, len(self.classes))
         self.ready = True
         return self.ready
+
+    # --- V2 model metadata (GET /v2/models/NAME): what a client builds its request from -------
+
+    def get_input_types(self) -> list[dict]:
+        # The tensor form; encoded PNG or JPEG images go as one BYTES tensor of shape [N].
+        if not self.ready:
+            return []
+        return [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": [-1, self.height, self.width, self.channels],
+            }
+        ]
+
+    def get_output_types(self) -> list[dict]:
+        return [
+            {"name": name, "datatype": dtype, "shape": [-1, self.top_k] if top_k else [-1]}
+            for name, dtype, top_k in OUTPUTS
+        ]
 
     # --- decoding ------------------------------------------------------------------------------
 
@@ -235,20 +262,10 @@ class ImageClassifier(Model):
                 ]
             }
         names = np.array([self.classes[int(i)].encode() for i in index], dtype=np.object_)
+        arrays = (index.astype(np.int64), names, top_i.astype(np.int64), top_p.astype(np.float32))
         outputs = []
-        for name, array in (
-            ("class_index", index.astype(np.int64)),
-            ("class_name", names),
-            ("top_k_index", top_i.astype(np.int64)),
-            ("top_k_probability", top_p.astype(np.float32)),
-        ):
-            out = InferOutput(
-                name=name,
-                shape=list(array.shape),
-                datatype="BYTES"
-                if array.dtype == np.object_
-                else ("INT64" if array.dtype == np.int64 else "FP32"),
-            )
+        for (name, dtype, _), array in zip(OUTPUTS, arrays, strict=True):
+            out = InferOutput(name=name, shape=list(array.shape), datatype=dtype)
             out.set_data_from_numpy(array, binary_data=False)
             outputs.append(out)
         return InferResponse(

@@ -132,6 +132,21 @@ def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
     assert index.tolist() == server.local.classify(server.images[:2]).argmax(1).tolist()
 
 
+def test_v2_metadata_describes_the_request_and_the_response(server: SimpleNamespace) -> None:
+    """A V2 client builds its request from GET /v2/models/NAME: that request is answered, with
+    the outputs the metadata names, in their datatypes and shapes."""
+    meta = requests.get(f"{server.base}/v2/models/{NAME}", timeout=30).json()
+    (spec,) = meta["inputs"]
+    assert spec == {"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}
+    batch = server.images[:2]
+    tensor = {**spec, "shape": [len(batch), *spec["shape"][1:]], "data": batch.ravel().tolist()}
+    code, body = v2(server, [tensor])
+    assert code == 200, body
+    got = [(o["name"], o["datatype"], o["shape"]) for o in body["outputs"]]
+    want = [(o["name"], o["datatype"], [len(batch), *o["shape"][1:]]) for o in meta["outputs"]]
+    assert got == want and want[2][2] == [2, 3]  # top_k 3 of the 5 classes
+
+
 def v2_binary(server: SimpleNamespace, element: bytes) -> requests.Response:
     """One BYTES element with the binary data extension, as a client library sends it."""
     blob = struct.pack("<I", len(element)) + element
