@@ -1,9 +1,10 @@
-"""ImageFolder data: a folder or .tar.gz of train|test/<class>/*.png|jpg, or of <class>/*."""
+"""ImageFolder data: a folder, .tar.gz or .zip of train|test/<class>/*.png|jpg, or of <class>/*."""
 
 from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -17,6 +18,9 @@ from pipelines.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
+# What macOS's Archive Utility adds to a zip beside the files: resource forks, not images.
+ZIP_NOISE = "__MACOSX"
 SPLITS = ("train", "test")
 # Modes that convert losslessly to L or RGB. Others (16-bit, float) would be silently
 # rescaled, so they are refused with the file's name.
@@ -24,21 +28,38 @@ GRAY_MODES = {"L", "LA", "1"}
 COLOR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
 
 
+def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    with tarfile.open(path, "r|*") as tar:  # streamed: nothing is extracted to disk
+        for member in tar:
+            if member.isdir():
+                yield member.name, None
+            elif member.isfile():
+                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+
+
+def _zip_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename.split("/")[0] != ZIP_NOISE:
+                yield info.filename.rstrip("/"), None if info.is_dir() else archive.read(info)
+
+
 def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
     """(path, bytes) of every entry; bytes is None for a directory (so empty classes show)."""
-    tars = [k for k in files if k.lower().endswith(TAR_SUFFIXES)]
-    if len(files) == 1 and tars:
-        key = tars[0]
-        try:
-            with tarfile.open(files[key], "r|*") as tar:
-                for member in tar:
-                    if member.isdir():
-                        yield member.name, None
-                    elif member.isfile():
-                        yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
-        return
+    if len(files) == 1:
+        ((key, path),) = files.items()
+        if key.lower().endswith(ARCHIVE_SUFFIXES):
+            read = _zip_entries if key.lower().endswith(".zip") else _tar_entries
+            try:
+                yield from read(path)
+            except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+                raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
+            return
+        if not key.lower().endswith(IMAGE_SUFFIXES):
+            raise DataError(
+                f"{key} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) of "
+                "class folders of images"
+            )
     # A local folder: list its sub-folders too, since S3 keeps no empty folder to show them.
     first_key, root = next(iter(files.items()))
     for _ in PurePosixPath(first_key).parts:
@@ -143,7 +164,8 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
 
 
 def write(raw: RawDataset, path: Path, suffix: str = ".png") -> Path:
-    """Write raw as train|test/<class>/<n><suffix>, into a folder or, for *.tar.gz, an archive."""
+    """Write raw as train|test/<class>/<n><suffix>, into a folder or, for *.tar.gz or *.zip,
+    an archive."""
     encoded = []
     for split, data in raw.splits.items():
         for n, (img, label) in enumerate(zip(data.images, data.labels, strict=True)):
@@ -157,6 +179,12 @@ def write(raw: RawDataset, path: Path, suffix: str = ".png") -> Path:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
+        return path
+    if path.name.endswith(".zip"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w") as archive:  # stored: PNG and JPEG do not compress
+            for name, payload in encoded:
+                archive.writestr(name, payload)
         return path
     for name, payload in encoded:
         (path / name).parent.mkdir(parents=True, exist_ok=True)

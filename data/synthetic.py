@@ -49,7 +49,8 @@ def generate(
 
 
 def write(fmt: str, out: Path, per_class: int = 200, seed: int = 0) -> Path:
-    """Generate and write one dataset; imagefolder writes an archive when out ends in .tar.gz."""
+    """Generate and write one dataset; imagefolder writes an archive when out ends in .tar.gz or
+    .zip."""
     if fmt == "cifar10":
         return cifar10.write(generate(per_class, seed=seed), out)
     if fmt == "mnist":
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         required=True,
-        help="output: a .tar.gz (cifar10, imagefolder) or a folder",
+        help="output: a .tar.gz (cifar10, imagefolder), a .zip (imagefolder) or a folder",
     )
     parser.add_argument("--per-class", type=int, default=200, help="train images per class")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

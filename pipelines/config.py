@@ -70,9 +70,9 @@ class DatasetConfig(_Section):
     name: DatasetName = Field("cifar10", description="Dataset format.")
     source: str | None = Field(
         None,
-        description="Local source: a tarball, an image folder or an IDX folder. Unset: use the "
-        "copy already in the store, else the cache, else download (cifar10, mnist) or generate "
-        "(synthetic).",
+        description="Local source: a tarball (or an ImageFolder .zip), an image folder or an "
+        "IDX folder. Unset: use the copy already in the store, else the cache, else download "
+        "(cifar10, mnist) or generate (synthetic).",
     )
     id: str | None = Field(
         None,

@@ -35,6 +35,7 @@ FORMATS = [
     ("mnist", "idx", (28, 28, 1)),
     ("imagefolder", "folder", (32, 32, 3)),
     ("imagefolder", "images.tar.gz", (32, 32, 3)),
+    ("imagefolder", "images.zip", (32, 32, 3)),
 ]
 
 

@@ -6,6 +6,7 @@ import io
 import pickle
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -107,15 +108,41 @@ def test_a_lone_class_folder_is_a_class_not_a_wrapper(
         verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(lone.parent)), store)
 
 
-def test_empty_class_in_archive_is_named(make_cfg, store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["data.tar.gz", "data.zip"])
+def test_empty_class_in_archive_is_named(make_cfg, store, tmp_path: Path, name: str) -> None:
     folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
     for png in (folder / "test/class2").iterdir():
         png.unlink()
-    archive = tmp_path / "data.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(folder, arcname="data")
+    archive = tmp_path / name
+    if name.endswith(".zip"):  # as zip tools write one: folder entries, and macOS's extras
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for path in sorted(folder.rglob("*")):
+                arcname = f"data/{path.relative_to(folder).as_posix()}"
+                if path.is_dir():
+                    zipped.writestr(f"{arcname}/", b"")
+                else:
+                    zipped.write(path, arcname)
+                    zipped.writestr(f"__MACOSX/{arcname}", b"resource fork, not a PNG")
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname="data")
     with pytest.raises(DataError, match=r"test class folder\(s\) \['class2'\] hold no images"):
         verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(archive)), store)
+
+
+def test_a_truncated_zip_or_a_file_that_is_no_archive_is_named(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    archive = synthetic.write("imagefolder", tmp_path / "full" / "images.zip", per_class=12)
+    cut = tmp_path / "images.zip"
+    cut.write_bytes(archive.read_bytes()[:-100])  # the zip's directory is at its end
+    with pytest.raises(DataError, match=r"^images\.zip: the archive is truncated or corrupt"):
+        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(cut)), store)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a dataset")
+    with pytest.raises(DataError, match=r"^notes\.txt is neither a folder nor an archive"):
+        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(notes)), store)
+    assert store.stat("raw-data", "imagefolder/manifest.json") is None
 
 
 def test_wrong_image_size_is_named(make_cfg, store, tmp_path: Path) -> None:
