@@ -194,7 +194,7 @@ CLIENT = """
 import os, time
 from pipelines import kfp_task, warm
 child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), ".")
-print(child.pid, flush=True)
+print(f"pid={child.pid}", flush=True)
 time.sleep(60)
 """
 
@@ -209,7 +209,9 @@ def test_a_child_ends_with_its_client(server: Path) -> None:
         text=True,
     )
     assert client.stdout is not None
-    pid = int(client.stdout.readline())
+    # The child writes to the client's stdout too: its "sleeping" may come first.
+    line = next(line for line in client.stdout if line.startswith("pid="))
+    pid = int(line.removeprefix("pid="))
     assert "tests.warm_target" in Path(f"/proc/{pid}/cmdline").read_text()  # as `ps` shows it
     client.kill()
     client.wait()
