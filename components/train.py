@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -25,6 +26,10 @@ from training.precision import check_here
 from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
+
+
+# A local run's id: its folder in the state dir and its prefix in the models bucket.
+RUN_ID = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{4}")
 
 
 def new_run_id() -> str:

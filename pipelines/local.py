@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -14,16 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from components.train import check_ranks, new_run_id
+from components.train import RUN_ID, check_ranks, new_run_id
 from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
-from pipelines.errors import PipelineError
+from pipelines.errors import INTERRUPTED, ConfigError, PipelineError
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
 from pipelines.steps import STEPS, record_path
+from pipelines.storage import ObjectStore, s3_uri
 from pipelines.warm import fork_server
+from serving.launch import MODEL_JSON
+from training import resume
 from training.precision import check_here
 
 log = logging.getLogger("mlops.local")
@@ -33,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class StepReport:
     name: str
-    status: str = "skipped"  # succeeded | failed | skipped
+    status: str = "skipped"  # succeeded | failed | interrupted | skipped
     seconds: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -215,9 +219,38 @@ def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.Exit
     return stack.enter_context(fork_server(env, run_dir / "fork-server.log"))
 
 
-def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
-    """Run the whole pipeline locally; a failure is recorded in the report, not raised."""
-    report = RunReport(run_id=new_run_id(), steps=[StepReport(name) for name in STEPS])
+def check_resume(cfg: PipelineConfig, run_id: str) -> None:
+    """--resume names a run of this state dir (and no path: it becomes one)."""
+    runs = cfg.state_dir / "runs"
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(
+            f"--resume {run_id!r} is not a run id (run-YYYYMMDD-HHMMSS-xxxx, as a run's summary "
+            f"and {runs} show)"
+        )
+    if not (runs / run_id).is_dir():
+        known = sorted(p.name for p in runs.glob("run-*") if p.is_dir())
+        latest = f"; the latest is {known[-1]}" if known else ""
+        raise ConfigError(f"--resume {run_id}: no such run in {runs}{latest}")
+
+
+def refuse_completed(cfg: PipelineConfig, store: ObjectStore, run_id: str) -> None:
+    """A run whose model is complete has nothing to resume: training it again would register
+    the same run twice and rewrite files a server may be serving."""
+    bucket, prefix, _ = resume.location(cfg, run_id)
+    if store.stat(bucket, prefix + MODEL_JSON) is not None:
+        raise ConfigError(
+            f"--resume {run_id}: that run completed, its model is {s3_uri(bucket, prefix)}; "
+            "nothing to resume (drop --resume for a new run)"
+        )
+
+
+def run_pipeline(
+    cfg: PipelineConfig, serve: bool = False, resume_id: str | None = None
+) -> RunReport:
+    """Run the whole pipeline locally; a failure is recorded in the report, not raised.
+    `resume_id`: an earlier run of this state dir whose training continues from its
+    last checkpoint (the data steps find their outputs; the config must be the same)."""
+    report = RunReport(run_id=resume_id or new_run_id(), steps=[StepReport(name) for name in STEPS])
     run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
     try:
@@ -230,6 +263,11 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             stack.callback(forks.close)  # its children before the store they write to
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
+            if resume_id:
+                refuse_completed(live, store, resume_id)
+                # The earlier attempt's step records: a step this one does not reach must not
+                # show that attempt's outcome.
+                shutil.rmtree(run_dir / "steps", ignore_errors=True)
             if not live.mlflow.tracking_uri:
                 # It needs ~5 s to become healthy: it starts now, beside the data steps, and
                 # the train step waits for it (mlflow.wait_s).
@@ -247,6 +285,15 @@ def run_pipeline(cfg: PipelineConfig, serve: bool = False) -> RunReport:
             collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C reached every process of the run. The steps that ended wrote their records;
+        # the first without one was running, whether or not it wrote its own in time.
+        report.exit_code = INTERRUPTED
+        collect(report, run_dir)
+        stopped = next((s for s in report.steps if s.status in ("skipped", "failed")), None)
+        if stopped is not None:
+            stopped.status, report.failed_step = "interrupted", stopped.name
+        report.error = "interrupted"
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     return report

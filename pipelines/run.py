@@ -20,7 +20,14 @@ from pipelines.cli import (  # noqa: E402
     config_from_args,
     run_main,
 )
-from pipelines.local import STEPS, RunReport, check_before_run, run_pipeline  # noqa: E402
+from pipelines.errors import ConfigError  # noqa: E402
+from pipelines.local import (  # noqa: E402
+    STEPS,
+    RunReport,
+    check_before_run,
+    check_resume,
+    run_pipeline,
+)
 from pipelines.processes import require_free, serve_until_stopped  # noqa: E402
 
 # Each command and its one-line help, for its parser and the list in the default --help.
@@ -62,9 +69,11 @@ def summary(report: RunReport) -> str:
         note = " (unchanged, reused)" if features["skipped"] else ""
         lines.append(f"features    {features['processed_uri']}{note}: {counts}")
     if trained:
+        start = trained.get("resumed_from_epoch", 0)
+        resumed = f", resumed after epoch {start}" if start else ""
         lines += [
             f"accuracy    test {trained['test_accuracy']:.4f}, val {trained['val_accuracy']:.4f}"
-            f" ({trained['epochs']} epochs, {trained['world_size']} process(es),"
+            f" ({trained['epochs']} epochs{resumed}, {trained['world_size']} process(es),"
             f" {trained['precision']})",
             f"model       {trained['model_uri']}model.safetensors",
             f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
@@ -93,6 +102,12 @@ def summary(report: RunReport) -> str:
         lines.append(f"S3 store    {report.storage_endpoint}")
     if report.error:
         lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]
+        # Failed or interrupted in training, not refused: its checkpoints are in the store.
+        if report.failed_step == "train" and report.exit_code != ConfigError.exit_code:
+            lines.append(
+                f"resume      python pipelines/run.py --resume {report.run_id} (with the same "
+                "settings: training goes on from its last checkpoint)"
+            )
     return "\n".join(lines)
 
 
@@ -117,7 +132,14 @@ def as_json(report: RunReport) -> str:
             # The training program's own time and curve, apart from the step's start-up.
             "train": {
                 k: trained.get(k)
-                for k in ("seconds", "epochs", "world_size", "precision", "history")
+                for k in (
+                    "seconds",
+                    "epochs",
+                    "resumed_from_epoch",
+                    "world_size",
+                    "precision",
+                    "history",
+                )
             },
             "model_uri": trained.get("model_uri"),
             "mlflow": {
@@ -141,7 +163,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # run's end; not while --serve keeps the model server up, which reads its own folder.
     with state_lock.hold(cfg.state_dir, "run"):
         check_before_run(cfg)
-        report = run_pipeline(cfg, serve=args.serve)
+        if args.resume:
+            check_resume(cfg, args.resume)
+        report = run_pipeline(cfg, serve=args.serve, resume_id=args.resume)
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(as_json(report), flush=True)
@@ -164,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from components.deploy import start_server
     from pipelines.cli import open_store
-    from pipelines.errors import ConfigError, PipelineError
+    from pipelines.errors import PipelineError
     from pipelines.processes import HOST, server_log
     from pipelines.storage import parse_s3_uri
     from serving.launch import download_model
@@ -357,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print one JSON object as the last line of stdout (default: off)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue an earlier run of this state dir that did not complete (its summary "
+        "names it), from its last checkpoint, with the same settings: the data steps find "
+        "their outputs, training goes on in the same MLflow run (default: a new run)",
     )
     run.set_defaults(func=cmd_run)
     config = add("config")

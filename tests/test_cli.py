@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -421,6 +423,60 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     # MLflow's own store (the servers are gone) holds the runs and the unchanged champion.
     assert client.get_run(one["mlflow"]["run_id"]).info.status == "FINISHED"
     assert client.get_model_version_by_alias(name, "champion").version == before
+
+
+def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C during training (to the whole process group, as a terminal sends it): a summary
+    naming the interrupted step and the command that resumes it; --resume then goes on from
+    the last checkpoint in the same MLflow run. A completed, unknown or malformed run id is
+    refused."""
+    state = tmp_path / "state"
+    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json"]
+    args += ["--epochs", "4", "--port", str(free_port()), "--state-dir", str(state)]
+    first = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert first.stderr is not None
+    lines = []
+    for line in first.stderr:
+        lines.append(line)
+        if "epoch 3/4" in line:  # epoch 2's checkpoint waited for epoch 1's upload: one is in S3
+            os.killpg(first.pid, signal.SIGINT)
+            break
+    out, err = first.communicate(timeout=120)
+    err = "".join(lines) + err
+    assert first.returncode == 130, err
+    report = json.loads(out.strip().splitlines()[-1])
+    run_id, mlflow_run = report["run_id"], re.search(r"MLflow run (\w+) at", err)
+    assert [s["status"] for s in report["steps"]] == ["succeeded"] * 2 + ["interrupted"] + [
+        "skipped"
+    ] * 2
+    assert report["error"] == "interrupted" and "Traceback" not in err
+    assert f"resume      python pipelines/run.py --resume {run_id} (with the same" in err
+
+    resumed = run(*args, "--resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert again["run_id"] == run_id and again["status"] == "succeeded"
+    assert 1 <= again["train"]["resumed_from_epoch"] <= 3
+    assert [h["epoch"] for h in again["train"]["history"]] == [1, 2, 3, 4]
+    start = again["train"]["resumed_from_epoch"]
+    assert f"resuming {run_id} from epoch {start} of 4" in resumed.stderr
+    assert f"(4 epochs, resumed after epoch {start}, 1 process(es)" in resumed.stderr
+    assert mlflow_run is not None and again["mlflow"]["run_id"] == mlflow_run[1]
+
+    for resume, message in (
+        (run_id, f"--resume {run_id}: that run completed, its model is s3://models/"),
+        ("run-20990101-000000-abcd", f"no such run in {state}/runs; the latest is {run_id}"),
+        ("../etc", "--resume '../etc' is not a run id (run-YYYYMMDD-HHMMSS-xxxx"),
+    ):
+        refused = run(*args, "--resume", resume)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ def check_resumable(state: dict[str, Any], chash: str, bucket: str, prefix: str)
     """A run id resumes its own training only, not one of another config or data."""
     if state.get("config_hash") != chash:
         raise ConfigError(
-            f"{s3_uri(bucket, prefix)} holds a checkpoint of another config or data; "
-            "use a new run id"
+            f"{s3_uri(bucket, prefix)} holds a checkpoint of another config or data; resume "
+            "with the settings it was trained under, or use a new run id"
         )
 
 
