@@ -31,7 +31,7 @@ from pipelines.processes import (
     wait_http_ok,
 )
 from pipelines.storage import ObjectStore
-from serving.launch import MODEL_JSON, download_model, serving_args
+from serving.launch import MODEL_JSON, download_model, local_model_dir, serving_args
 
 # No torch at import time: deploy starts the model server first, then imports torch for the
 # in-process reference answers while the server imports its own (about 4 s each here).
@@ -178,7 +178,7 @@ def deploy(
 
         return apply_inference_service(cfg, model_uri)
     name = cfg.serving.model_name
-    model_dir = (cfg.state_dir / "serving" / name).resolve()
+    model_dir = local_model_dir(cfg.state_dir, cfg.serving)
     shutil.rmtree(model_dir, ignore_errors=True)
     download_model(store, model_uri, model_dir)
     meta = json.loads((model_dir / MODEL_JSON).read_text())

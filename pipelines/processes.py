@@ -125,7 +125,7 @@ def process_ended(pid: int) -> bool:
 
 
 def server_log(model_dir: Path) -> Path:
-    """Where a model server started for model_dir (state/serving/NAME) logs: beside it."""
+    """Where a model server started for model_dir (state/serving/NAME-PORT) logs: beside it."""
     return model_dir.parent / f"{model_dir.name}.log"
 
 

@@ -191,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.errors import PipelineError
     from pipelines.processes import HOST, server_log
     from pipelines.storage import parse_s3_uri
-    from serving.launch import download_model
+    from serving.launch import download_model, local_model_dir
 
     cfg = config_from_args(args)
     try:
@@ -199,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         raise ConfigError(f"--model-uri: {exc}") from None
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
-    model_dir = (cfg.state_dir / "serving" / cfg.serving.model_name).resolve()
+    model_dir = local_model_dir(cfg.state_dir, cfg.serving)
     with open_store(cfg, "serve") as (_, store):
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir)

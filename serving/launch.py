@@ -24,6 +24,13 @@ CONFIG_FLAGS = (
 )
 
 
+def local_model_dir(state_dir: Path, cfg: ServingConfig) -> Path:
+    """Where a local server's model is fetched: a folder per port. A port has one live server,
+    so a run or `serve` on another port never deletes the files (and the log beside them) of
+    a server still answering."""
+    return (state_dir / "serving" / f"{cfg.model_name}-{cfg.port}").resolve()
+
+
 def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
     """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
     storage initializer fetches a model into the predictor's model dir)."""

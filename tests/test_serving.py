@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -784,3 +785,50 @@ def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     assert not list(home.rglob("*"))
+
+
+def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: Path) -> None:
+    """`serve` fetches a model from the store and serves it until Ctrl-C. A second one on
+    another port (another version beside it) fetches into its own folder: the first server's
+    files and log stay, and it keeps answering."""
+    store.ensure_buckets()
+    state, servers, digests = tmp_path / "state", [], []
+    try:
+        for seed in (1, 2):
+            model = write_model_dir(tmp_path / f"model-{seed}", seed=seed)
+            for file in model.iterdir():
+                store.put_file("models", f"{NAME}/run-{seed}/{file.name}", file)
+            digests.append(json.loads((model / "model.json").read_text())["sha256"])
+            port = free_port()
+            args = ["pipelines/run.py", "serve", "--model-uri", f"s3://models/{NAME}/run-{seed}/"]
+            args += ["--port", str(port), "--state-dir", str(state)]
+            args += ["--set", f"serving.model_name={NAME}"]
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env={**os.environ, **s3.env()},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            servers.append((proc, port))
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline() for _ in range(4)]  # printed once it is ready
+            assert lines[-1] == "(Ctrl-C to stop)\n", lines
+        folders = sorted(p for p in (state / "serving").iterdir() if p.is_dir())
+        assert len(folders) == 2 and [p.name for p in folders] == sorted(
+            f"{NAME}-{port}" for _, port in servers
+        )
+        for (_, port), digest in zip(servers, digests, strict=True):
+            folder = state / "serving" / f"{NAME}-{port}"
+            assert json.loads((folder / "model.json").read_text())["sha256"] == digest
+            assert (folder.parent / f"{folder.name}.log").is_file()
+            # Up, and its model answers: a request without images is the model's 400.
+            url = f"http://127.0.0.1:{port}/v2/models/{NAME}/infer"
+            assert post_json(url, {"inputs": []}) == (
+                400,
+                {"error": "expected one input tensor, got 0"},
+            )
+    finally:
+        for proc, _ in servers:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            assert proc.wait(timeout=60) == 130
