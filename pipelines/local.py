@@ -199,8 +199,10 @@ def collect(report: RunReport, run_dir: Path) -> None:
             continue
         record = json.loads(path.read_text())
         rep.status, rep.seconds = record["status"], record["seconds"]
+        if record.get("exit_code") == INTERRUPTED:  # stopped by Ctrl-C, not failed by itself
+            rep.status = "interrupted"
         rep.result = record.get("result", {})
-        if rep.status == "failed":
+        if rep.status in ("failed", "interrupted"):
             report.failed_step, report.error = rep.name, record["error"]
             report.exit_code = record["exit_code"]
 
@@ -290,7 +292,7 @@ def run_pipeline(
         # the first without one was running, whether or not it wrote its own in time.
         report.exit_code = INTERRUPTED
         collect(report, run_dir)
-        stopped = next((s for s in report.steps if s.status in ("skipped", "failed")), None)
+        stopped = next((s for s in report.steps if s.status != "succeeded"), None)
         if stopped is not None:
             stopped.status, report.failed_step = "interrupted", stopped.name
         report.error = "interrupted"

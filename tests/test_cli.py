@@ -273,6 +273,31 @@ def test_an_interrupted_step_records_it_and_exits_130(
     assert capsys.readouterr().err.endswith("error: interrupted\n")
 
 
+def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
+    tmp_path: Path,
+) -> None:
+    """Where kfp.local, not the driver, took the Ctrl-C, the run ends as a failed task: the
+    step's record still makes it 'interrupted' (exit 130) in the report, and resumable."""
+    from pipelines.local import RunReport, StepReport, collect
+    from pipelines.run import summary
+    from pipelines.steps import STEPS, record_path
+
+    records = {
+        "verify-data": {"status": "succeeded", "seconds": 1.0, "result": {}},
+        "train": {"status": "failed", "seconds": 9.0, "error": "interrupted", "exit_code": 130},
+    }
+    for step, record in records.items():
+        record_path(tmp_path, step).parent.mkdir(exist_ok=True)
+        record_path(tmp_path, step).write_text(json.dumps(record))
+    record_path(tmp_path, "feature-engineering").write_text(json.dumps(records["verify-data"]))
+    report = RunReport(run_id="run-20260101-000000-abcd", steps=[StepReport(s) for s in STEPS])
+    collect(report, tmp_path)
+    statuses = [s.status for s in report.steps]
+    assert statuses == ["succeeded", "succeeded", "interrupted", "skipped", "skipped"]
+    assert (report.failed_step, report.error, report.exit_code) == ("train", "interrupted", 130)
+    assert "--resume run-20260101-000000-abcd" in summary(report)
+
+
 def test_torchrun_workers_report_their_config_error(tmp_path: Path) -> None:
     """torchrun exits 1 whatever its workers' codes: the step reads the reason they reported."""
     worker = tmp_path / "worker.py"
