@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.raw import Files, RawDataset, Split, find_one
+from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split, find_one
 from pipelines.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -75,14 +75,21 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
     key, path = find_one(files, (".tar.gz", ".tgz"), "CIFAR-10 python archive")
     wanted = {f"{FOLDER}/{name}" for name in [*TRAIN_BATCHES, TEST_BATCH, META]}
     found: dict[str, bytes] = {}
+    images = False  # CIFAR-10 as image files, e.g. from an image-folder export
     try:
         with tarfile.open(path, "r|gz") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
                     found[member.name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                images = images or member.name.lower().endswith(IMAGE_SUFFIXES)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
     missing = sorted(wanted - set(found))
+    if missing and images:
+        raise DataError(
+            f"{key} holds image files, not the CIFAR-10 python batches: read it with "
+            "--dataset imagefolder"
+        )
     if missing:
         raise DataError(f"{key}: missing {', '.join(missing)}: not the CIFAR-10 python archive")
     meta = _load_batch(found[f"{FOLDER}/{META}"], META)

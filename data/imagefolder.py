@@ -12,11 +12,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data.raw import Files, RawDataset, Split
+from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split
 from pipelines.console import progress
 from pipelines.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 # What macOS's Archive Utility adds to a zip beside the files: resource forks, not images.
@@ -112,7 +111,9 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
     entries = [(p, b) for p, b in entries if not any(x.startswith(".") for x in p.parts)]
     images = [(p, b) for p, b in entries if b is not None and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
-        raise DataError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) found in {', '.join(files)}")
+        idx = any("-ubyte" in key for key in files)  # MNIST's file names
+        hint = ": these are MNIST's IDX files, read with --dataset mnist" if idx else ""
+        raise DataError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) found in {', '.join(files)}{hint}")
     drop, has_splits = _layout([p for p, _ in images])
     depth = drop + (2 if has_splits else 1)  # parts before the file name: [wrapper] [split] class
 

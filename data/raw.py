@@ -9,6 +9,9 @@ import numpy as np
 
 from pipelines.errors import DataError
 
+# The image files an ImageFolder dataset may hold (and whose presence elsewhere says it is one).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
 
 @dataclass
 class Split:

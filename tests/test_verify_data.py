@@ -145,6 +145,19 @@ def test_a_truncated_zip_or_a_file_that_is_no_archive_is_named(
     assert store.stat("raw-data", "imagefolder/manifest.json") is None
 
 
+def test_a_source_of_another_dataset_format_says_which_to_use(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    """CIFAR-10 as image files (as in an image-folder export) and MNIST's IDX files each name
+    the dataset that reads them."""
+    images = synthetic.write("imagefolder", tmp_path / "cifar-images.tar.gz", per_class=3)
+    with pytest.raises(DataError, match=r"holds image files, .* --dataset imagefolder$"):
+        verify_data(make_cfg(dataset__name="cifar10", dataset__source=str(images)), store)
+    idx = synthetic.write("mnist", tmp_path / "idx", per_class=3)
+    with pytest.raises(DataError, match=r"these are MNIST's IDX files, read with --dataset mnist"):
+        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(idx)), store)
+
+
 def test_wrong_image_size_is_named(make_cfg, store, tmp_path: Path) -> None:
     folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
     Image.new("RGB", (40, 32)).save(folder / "train/class1/00003.png")
