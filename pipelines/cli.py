@@ -21,7 +21,14 @@ from pydantic.fields import FieldInfo
 from pipelines import state_lock
 from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
 from pipelines.console import setup_logging
-from pipelines.errors import INTERRUPTED, ConfigError, PipelineError, report
+from pipelines.errors import (
+    INTERRUPTED,
+    TERMINATED,
+    ConfigError,
+    PipelineError,
+    Terminated,
+    report,
+)
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
 
@@ -228,9 +235,10 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         report(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return TERMINATED if terminated else INTERRUPTED
     return 0
 
 

@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 
 INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports a process ended by SIGINT
+TERMINATED = 143  # and of a SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a service manager, a CI runner's cancel) raised in a command that
+    started services, so that it unwinds as Ctrl-C does and stops every one of them."""
 
 
 class PipelineError(Exception):

@@ -19,7 +19,7 @@ from components.train import RUN_ID, check_ranks, new_run_id
 from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
-from pipelines.errors import INTERRUPTED, ConfigError, PipelineError
+from pipelines.errors import INTERRUPTED, TERMINATED, ConfigError, PipelineError, Terminated
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
@@ -256,13 +256,13 @@ def run_pipeline(
     run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
     try:
-        # Started: the fork server, S3, MLflow. Stopped: MLflow, the fork server (its children
-        # write to the store), S3.
+        # Started: the fork server, S3, MLflow. Stopped: the fork server, whose children (a
+        # trainer stopped mid-way) end their MLflow run and their writes while both servers are
+        # up, then MLflow, then S3.
         with contextlib.ExitStack() as stack:
             forks = stack.enter_context(contextlib.ExitStack())
             warm_env = start_fork_server(cfg, run_dir, forks)
             live, store = stack.enter_context(open_store(cfg, "run"))
-            stack.callback(forks.close)  # its children before the store they write to
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
             if resume_id:
@@ -278,6 +278,7 @@ def run_pipeline(
                 live = with_tracking(live, mlflow_server.uri)
                 state_lock.note(cfg.state_dir, mlflow=mlflow_server.uri)
                 warm_env = warm_env | mlflow_server.env()
+            stack.callback(forks.close)
             report.tracking_uri = live.mlflow.tracking_uri or ""
             # kfp.local logs to stdout; stdout is for the summary or the --json line.
             quiet = QuietKfp(sys.stderr)
@@ -287,15 +288,17 @@ def run_pipeline(
             collect(report, run_dir)
     except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
-    except KeyboardInterrupt:
-        # Ctrl-C reached every process of the run. The steps that ended wrote their records;
-        # the first without one was running, whether or not it wrote its own in time.
-        report.exit_code = INTERRUPTED
+    except KeyboardInterrupt as exc:
+        # Ctrl-C reached every process of the run (a SIGTERM, this one: the services stopped
+        # their children). The steps that ended wrote their records; the first without one was
+        # running, whether or not it wrote its own in time.
+        terminated = isinstance(exc, Terminated)
+        report.exit_code = TERMINATED if terminated else INTERRUPTED
         collect(report, run_dir)
         stopped = next((s for s in report.steps if s.status != "succeeded"), None)
         if stopped is not None:
             stopped.status, report.failed_step = "interrupted", stopped.name
-        report.error = "interrupted"
+        report.error = "terminated" if terminated else "interrupted"
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     return report

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, mlflow_env
-from pipelines.processes import HOST, free_port, terminate, wait_http_ok
+from pipelines.processes import HOST, die_with_parent, free_port, terminate, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,7 @@ class LocalMlflow:
         ]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                cmd,
+                die_with_parent(cmd),
                 cwd=ROOT,
                 env=env,
                 stdout=out,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, StorageConfig
 from pipelines.errors import StorageError
-from pipelines.processes import HOST, free_port, terminate
+from pipelines.processes import HOST, die_with_parent, free_port, terminate
 
 log = logging.getLogger("mlops.s3")
 
@@ -64,7 +64,11 @@ class EmbeddedS3:
         log_path = self.data_dir.parent / "s3server.log"
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                die_with_parent(cmd),
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         self._wait_ready(log_path)
         log.info("embedded S3 server on %s (data in %s)", self.endpoint, self.data_dir)

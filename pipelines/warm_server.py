@@ -26,6 +26,7 @@ from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 
 log = logging.getLogger("mlops.warm")
 TITLE_MAX = 300  # a step's arguments hold its whole config
+STOP_GRACE_S = 5.0  # within the 10 s the driver gives this server before its SIGKILL
 
 
 @dataclass
@@ -216,9 +217,19 @@ class Server:
         self.drop(conn)
 
     def stop(self) -> None:
+        """SIGTERM every child; SIGKILL those still there after STOP_GRACE_S. A trainer ends its
+        MLflow run on SIGTERM, and with no server left to answer, MLflow's retries would keep
+        it alive for minutes, an orphan, training on."""
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.children and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.reap()
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def serve(

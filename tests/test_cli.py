@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from components.train import tracking_ready
@@ -502,6 +503,46 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     ):
         refused = run(*args, "--resume", resume)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) stops a run as Ctrl-C does: every process it started ends, the trainer
+    first, closing its MLflow run as KILLED while the servers are up; a summary, exit 143. A
+    SIGKILL runs no clean-up: the S3 and MLflow servers end by the kernel's parent-death
+    signal, the fork server and its children by its watch on its parent. Before, both left the
+    S3 and MLflow servers running on the state dir, and a trainer training on."""
+    state = tmp_path / "state"
+    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
+    args += ["--port", str(free_port()), "--state-dir", str(state)]
+    for sig, resume in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
+        if resume:
+            resume.append(next((state / "runs").iterdir()).name)
+        driver = subprocess.Popen(
+            [sys.executable, *args, *resume],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert driver.stdout is not None
+        lines = []
+        for line in driver.stdout:
+            lines.append(line)
+            if "epoch 2/6" in line:
+                break
+        started = psutil.Process(driver.pid).children(recursive=True)
+        assert len(started) >= 4  # S3, MLflow, the fork server and its children at least
+        driver.send_signal(sig)
+        out = "".join(lines) + driver.communicate(timeout=60)[0]
+        _, alive = psutil.wait_procs(started, timeout=60)  # a bound, not a timing: 5-15 s
+        assert not alive, [p.cmdline()[:4] for p in alive]
+        if sig == signal.SIGTERM:
+            assert driver.returncode == 143, out
+            assert "FAILED at train: terminated" in out and "--resume run-" in out
+            assert "Traceback" not in out
+            client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
+            (run,) = client.search_runs(["1"])
+            assert run.info.status == "KILLED"
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:

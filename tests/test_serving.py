@@ -788,7 +788,7 @@ def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path)
 
 
 def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: Path) -> None:
-    """`serve` fetches a model from the store and serves it until Ctrl-C. A second one on
+    """`serve` fetches a model from the store and serves it until stopped. A second one on
     another port (another version beside it) fetches into its own folder: the first server's
     files and log stay, and it keeps answering."""
     store.ensure_buckets()
@@ -829,6 +829,10 @@ def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: P
                 {"error": "expected one input tensor, got 0"},
             )
     finally:
+        # SIGTERM, as a service manager stops it (a Ctrl-C is ignored where the tests run in
+        # the background): the command stops its model server and exits 143.
+        children = [c for proc, _ in servers for c in psutil.Process(proc.pid).children()]
         for proc, _ in servers:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C
-            assert proc.wait(timeout=60) == 130
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=60) for proc, _ in servers] == [143] * len(servers)
+        assert not psutil.wait_procs(children, timeout=30)[1]

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError
+from pipelines.errors import INTERRUPTED, ConfigError
 from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
@@ -342,9 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     d = detect_dist()
     status = "FAILED"
-    # torchrun stops the surviving ranks with SIGTERM when a peer dies: exit through the
-    # finally below, so the MLflow run and the process group are closed even then.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    def stopped(*_: object) -> None:
+        # torchrun stops the surviving ranks with SIGTERM when a peer dies, as a local run does
+        # its trainer when it is stopped: exit through the finally below, so the MLflow run
+        # (KILLED, as MLflow calls a run stopped from outside) and the process group close.
+        nonlocal status
+        status = "KILLED"
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stopped)
 
     def body() -> None:
         nonlocal status
@@ -365,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
 
     try:
-        return run_main(body, args.verbose)
+        code = run_main(body, args.verbose)
+        if code == INTERRUPTED:  # Ctrl-C
+            status = "KILLED"
+        return code
     finally:
         tracking.end(status)
         if dist.is_initialized():
