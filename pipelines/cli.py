@@ -27,6 +27,7 @@ from pipelines.errors import (
     ConfigError,
     PipelineError,
     Terminated,
+    redeliver_interrupts,
     report,
 )
 from pipelines.s3server import EmbeddedS3, with_embedded_store
@@ -229,6 +230,7 @@ def emit(result: Any, path: Path | None) -> None:
 def run_main(body: Callable[[], None], verbose: bool = False) -> int:
     """Run a command body: expected errors become one line on stderr and an exit code."""
     setup_logging(verbose)
+    redeliver_interrupts()
     try:
         body()
     except PipelineError as exc:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports a process ended by SIGINT
@@ -14,6 +17,26 @@ TERMINATED = 143  # and of a SIGTERM
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a service manager, a CI runner's cancel) raised in a command that
     started services, so that it unwinds as Ctrl-C does and stops every one of them."""
+
+
+def redeliver_interrupts() -> None:
+    """A Ctrl-C (or a SIGTERM raised as Terminated) that lands in a finalizer, a __del__ run
+    by the garbage collector, is printed as 'Exception ignored' with a traceback and lost: the
+    process would go on. Deliver its signal again, to stop the program where it can."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            sig = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            # From another thread, a moment later: raised here, in the hook, it would be lost
+            # again. Should it land in a finalizer again, this hook sends it once more.
+            later = threading.Timer(0.05, os.kill, (os.getpid(), sig))
+            later.daemon = True  # a process that ends first has stopped anyway
+            later.start()
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 class PipelineError(Exception):

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
-from pipelines.errors import INTERRUPTED, PipelineError
+from pipelines.errors import INTERRUPTED, PipelineError, redeliver_interrupts
 from pipelines.storage import ObjectStore
 
 log = logging.getLogger("mlops.steps")
@@ -73,6 +73,7 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
     An expected failure is recorded with its message and ends the process with its exit code,
     so that KFP (or Argo) marks the task failed."""
     setup_logging()
+    redeliver_interrupts()
     record: dict[str, Any] = {"name": step, "status": "running", "inputs": inputs}
     start = time.monotonic()
     try:

@@ -274,6 +274,26 @@ def test_an_interrupted_step_records_it_and_exits_130(
     assert capsys.readouterr().err.endswith("error: interrupted\n")
 
 
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
+    """Python reports an exception raised in a __del__ as 'Exception ignored', with a
+    traceback, and goes on: a Ctrl-C that arrived there (in CI, in minio's client finalizer
+    inside the trainer) was lost. It is delivered again, and the command stops as it should."""
+    body = (
+        "import sys, time\n"
+        "from pipelines.cli import run_main\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt  # as a Ctrl-C that lands in a finalizer\n"
+        "def body():\n"
+        "    Finalized()  # collected at once\n"
+        "    time.sleep(30)\n"
+        "    print('went on')\n"
+        "sys.exit(run_main(body))\n"
+    )
+    out = run("-c", body)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "interrupted\n")
+
+
 def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     tmp_path: Path,
 ) -> None:
