@@ -16,7 +16,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
@@ -50,6 +50,7 @@ class Server:
     loaded: set[str] = field(default_factory=set)  # the imports a wait may be for, done
     pending: list[Request] = field(default_factory=list)  # waiting for an import
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid: its client
+    doomed: dict[int, float] = field(default_factory=dict)  # pid: when SIGTERM turns to SIGKILL
     private_fds: list[int] = field(default_factory=list)  # the server's own, closed in a child
 
     def accept(self) -> None:
@@ -210,26 +211,34 @@ class Server:
     def client_gone(self, conn: socket.socket) -> None:
         """A client closed its end (it exited or was killed): its child goes with it, as a
         child of a killed step would. (It is reaped, and forgotten, once it has exited.)"""
-        for pid, client in self.children.items():
-            if client is conn:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        self.terminate(pid for pid, client in self.children.items() if client is conn)
         self.drop(conn)
 
-    def stop(self) -> None:
-        """SIGTERM every child; SIGKILL those still there after STOP_GRACE_S. A trainer ends its
-        MLflow run on SIGTERM, and with no server left to answer, MLflow's retries would keep
-        it alive for minutes, an orphan, training on."""
-        for pid in self.children:
+    def terminate(self, pids: Iterable[int]) -> None:
+        """SIGTERM, and SIGKILL from enforce() if still there after STOP_GRACE_S: a trainer
+        ends its MLflow run on SIGTERM (as KILLED), which a SIGKILL leaves RUNNING."""
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while self.children and time.monotonic() < deadline:
+            self.doomed.setdefault(pid, time.monotonic() + STOP_GRACE_S)
+
+    def enforce(self) -> None:
+        for pid, deadline in list(self.doomed.items()):
+            if pid not in self.children:  # reaped
+                del self.doomed[pid]
+            elif time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                del self.doomed[pid]
+
+    def stop(self) -> None:
+        """Every child terminated, and waited for up to STOP_GRACE_S. With no server left
+        to answer, MLflow's retries would keep a trainer alive for minutes, an orphan."""
+        self.terminate(list(self.children))
+        while self.doomed:
             time.sleep(0.05)
             self.reap()
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self.enforce()
 
 
 def serve(
@@ -268,6 +277,7 @@ def serve(
             else:
                 server.client_gone(key.fileobj)  # type: ignore[arg-type]
         server.reap()
+        server.enforce()
         server.release()
 
     try:
