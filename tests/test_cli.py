@@ -279,8 +279,10 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
     traceback, and goes on: a Ctrl-C that arrived there (in CI, in minio's client finalizer
     inside the trainer) was lost. It is delivered again, and the command stops as it should."""
     body = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
         "from pipelines.cli import run_main\n"
+        # As the fork server's children have it, even where a background shell ignores SIGINT.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class Finalized:\n"
         "    def __del__(self):\n"
         "        raise KeyboardInterrupt  # as a Ctrl-C that lands in a finalizer\n"

@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import INTERRUPTED, ConfigError
+from pipelines.errors import INTERRUPTED, ConfigError, Terminated
 from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         # (KILLED, as MLflow calls a run stopped from outside) and the process group close.
         nonlocal status
         status = "KILLED"
-        sys.exit(128 + signal.SIGTERM)
+        # Not SystemExit: raised in a finalizer, that would be printed and lost; this is
+        # delivered again there (pipelines.errors.redeliver_interrupts), and ends as exit 143.
+        raise Terminated
 
     signal.signal(signal.SIGTERM, stopped)
 
