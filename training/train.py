@@ -342,12 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     d = detect_dist()
     status = "FAILED"
+    closing = False
 
     def stopped(*_: object) -> None:
         # torchrun stops the surviving ranks with SIGTERM when a peer dies, as a local run does
         # its trainer when it is stopped: exit through the finally below, so the MLflow run
         # (KILLED, as MLflow calls a run stopped from outside) and the process group close.
         nonlocal status
+        if closing:  # a second signal, once that is under way (a Ctrl-C, then the launcher's)
+            return
         status = "KILLED"
         # Not SystemExit: raised in a finalizer, that would be printed and lost; this is
         # delivered again there (pipelines.errors.redeliver_interrupts), and ends as exit 143.
@@ -379,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             status = "KILLED"
         return code
     finally:
+        closing = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # likewise: the run is being closed
         tracking.end(status)
         if dist.is_initialized():
             dist.destroy_process_group()
