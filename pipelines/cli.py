@@ -22,13 +22,11 @@ from pipelines import state_lock
 from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
 from pipelines.console import setup_logging
 from pipelines.errors import (
-    INTERRUPTED,
-    TERMINATED,
     ConfigError,
     PipelineError,
-    Terminated,
     redeliver_interrupts,
     report,
+    stopped_by,
 )
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore
@@ -238,9 +236,9 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         report(exc)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return TERMINATED if terminated else INTERRUPTED
+        code, word = stopped_by(exc)
+        print(word, file=sys.stderr)
+        return code
     return 0
 
 

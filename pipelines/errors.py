@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -19,6 +18,13 @@ class Terminated(KeyboardInterrupt):
     started services, so that it unwinds as Ctrl-C does and stops every one of them."""
 
 
+def stopped_by(exc: KeyboardInterrupt) -> tuple[int, str]:
+    """A Ctrl-C's or a SIGTERM's exit code (128 + the signal, as a shell reports it) and word."""
+    return (
+        (TERMINATED, "terminated") if isinstance(exc, Terminated) else (INTERRUPTED, "interrupted")
+    )
+
+
 def redeliver_interrupts() -> None:
     """A Ctrl-C (or a SIGTERM raised as Terminated) that lands in a finalizer, a __del__ run
     by the garbage collector, is printed as 'Exception ignored' with a traceback and lost: the
@@ -27,7 +33,7 @@ def redeliver_interrupts() -> None:
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            sig = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            sig = stopped_by(unraisable.exc_value)[0] - 128
             # From another thread, a moment later: raised here, in the hook, it would be lost
             # again. Should it land in a finalizer again, this hook sends it once more.
             later = threading.Timer(0.05, os.kill, (os.getpid(), sig))

@@ -19,7 +19,7 @@ from components.train import RUN_ID, check_ranks, new_run_id
 from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
-from pipelines.errors import INTERRUPTED, TERMINATED, ConfigError, PipelineError, Terminated
+from pipelines.errors import INTERRUPTED, ConfigError, PipelineError, stopped_by
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
@@ -292,13 +292,12 @@ def run_pipeline(
         # Ctrl-C reached every process of the run (a SIGTERM, this one: the services stopped
         # their children). The steps that ended wrote their records; the first without one was
         # running, whether or not it wrote its own in time.
-        terminated = isinstance(exc, Terminated)
-        report.exit_code = TERMINATED if terminated else INTERRUPTED
+        report.exit_code, word = stopped_by(exc)
         collect(report, run_dir)
         stopped = next((s for s in report.steps if s.status != "succeeded"), None)
         if stopped is not None:
             stopped.status, report.failed_step = "interrupted", stopped.name
-        report.error = "terminated" if terminated else "interrupted"
+        report.error = word
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     return report

@@ -93,6 +93,11 @@ def test_compile_refuses_an_out_path_it_cannot_write(tmp_path: Path) -> None:
     assert out.stderr == f"error: --out: {tmp_path}/file is a file, not a folder; pass --out DIR\n"
 
 
+def driver_lines(output: str) -> str:
+    """A run's output less its trainer's lines ([rank0] ...)."""
+    return "\n".join(x for x in output.splitlines() if not x.lstrip().startswith("["))
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     with socket.socket() as sock:
@@ -507,7 +512,7 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     assert report["error"] == "interrupted"
     # The driver's own lines. (A trainer stopped at an arbitrary point may, rarely, show
     # Python's 'Exception ignored' report of a signal that landed in a finalizer.)
-    assert "Traceback" not in "".join(x for x in err.splitlines() if not x.lstrip().startswith("["))
+    assert "Traceback" not in driver_lines(err)
     assert f"resume      python pipelines/run.py --resume {run_id} (with the same" in err
 
     resumed = run(*args, "--resume", run_id)
@@ -564,8 +569,7 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
         if sig == signal.SIGTERM:
             assert driver.returncode == 143, out
             assert "FAILED at train: terminated" in out and "--resume run-" in out
-            driver_lines = (x for x in out.splitlines() if not x.lstrip().startswith("["))
-            assert "Traceback" not in "".join(driver_lines)
+            assert "Traceback" not in driver_lines(out)
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:
