@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,7 +17,43 @@ R = TypeVar("R")
 log = logging.getLogger("mlops")
 
 
+class Unread:
+    """A standard stream that outlives its reader. A step, or the driver, that is stopped
+    closes the pipe its child writes to before the child has finished; the child's next
+    write raised BrokenPipeError wherever it came, one inside MLflow's end_run left a stopped
+    trainer's run RUNNING. Once the reader has gone, the stream writes to /dev/null."""
+
+    def __init__(self, stream: object):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.mute()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.mute()
+
+    def mute(self) -> None:
+        # The descriptor, not the object: what was written to it before, and what others
+        # (a logging handler, C code) write to it, goes to /dev/null too.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
 def setup_logging(verbose: bool = False) -> None:
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), Unread):
+            setattr(sys, name, Unread(getattr(sys, name)))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -301,6 +303,41 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
     assert (out.returncode, out.stdout, out.stderr) == (130, "", "interrupted\n")
 
 
+def test_a_command_outlives_the_reader_of_its_output(tmp_path: Path) -> None:
+    """A stopped step closes the pipe its trainer writes to while the trainer closes its
+    MLflow run, and MLflow's end_run prints to stdout before it sends the status: the
+    BrokenPipeError left the run RUNNING (5 stops of 6 here). Output to a reader that has
+    gone is dropped; the command goes on to its end."""
+    done = tmp_path / "done"
+    body = (
+        "import logging, sys\n"
+        "from pipelines.cli import run_main\n"
+        "def body():\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()  # until the reader has gone\n"
+        "    for _ in range(3):\n"
+        "        print('x' * 100_000, flush=True)\n"
+        "        logging.getLogger('mlops').info('y' * 100_000)\n"
+        f"    open({str(done)!r}, 'w').write('done')\n"
+        "sys.exit(run_main(body))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", body],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.stdout.close()
+    proc.stdin.write("\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert done.read_text() == "done"
+
+
 def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     tmp_path: Path,
 ) -> None:
@@ -570,6 +607,9 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
             assert driver.returncode == 143, out
             assert "FAILED at train: terminated" in out and "--resume run-" in out
             assert "Traceback" not in driver_lines(out)
+            # The trainer closed its MLflow run as stopped from outside, while MLflow was up.
+            with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
+                assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:
