@@ -24,6 +24,7 @@ from pipelines.console import setup_logging
 from pipelines.errors import (
     ConfigError,
     PipelineError,
+    raise_on_sigterm,
     redeliver_interrupts,
     report,
     stopped_by,
@@ -264,4 +265,5 @@ def step_main(
         with open_store(cfg, module) as (live, store):
             emit(step(live, store, args), args.result)
 
+    raise_on_sigterm()  # the embedded store's server stops with the step
     return run_main(body, args.verbose)

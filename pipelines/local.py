@@ -19,7 +19,7 @@ from components.train import RUN_ID, check_ranks, new_run_id
 from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
 from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
-from pipelines.errors import INTERRUPTED, ConfigError, PipelineError, stopped_by
+from pipelines.errors import STOPPED, ConfigError, PipelineError, stopped_by
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
 from pipelines.processes import require_free
@@ -199,7 +199,7 @@ def collect(report: RunReport, run_dir: Path) -> None:
             continue
         record = json.loads(path.read_text())
         rep.status, rep.seconds = record["status"], record["seconds"]
-        if record.get("exit_code") == INTERRUPTED:  # stopped by Ctrl-C, not failed by itself
+        if record.get("exit_code") in STOPPED:  # by Ctrl-C or SIGTERM, not failed by itself
             rep.status = "interrupted"
         rep.result = record.get("result", {})
         if rep.status in ("failed", "interrupted"):
@@ -292,12 +292,13 @@ def run_pipeline(
         # Ctrl-C reached every process of the run (a SIGTERM, this one: the services stopped
         # their children). The steps that ended wrote their records; the first without one was
         # running, whether or not it wrote its own in time.
-        report.exit_code, word = stopped_by(exc)
         collect(report, run_dir)
         stopped = next((s for s in report.steps if s.status != "succeeded"), None)
         if stopped is not None:
             stopped.status, report.failed_step = "interrupted", stopped.name
-        report.error = word
+        # This process's signal, not the step's record: a step may have taken the services'
+        # SIGTERM during its Ctrl-C clean-up.
+        report.exit_code, report.error = stopped_by(exc)
     report.seconds = round(time.monotonic() - start, 2)
     report.status = "succeeded" if report.exit_code == 0 else "failed"
     return report

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pipelines.cli import (  # noqa: E402
     config_from_args,
     run_main,
 )
-from pipelines.errors import ConfigError, Terminated  # noqa: E402
+from pipelines.errors import ConfigError, raise_on_sigterm  # noqa: E402
 from pipelines.local import (  # noqa: E402
     STEPS,
     RunReport,
@@ -444,10 +443,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `run` is the default command, so plain --help shows its options.
@@ -457,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     # The local commands start S3, MLflow and model servers: a SIGTERM stops them as Ctrl-C
     # does, instead of ending this process alone and leaving them running on the state dir.
-    signal.signal(signal.SIGTERM, _terminated)
+    raise_on_sigterm()
 
     def body() -> None:
         nonlocal code

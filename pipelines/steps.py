@@ -15,7 +15,7 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
-from pipelines.errors import INTERRUPTED, PipelineError, redeliver_interrupts
+from pipelines.errors import PipelineError, raise_on_sigterm, redeliver_interrupts, stopped_by
 from pipelines.storage import ObjectStore
 
 log = logging.getLogger("mlops.steps")
@@ -74,6 +74,7 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
     so that KFP (or Argo) marks the task failed."""
     setup_logging()
     redeliver_interrupts()
+    raise_on_sigterm()  # as a stopped run, or a deleted pod, sends it
     record: dict[str, Any] = {"name": step, "status": "running", "inputs": inputs}
     start = time.monotonic()
     try:
@@ -84,8 +85,9 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
         record |= {"status": "succeeded", "result": dataclasses.asdict(result)}
     except PipelineError as exc:
         record |= {"status": "failed", "error": str(exc), "exit_code": exc.exit_code}
-    except KeyboardInterrupt:  # Ctrl-C reaches every step process: one line, not a traceback
-        record |= {"status": "failed", "error": "interrupted", "exit_code": INTERRUPTED}
+    except KeyboardInterrupt as exc:  # Ctrl-C reaches every step process: one line, no traceback
+        code, word = stopped_by(exc)
+        record |= {"status": "failed", "error": word, "exit_code": code}
     record["seconds"] = round(time.monotonic() - start, 2)
     path = record_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -606,6 +606,9 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
         if sig == signal.SIGTERM:
             assert driver.returncode == 143, out
             assert "FAILED at train: terminated" in out and "--resume run-" in out
+            # The step, stopped too, recorded its end: before, it died without a record (0.0 s).
+            step = re.search(r"^train +interrupted +(\d+\.\d)$", out, re.M)
+            assert step is not None and float(step[1]) > 0, out
             assert "Traceback" not in driver_lines(out)
             # The trainer closed its MLflow run as stopped from outside, while MLflow was up.
             with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
