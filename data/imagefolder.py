@@ -84,18 +84,30 @@ def _layout(paths: list[PurePosixPath]) -> tuple[int, bool]:
         return drop, bool(tops) and tops <= set(SPLITS)
 
 
+def fit_image(opened: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
+    """An opened image, decoded in `mode` ("L" or "RGB") at `size` (None: its own). The one
+    resize of the pipeline, for dataset.image_size and in the model server alike, so that a
+    served image is scaled as the training images were. A JPEG decodes at the smallest
+    power-of-two fraction of its size that still covers `size` (4000x3000 to 32x32: 17 ms
+    instead of 136 ms here), then every image is resized bilinearly, torchvision's default."""
+    if size is not None and opened.size != size:
+        opened.draft(mode, size)  # a no-op for other formats, and once called
+    img = opened.convert(mode)
+    if size is not None and img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return img
+
+
 def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(payload)) as opened:
-            opened.load()
             if opened.mode in GRAY_MODES:
-                img = opened.convert("L")
+                mode = "L"
             elif opened.mode in COLOR_MODES:
-                img = opened.convert("RGB")
+                mode = "RGB"
             else:
                 raise DataError(f"{name}: image mode {opened.mode} is not supported (use L or RGB)")
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            img = fit_image(opened, mode, None if size is None else (size, size))
             array = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         # PIL's own message names only the in-memory buffer it read from.

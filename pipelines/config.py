@@ -242,6 +242,13 @@ class ServingConfig(_Section):
     port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
     top_k: int = Field(3, ge=1, description="Classes returned per image, most probable first.")
     max_instances: int = Field(64, ge=1, description="Largest batch one request may carry.")
+    max_decode_pixels: int = Field(
+        4_194_304,
+        ge=1,
+        description="Most pixels the server decodes of one PNG or JPEG, which it resizes to the "
+        "model's input as training resizes (a JPEG decodes at up to 1/8 of its size first): a "
+        "2048x2048 PNG takes about 0.1 s here, during which no other request is parsed.",
+    )
     threads: int = Field(
         1, ge=1, description="Model-server intra-op threads (1 avoids latency spikes on 2 cores)."
     )

@@ -17,7 +17,7 @@ from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
-from data.imagefolder import COLOR_MODES, GRAY_MODES
+from data.imagefolder import COLOR_MODES, GRAY_MODES, fit_image
 from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
@@ -47,12 +47,14 @@ class ImageClassifier(Model):
         batch_wait_ms: float = 0.0,
         backend: Backend = "torch",
         max_queued_images: int = 1024,
+        max_decode_pixels: int = 4_194_304,
     ):
         super().__init__(name)
         self.backend = backend
         self.model_dir = model_dir
         self.top_k = top_k
         self.max_instances = max_instances
+        self.max_decode_pixels = max_decode_pixels
         self.threads = threads
         self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms, max_queued_images)
         self.forward: Forward | None = None
@@ -94,7 +96,8 @@ class ImageClassifier(Model):
 
     def _decode_image(self, data: bytes, where: str) -> np.ndarray:
         # The size comes from the header and is checked before any pixel is decoded: a PNG of a
-        # few KB can expand to gigabytes, and decoding it would hold up every request.
+        # few KB can expand to gigabytes, and decoding it holds up every request (it runs on the
+        # event loop, as parsing does).
         try:
             opened = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
@@ -105,19 +108,23 @@ class ImageClassifier(Model):
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
         with opened:
-            if opened.size != (self.width, self.height):
-                raise InvalidInput(
-                    f"{where}: image is {opened.size[0]}x{opened.size[1]}, the model takes "
-                    f"{self.width}x{self.height}"
-                )
             # 16-bit or float pixels would be clipped, mostly to white, and still classified.
             if opened.mode not in EIGHT_BIT_MODES:
                 raise InvalidInput(
                     f"{where}: image mode {opened.mode} is not supported: send an 8-bit "
                     "grayscale or color image (L or RGB), as the model was trained on"
                 )
+            mode, size = "L" if self.channels == 1 else "RGB", (self.width, self.height)
+            width, height = opened.size
+            opened.draft(mode, size)  # what a JPEG will decode to, still from its header
+            if opened.size[0] * opened.size[1] > self.max_decode_pixels:
+                raise InvalidInput(
+                    f"{where}: image is {width}x{height}, more than the "
+                    f"{self.max_decode_pixels} pixels the server decodes "
+                    f"(serving.max_decode_pixels); resize it to the model's {size[0]}x{size[1]}"
+                )
             try:
-                img = opened.convert("L" if self.channels == 1 else "RGB")
+                img = fit_image(opened, mode, size)
             except (OSError, ValueError, SyntaxError):  # a valid header over damaged pixel data
                 raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
         array = np.asarray(img, dtype=np.uint8)

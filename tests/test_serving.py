@@ -24,10 +24,11 @@ import psutil
 import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from kserve.errors import InferenceError
+from kserve.errors import InferenceError, InvalidInput
 from PIL import Image
 
 from components.deploy import png_b64, post_json, serving_command, start_server
+from data.imagefolder import fit_image
 from pipelines.config import load_config
 from pipelines.errors import DataError, PipelineError
 from pipelines.processes import free_port, terminate
@@ -113,6 +114,44 @@ def test_v2_uint8_and_bytes_inputs(server: SimpleNamespace) -> None:
     )
     assert code == 200
     assert next(o for o in body["outputs"] if o["name"] == "class_index")["data"] == expected
+
+
+def encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def b64_instances(data: bytes) -> dict:
+    return {"instances": [{"image_bytes": {"b64": base64.b64encode(data).decode()}}]}
+
+
+def test_a_photo_of_another_size_is_resized_as_training_resizes(
+    server: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PNG or JPEG of any size classifies (the model takes 32x32), scaled by the function
+    that resizes imagefolder images for training; before, any other size was a 400."""
+    rng = np.random.default_rng(1)
+    photos = {
+        "JPEG": encoded(rng.integers(0, 256, (480, 640, 3), np.uint8), "JPEG"),
+        "PNG": encoded(rng.integers(0, 256, (50, 100, 3), np.uint8), "PNG"),
+    }
+    for data in photos.values():
+        with Image.open(io.BytesIO(data)) as opened:
+            want = np.array(fit_image(opened, "RGB", (32, 32)))[None]
+        assert np.array_equal(server.local.parse(b64_instances(data))[1], want)
+        code, body = post_json(f"{server.base}/v1/models/{NAME}:predict", b64_instances(data))
+        assert code == 200, body
+        expected = server.local.classify(want)[0]
+        assert body["predictions"][0]["index"] == int(expected.argmax())
+        top = max(body["predictions"][0]["probabilities"].values())
+        assert top == pytest.approx(float(expected.max()), abs=1e-5)
+    # The cap counts the pixels decoded: the JPEG's 640x480 decodes at 1/8, 80x60.
+    monkeypatch.setattr(server.local, "max_decode_pixels", 80 * 60)
+    server.local.parse(b64_instances(photos["JPEG"]))
+    big = encoded(rng.integers(0, 256, (60, 81, 3), np.uint8), "PNG")
+    with pytest.raises(InvalidInput, match="image is 81x60, more than the 4800 pixels"):
+        server.local.parse(b64_instances(big))
 
 
 def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
@@ -237,7 +276,7 @@ BAD_V1 = [
     ([{"wrong": 1}], "image_bytes"),
     # A decompression bomb: 400 M pixels in 80 bytes, refused from its header.
     ([{"image_bytes": {"b64": png_header(20000, 20000)}}], "larger than the decoder accepts"),
-    ([{"image_bytes": {"b64": png_header(12000, 12000)}}], "is 12000x12000, the model takes 32x32"),
+    ([{"image_bytes": {"b64": png_header(12000, 12000)}}], "12000x12000, more than the 4194304"),
     ([{"image_bytes": {"b64": png_header(32, 32)}}], "not a decodable PNG or JPEG"),
     ([{"image_bytes": {"b64": png16_b64()}}], "image mode I;16 is not supported"),
     # Counted before any is decoded: else this would answer "invalid base64".
