@@ -98,9 +98,7 @@ def in_process(model_dir: Path, cfg: PipelineConfig, seconds: float, repeats: in
     backends = [sv.backend, *(b for b in BACKENDS if b != sv.backend)]
     models = {}
     for backend in backends:
-        model = ImageClassifier(
-            NAME, model_dir, sv.top_k, sv.max_instances, sv.threads, backend=backend
-        )
+        model = ImageClassifier(NAME, model_dir, sv.model_copy(update={"backend": backend}))
         model.load()  # sets the server's intra-op thread count in this process
         models[backend] = model
     rng = np.random.default_rng(0)

@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         # The micro-batcher gathers requests within one process; more replicas scale it out.
         parser.error(f"--workers {args.workers}: the server runs one process; add replicas")
     logging.basicConfig(level=logging.INFO)
-    model = ImageClassifier(
-        args.model_name, args.model_dir, **{name: getattr(sv, name) for name in CONFIG_FLAGS}
-    )
+    model = ImageClassifier(args.model_name, args.model_dir, sv)
     try:
         check_listen(args.bind_host, args.http_port)  # before the load, which takes seconds
         model.load()

@@ -18,6 +18,7 @@ from kserve.errors import InvalidInput
 from PIL import Image, UnidentifiedImageError
 
 from data.imagefolder import COLOR_MODES, GRAY_MODES, fit_image
+from pipelines.config import ServingConfig
 from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
@@ -36,27 +37,18 @@ class ImageClassifier(Model):
     """Ready only once the weights are loaded (sha256-checked, safetensors only). Its backend is
     eager PyTorch unless told: the in-process reference; the server passes serving.backend."""
 
-    def __init__(
-        self,
-        name: str,
-        model_dir: Path,
-        top_k: int = 3,
-        max_instances: int = 64,
-        threads: int = 1,
-        max_batch: int = 64,
-        batch_wait_ms: float = 0.0,
-        backend: Backend = "torch",
-        max_queued_images: int = 1024,
-        max_decode_pixels: int = 4_194_304,
-    ):
+    def __init__(self, name: str, model_dir: Path, settings: ServingConfig | None = None):
         super().__init__(name)
-        self.backend = backend
+        sv = settings or ServingConfig()  # the config tree's defaults
+        self.backend: Backend = sv.backend
         self.model_dir = model_dir
-        self.top_k = top_k
-        self.max_instances = max_instances
-        self.max_decode_pixels = max_decode_pixels
-        self.threads = threads
-        self.batcher = MicroBatcher(name, self.infer, max_batch, batch_wait_ms, max_queued_images)
+        self.top_k = sv.top_k
+        self.max_instances = sv.max_instances
+        self.max_decode_pixels = sv.max_decode_pixels
+        self.threads = sv.threads
+        self.batcher = MicroBatcher(
+            name, self.infer, sv.max_batch, sv.batch_wait_ms, sv.max_queued_images
+        )
         self.forward: Forward | None = None
         self.meta: dict[str, Any] = {}
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from data.imagefolder import fit_image
-from pipelines.config import load_config
+from pipelines.config import ServingConfig, load_config
 from pipelines.errors import DataError, PipelineError
 from pipelines.processes import free_port, terminate
 from serving.batcher import MicroBatcher
@@ -700,7 +700,6 @@ def test_flags_it_cannot_honour_are_usage_errors(
 
 
 def test_help_shows_the_defaults_it_runs_with() -> None:
-    from pipelines.config import ServingConfig
     from serving.__main__ import build_parser
 
     text = " ".join(build_parser().format_help().split())
@@ -754,7 +753,9 @@ def test_onnxruntime_answers_as_pytorch_does(
     included, at batch sizes other than the one it was exported at."""
     chw = (shape[2], shape[0], shape[1])
     model_dir = write_untrained_model(tmp_path, CLASSES, stem, chw, seed=3, flip_tta=flip_tta)
-    eager, onnx = (ImageClassifier(NAME, model_dir, backend=b) for b in ("torch", "onnxruntime"))
+    eager, onnx = (
+        ImageClassifier(NAME, model_dir, ServingConfig(backend=b)) for b in ("torch", "onnxruntime")
+    )
     eager.load()
     onnx.load()
     for n in (1, 7):
@@ -784,7 +785,7 @@ def test_a_backend_that_cannot_start_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    model = ImageClassifier(NAME, write_model_dir(tmp_path), backend="onnxruntime")
+    model = ImageClassifier(NAME, write_model_dir(tmp_path), ServingConfig(backend="onnxruntime"))
     with pytest.raises(
         PipelineError, match=r"onnxruntime backend could not start \(ModuleNotFoundError"
     ):
@@ -810,7 +811,9 @@ def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path)
     }
     code = (
         "import sys; from pathlib import Path; from serving.model import ImageClassifier; "
-        "m = ImageClassifier('t', Path(sys.argv[1]), backend='onnxruntime'); m.load(); "
+        "from pipelines.config import ServingConfig; "
+        "m = ImageClassifier('t', Path(sys.argv[1]), ServingConfig(backend='onnxruntime')); "
+        "m.load(); "
         "import os; print(os.environ['ORT_DISABLE_TELEMETRY'])"
     )
     out = subprocess.run(
