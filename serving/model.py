@@ -39,7 +39,8 @@ class ImageClassifier(Model):
 
     def __init__(self, name: str, model_dir: Path, settings: ServingConfig | None = None):
         super().__init__(name)
-        sv = settings or ServingConfig()  # the config tree's defaults
+        # Unless told, the config tree's defaults, but eager PyTorch: the in-process reference.
+        sv = settings or ServingConfig(backend="torch")
         self.backend: Backend = sv.backend
         self.model_dir = model_dir
         self.top_k = sv.top_k
