@@ -242,6 +242,12 @@ class ServingConfig(_Section):
     port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
     top_k: int = Field(3, ge=1, description="Classes returned per image, most probable first.")
     max_instances: int = Field(64, ge=1, description="Largest batch one request may carry.")
+    max_body_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Largest request body, in MB (10^6 bytes); a larger one is refused with a 413 "
+        "before it is read, from its Content-Length or as its chunks arrive.",
+    )
     max_decode_pixels: int = Field(
         4_194_304,
         ge=1,

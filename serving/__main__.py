@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # A bad flag or model dir is one line and the error's exit code, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    install_rest_server(args.bind_host)
+    install_rest_server(args.bind_host, sv.max_body_mb)
     # What is loaded by now (torch, KServe, the weights: ~0.5 M objects) lives as long as the
     # server. Frozen, the collector's full passes skip it; scanning it stalled every request
     # in flight for 0.1-0.25 s, a few times a minute under load.

@@ -16,6 +16,7 @@ MODEL_JSON = "model.json"
 CONFIG_FLAGS = (
     "top_k",
     "max_instances",
+    "max_body_mb",
     "max_decode_pixels",
     "threads",
     "max_batch",

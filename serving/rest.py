@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
@@ -146,7 +146,60 @@ def guard_binary_bodies() -> None:
     DataPlane.decode_inference_request = guarded  # type: ignore[method-assign]
 
 
-def install_rest_server(host: str) -> None:
+class BodyTooLarge(HTTPException):
+    """A request body over serving.max_body_mb. An HTTPException, which FastAPI lets through
+    as it reads a body (any other exception there becomes its 400 'error parsing the body')."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(
+            413,
+            f"the request body is {size / 1e6:.1f} MB or more, over the {limit / 1e6:g} MB the "
+            "server reads (serving.max_body_mb): send fewer or smaller images per request",
+        )
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+too_large = client_error(413)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is a 413, from its Content-Length before any
+    of it is read, else as soon as its chunks pass the limit. KServe read whatever arrived: a
+    body of gigabytes was held in memory whole, then parsed, before anything looked at it."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit():
+            if int(declared) > self.limit:
+                exc = BodyTooLarge(int(declared), self.limit)
+                response = await too_large(Request(scope), exc)
+                await response(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server stops reading at that length
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge(seen, self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def install_rest_server(host: str, max_body_mb: float) -> None:
     """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
     server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
     binds `host`. In a pod, --bind_host 0.0.0.0 keeps KServe's own behaviour. The same class
@@ -158,6 +211,10 @@ def install_rest_server(host: str) -> None:
             self.config.host = host
             self._server = rest_server._RefreshingServer(self.config)
 
+        def _add_middlewares(self, app: FastAPI) -> None:
+            super()._add_middlewares(app)
+            app.add_middleware(BodyLimit, limit=int(max_body_mb * 1e6))
+
         def _add_exception_handlers(self, app: FastAPI) -> None:
             super()._add_exception_handlers(app)
             app.add_exception_handler(InvalidInput, invalid_input)
@@ -167,6 +224,7 @@ def install_rest_server(host: str) -> None:
             app.add_exception_handler(Overloaded, client_error(503, Throttle(SHED_LOG_EVERY_S)))
             app.add_exception_handler(InferenceError, undecodable_bytes)
             app.add_exception_handler(RequestValidationError, invalid_request)
+            app.add_exception_handler(BodyTooLarge, too_large)
 
     model_server.RESTServer = BoundRESTServer
     guard_binary_bodies()

@@ -51,7 +51,8 @@ def write_model_dir(folder: Path, seed: int = 0) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     model_dir = write_model_dir(tmp_path_factory.mktemp("model"))
     port = free_port()
-    cfg = load_config("smoke", overrides={"serving.max_instances": 8}, environ={})
+    overrides = {"serving.max_instances": 8, "serving.max_body_mb": 1}
+    cfg = load_config("smoke", overrides=overrides, environ={})
     proc = start_server(model_dir, NAME, port, cfg, model_dir / "server.log")
     local = ImageClassifier(NAME, model_dir)
     local.load()
@@ -341,6 +342,23 @@ def test_a_v2_body_outside_the_schema_is_a_one_line_400(server, body, message) -
     answer = json.loads(err.value.read())
     assert list(answer) == ["error"] and "\n" not in answer["error"]
     assert message in answer["error"]
+
+
+def test_a_body_over_max_body_mb_is_a_413_and_the_server_stays_up(server: SimpleNamespace) -> None:
+    """Refused from its Content-Length before it is read, or, sent in chunks, once past the
+    limit (1 MB here); KServe read any body whole. The server goes on answering."""
+    body = b'{"instances": [' + b"0," * 600_000 + b"0]}"  # 1.2 MB
+
+    def chunks() -> Iterator[bytes]:
+        yield from (body[i : i + 65536] for i in range(0, len(body), 65536))
+
+    for path in (f"/v1/models/{NAME}:predict", f"/v2/models/{NAME}/infer"):
+        for data in (body, chunks()):
+            resp = requests.post(server.base + path, data=data, timeout=30)
+            assert resp.status_code == 413, resp.text
+            assert "over the 1 MB the server reads (serving.max_body_mb)" in resp.json()["error"]
+    code, answer = v1(server, server.images[:1].tolist())
+    assert code == 200, answer
 
 
 def test_client_errors_log_one_line_each_and_no_traceback(server: SimpleNamespace) -> None:
