@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from pipelines.config import PipelineConfig, config_overrides
 from pipelines.errors import PipelineError
 from pipelines.manifests import pytorchjob
+from pipelines.mlflow_runs import fail_abandoned
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.result import RESULT_OBJECT, TrainResult
 
@@ -76,6 +77,7 @@ def run_pytorchjob(
         sys.stderr.write(f"--- {pod}\n{text}\n")
     conditions = _conditions(done)
     if "Succeeded" not in conditions:
+        fail_abandoned(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_id)
         failed = conditions.get("Failed")
         why = getattr(failed, "message", None) or "no Succeeded condition"
         raise PipelineError(

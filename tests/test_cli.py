@@ -26,6 +26,7 @@ from pipelines.config import TrainConfig
 from pipelines.errors import REPORT_ENV, ConfigError, reported
 from pipelines.launcher import run_single, run_torchrun
 from pipelines.local import QuietKfp
+from pipelines.mlflow_runs import fail_abandoned
 from pipelines.processes import HOST, free_port
 from pipelines.s3server import EmbeddedS3
 from training.precision import cuda_available
@@ -572,6 +573,30 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
+def smoke_args(state: Path) -> list[str]:
+    """A smoke run of 6 epochs: time to stop it at the second."""
+    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
+    return [*args, "--port", str(free_port()), "--state-dir", str(state)]
+
+
+def driver_at_epoch_2(args: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """The driver, started, and its lines up to the trainer's second epoch."""
+    driver = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert driver.stdout is not None
+    lines = []
+    for line in driver.stdout:
+        lines.append(line)
+        if "epoch 2/6" in line:
+            break
+    return driver, lines
+
+
 def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) stops a run as Ctrl-C does: every process it started ends, the trainer
     first, while the servers are up; a summary, exit 143. A
@@ -579,24 +604,11 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
     signal, the fork server and its children by its watch on its parent. Before, both left the
     S3 and MLflow servers running on the state dir, and a trainer training on."""
     state = tmp_path / "state"
-    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
-    args += ["--port", str(free_port()), "--state-dir", str(state)]
+    args = smoke_args(state)
     for sig, resume in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
         if resume:
             resume.append(next((state / "runs").iterdir()).name)
-        driver = subprocess.Popen(
-            [sys.executable, *args, *resume],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert driver.stdout is not None
-        lines = []
-        for line in driver.stdout:
-            lines.append(line)
-            if "epoch 2/6" in line:
-                break
+        driver, lines = driver_at_epoch_2([*args, *resume])
         started = psutil.Process(driver.pid).children(recursive=True)
         assert len(started) >= 4  # S3, MLflow, the fork server and its children at least
         driver.send_signal(sig)
@@ -613,6 +625,34 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
             # The trainer closed its MLflow run as stopped from outside, while MLflow was up.
             with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
                 assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
+
+
+def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) -> None:
+    """A trainer SIGKILLed (as the OOM killer does) cannot end its MLflow run, which read
+    RUNNING in the UI forever: the train step, once its restarts are spent, marks it FAILED."""
+    state = tmp_path / "state"
+    driver, lines = driver_at_epoch_2([*smoke_args(state), "--set", "train.max_restarts=0"])
+    # The fork server's youngest child: the train step forked first, then its trainer.
+    warm = next(
+        p for p in psutil.Process(driver.pid).children() if "pipelines.warm_server" in p.cmdline()
+    )
+    max(warm.children(), key=lambda p: p.create_time()).kill()
+    out = "".join(lines) + driver.communicate(timeout=120)[0]
+    assert driver.returncode == 1, out
+    assert "FAILED at train: training failed (training exit code -9" in out, out
+    assert "marked FAILED: its trainer ended without closing it" in out, out
+    with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
+        rows = db.execute("SELECT status, end_time IS NOT NULL FROM runs").fetchall()
+    assert rows == [("FAILED", 1)]
+
+
+def test_an_mlflow_server_out_of_reach_leaves_the_failing_step_as_it_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Closing an abandoned run is best effort, on a path that is failing already."""
+    assert fail_abandoned(f"http://127.0.0.1:{free_port()}", "image-classifier", "run-x") == []
+    assert "could not close the MLflow run of run-x" in caplog.text
+    assert fail_abandoned(None, "image-classifier", "run-x") == []
 
 
 def test_step_cli_against_a_configured_store(tmp_path: Path) -> None:

@@ -18,11 +18,11 @@ from torch import nn
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
+from pipelines.mlflow_runs import RUN_TAG
 from pipelines.mlflow_server import wait_healthy
 
 log = logging.getLogger("mlops.tracking")
 
-RUN_TAG = "mlops.pipeline_run_id"
 # MLflow's client retries for minutes by default; a dead server should fail a step in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
