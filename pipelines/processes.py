@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,32 @@ _GUARD = (
     "os.getppid() == int(sys.argv[1]) or sys.exit(143); "  # its starter already died
     "os.execv(sys.argv[2], sys.argv[2:])"
 )
+
+
+# The pid whose end stops a model server started with it in its environment: `run --serve`'s
+# and `serve`'s driver, which a SIGKILL ends without its clean-up.
+OWNER_ENV = "MLOPS_OWNER_PID"
+
+
+def stop_with_owner() -> None:
+    """SIGTERM this process once the process OWNER_ENV names has ended, however it ended. The
+    model server `run --serve` keeps up outlives the deploy step that started it, so the
+    kernel's parent-death signal cannot tie it to the driver; a pidfd, readable once its
+    process has ended, can (and is not fooled by a reused pid)."""
+    owner = os.environ.get(OWNER_ENV, "")
+    if not owner.isdigit() or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        fd = os.pidfd_open(int(owner))
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 def die_with_parent(cmd: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from pipelines.local import (  # noqa: E402
     check_resume,
     run_pipeline,
 )
-from pipelines.processes import require_free, serve_until_stopped  # noqa: E402
+from pipelines.processes import OWNER_ENV, require_free, serve_until_stopped  # noqa: E402
 
 # Each command and its one-line help, for its parser and the list in the default --help.
 COMMANDS = {
@@ -165,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_before_run(cfg)
         if args.resume:
             check_resume(cfg, args.resume)
+        if args.serve:  # the server it leaves up ends with this process, even a SIGKILLed one
+            os.environ[OWNER_ENV] = str(os.getpid())
         report = run_pipeline(cfg, serve=args.serve, resume_id=args.resume)
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
@@ -204,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir)
     name, port = cfg.serving.model_name, cfg.serving.port
+    os.environ[OWNER_ENV] = str(os.getpid())  # as for run --serve
     proc = start_server(model_dir, name, port, cfg, server_log(model_dir))
     print(
         f"serving {args.model_uri}\n  V1 http://{HOST}:{port}/v1/models/{name}:predict\n"

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pipelines.config import ServingConfig
 from pipelines.errors import PipelineError
-from pipelines.processes import exit_now
+from pipelines.processes import exit_now, stop_with_owner
 from serving.launch import CONFIG_FLAGS
 from serving.model import ImageClassifier
 from serving.rest import check_listen, install_rest_server
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     install_rest_server(args.bind_host, sv.max_body_mb)
+    stop_with_owner()
     # What is loaded by now (torch, KServe, the weights: ~0.5 M objects) lives as long as the
     # server. Frozen, the collector's full passes skip it; scanning it stalled every request
     # in flight for 0.1-0.25 s, a few times a minute under load.
