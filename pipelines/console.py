@@ -20,8 +20,8 @@ log = logging.getLogger("mlops")
 class Unread:
     """A standard stream that outlives its reader. A step, or the driver, that is stopped
     closes the pipe its child writes to before the child has finished; the child's next
-    write raised BrokenPipeError wherever it came, one inside MLflow's end_run left a stopped
-    trainer's run RUNNING. Once the reader has gone, the stream writes to /dev/null."""
+    write raised BrokenPipeError wherever it came (one inside MLflow's end_run left a stopped
+    trainer's run RUNNING). Once the reader has gone, the stream writes to /dev/null."""
 
     def __init__(self, stream: object):
         self.stream = stream

@@ -53,10 +53,8 @@ def fail_abandoned(uri: str | None, experiment: str, pipeline_run_id: str) -> li
             _call(uri, "runs/update", ended)
             log.warning("MLflow run %s marked FAILED: its trainer ended without closing it", run_id)
         return runs
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:  # no such experiment: the trainer never started a run
-            return []
-        log.warning("could not close the MLflow run of %s at %s: %s", pipeline_run_id, uri, exc)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:  # urllib's errors are OSErrors
+        if isinstance(exc, urllib.error.HTTPError) and exc.code == 404:
+            return []  # no such experiment: the trainer never started a run
         log.warning("could not close the MLflow run of %s at %s: %s", pipeline_run_id, uri, exc)
     return []
