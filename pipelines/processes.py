@@ -28,6 +28,15 @@ _GUARD = (
 )
 
 
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd`, made to get SIGTERM when this process dies, however it dies (a SIGKILL runs no
+    clean-up): no S3 or MLflow server outlives its run on the state dir. As is where the
+    kernel offers no such signal."""
+    if sys.platform != "linux":
+        return cmd
+    return [sys.executable, "-S", "-c", _GUARD, str(os.getpid()), *cmd]
+
+
 # The pid whose end stops a model server started with it in its environment: `run --serve`'s
 # and `serve`'s driver, which a SIGKILL ends without its clean-up.
 OWNER_ENV = "MLOPS_OWNER_PID"
@@ -52,15 +61,6 @@ def stop_with_owner() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="owner-watch", daemon=True).start()
-
-
-def die_with_parent(cmd: list[str]) -> list[str]:
-    """`cmd`, made to get SIGTERM when this process dies, however it dies (a SIGKILL runs no
-    clean-up): no S3 or MLflow server outlives its run on the state dir. As is where the
-    kernel offers no such signal."""
-    if sys.platform != "linux":
-        return cmd
-    return [sys.executable, "-S", "-c", _GUARD, str(os.getpid()), *cmd]
 
 
 def exit_now(code: int) -> None:

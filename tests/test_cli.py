@@ -516,6 +516,36 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     assert client.get_model_version_by_alias(name, "champion").version == before
 
 
+def smoke_args(state: Path) -> list[str]:
+    """A smoke run of 6 epochs: time to stop it at the second."""
+    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
+    return [*args, "--port", str(free_port()), "--state-dir", str(state)]
+
+
+def driver_until(
+    args: list[str], marker: str = "epoch 2/6", json_apart: bool = False
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """The driver, started in a session of its own (a signal to its group reaches only it and
+    its processes), and its log lines up to the first with `marker`. With json_apart, those
+    are stderr's, and stdout keeps the --json line."""
+    driver = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if json_apart else subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    log = driver.stderr if json_apart else driver.stdout
+    assert log is not None
+    lines = []
+    for line in log:
+        lines.append(line)
+        if marker in line:
+            break
+    return driver, lines
+
+
 def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """Ctrl-C during training (to the whole process group, as a terminal sends it): a summary
     naming the interrupted step and the command that resumes it; --resume then goes on from
@@ -524,21 +554,9 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     state = tmp_path / "state"
     args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json"]
     args += ["--epochs", "4", "--port", str(free_port()), "--state-dir", str(state)]
-    first = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert first.stderr is not None
-    lines = []
-    for line in first.stderr:
-        lines.append(line)
-        if "epoch 3/4" in line:  # epoch 2's checkpoint waited for epoch 1's upload: one is in S3
-            os.killpg(first.pid, signal.SIGINT)
-            break
+    # At epoch 3, epoch 2's checkpoint has waited for epoch 1's upload: one is in S3.
+    first, lines = driver_until(args, "epoch 3/4", json_apart=True)
+    os.killpg(first.pid, signal.SIGINT)
     out, err = first.communicate(timeout=120)
     err = "".join(lines) + err
     assert first.returncode == 130, err
@@ -573,30 +591,6 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
-def smoke_args(state: Path) -> list[str]:
-    """A smoke run of 6 epochs: time to stop it at the second."""
-    args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
-    return [*args, "--port", str(free_port()), "--state-dir", str(state)]
-
-
-def driver_at_epoch_2(args: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
-    """The driver, started, and its lines up to the trainer's second epoch."""
-    driver = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert driver.stdout is not None
-    lines = []
-    for line in driver.stdout:
-        lines.append(line)
-        if "epoch 2/6" in line:
-            break
-    return driver, lines
-
-
 def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) stops a run as Ctrl-C does: every process it started ends, the trainer
     first, while the servers are up; a summary, exit 143. A
@@ -608,7 +602,7 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
     for sig, resume in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
         if resume:
             resume.append(next((state / "runs").iterdir()).name)
-        driver, lines = driver_at_epoch_2([*args, *resume])
+        driver, lines = driver_until([*args, *resume])
         started = psutil.Process(driver.pid).children(recursive=True)
         assert len(started) >= 4  # S3, MLflow, the fork server and its children at least
         driver.send_signal(sig)
@@ -631,7 +625,7 @@ def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) 
     """A trainer SIGKILLed (as the OOM killer does) cannot end its MLflow run, which read
     RUNNING in the UI forever: the train step, once its restarts are spent, marks it FAILED."""
     state = tmp_path / "state"
-    driver, lines = driver_at_epoch_2([*smoke_args(state), "--set", "train.max_restarts=0"])
+    driver, lines = driver_until([*smoke_args(state), "--set", "train.max_restarts=0"])
     # The fork server's youngest child: the train step forked first, then its trainer.
     warm = next(
         p for p in psutil.Process(driver.pid).children() if "pipelines.warm_server" in p.cmdline()
