@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 INTERRUPTED = 130  # the exit code of a Ctrl-C, as a shell reports a process ended by SIGINT
@@ -27,14 +28,28 @@ def stopped_by(exc: KeyboardInterrupt) -> tuple[int, str]:
     )
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
+class _Sigterm:
+    # Whether a SIGTERM has been raised as Terminated and is unwinding this process. A stopped
+    # process often gets a second (a trainer: the fork server's, then its step's terminate),
+    # and raised again in an except or finally clause it would escape with a traceback. A
+    # second is ignored, unless the first was lost in a finalizer (see redeliver_interrupts).
+    unwinding = False
 
 
-def raise_on_sigterm() -> None:
+def raise_on_sigterm(first: Callable[[], None] | None = None) -> None:
     """A SIGTERM unwinds this process as Ctrl-C does: the services it started stop, and a
-    step records its end (a step killed outright left no record: 0.0 s in the summary)."""
-    signal.signal(signal.SIGTERM, _terminated)
+    step records its end (a step killed outright left no record: 0.0 s in the summary).
+    `first` runs before the first one is raised; a repeat, while that unwinds, is ignored."""
+
+    def terminated(signum: int, frame: object) -> None:
+        if _Sigterm.unwinding:
+            return
+        _Sigterm.unwinding = True
+        if first is not None:
+            first()
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def redeliver_interrupts() -> None:
@@ -45,6 +60,8 @@ def redeliver_interrupts() -> None:
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            if isinstance(unraisable.exc_value, Terminated):
+                _Sigterm.unwinding = False  # it is lost: nothing unwinds, so raise the next
             sig = stopped_by(unraisable.exc_value)[0] - 128
             # From another thread, a moment later: raised here, in the hook, it would be lost
             # again. Should it land in a finalizer again, this hook sends it once more.

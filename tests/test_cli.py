@@ -304,6 +304,39 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
     assert (out.returncode, out.stdout, out.stderr) == (130, "", "interrupted\n")
 
 
+def test_a_second_sigterm_does_not_cut_the_first_ones_clean_up_short() -> None:
+    """A stopped trainer gets two SIGTERMs, the fork server's and then its step's. The second
+    landed now and then after run_main had handled the first, in the finally that closes the
+    MLflow run, and escaped as a traceback. It is ignored while the first unwinds; one lost
+    in a finalizer is raised again, so that the command still stops."""
+    body = (
+        "import os, signal, sys, time\n"
+        "from pipelines.cli import run_main\n"
+        "from pipelines.errors import raise_on_sigterm\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)  # lands in this finalizer, and is lost\n"
+        "def body():\n"
+        "    Finalized()\n"
+        "    time.sleep(30)\n"
+        "    print('went on')\n"
+        "raise_on_sigterm(lambda: print('first'))\n"
+        "try:\n"
+        "    code = run_main(body)\n"
+        "finally:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # the second stop, as the run closes\n"
+        "    time.sleep(0.2)\n"
+        "    print('closed')\n"
+        "sys.exit(code)\n"
+    )
+    out = run("-c", body)
+    assert (out.returncode, out.stdout, out.stderr) == (
+        143,
+        "first\nfirst\nclosed\n",
+        "terminated\n",
+    )
+
+
 def test_a_command_outlives_the_reader_of_its_output(tmp_path: Path) -> None:
     """A stopped step closes the pipe its trainer writes to while the trainer closes its
     MLflow run, and MLflow's end_run prints to stdout before it sends the status: the
@@ -615,7 +648,8 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
             # The step, stopped too, recorded its end: before, it died without a record (0.0 s).
             step = re.search(r"^train +interrupted +(\d+\.\d)$", out, re.M)
             assert step is not None and float(step[1]) > 0, out
-            assert "Traceback" not in driver_lines(out)
+            # Nor the trainer's: its second SIGTERM (its step's) at times escaped as one.
+            assert "Traceback" not in out, out
             # The trainer closed its MLflow run as stopped from outside, while MLflow was up.
             with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
                 assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]

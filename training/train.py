@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import INTERRUPTED, ConfigError, Terminated
+from pipelines.errors import INTERRUPTED, ConfigError, raise_on_sigterm
 from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
@@ -342,21 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     d = detect_dist()
     status = "FAILED"
-    closing = False
 
-    def stopped(*_: object) -> None:
+    def stopped() -> None:
         # torchrun stops the surviving ranks with SIGTERM when a peer dies, as a local run does
         # its trainer when it is stopped: exit through the finally below, so the MLflow run
         # (KILLED, as MLflow calls a run stopped from outside) and the process group close.
+        # Terminated, not SystemExit: raised in a finalizer, that would be printed and lost;
+        # this is delivered again there (pipelines.errors.redeliver_interrupts).
         nonlocal status
-        if closing:  # a second signal, once that is under way (a Ctrl-C, then the launcher's)
-            return
         status = "KILLED"
-        # Not SystemExit: raised in a finalizer, that would be printed and lost; this is
-        # delivered again there (pipelines.errors.redeliver_interrupts), and ends as exit 143.
-        raise Terminated
 
-    signal.signal(signal.SIGTERM, stopped)
+    raise_on_sigterm(stopped)
 
     def body() -> None:
         nonlocal status
@@ -382,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             status = "KILLED"
         return code
     finally:
-        closing = True
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # likewise: the run is being closed
+        # A signal now (a Ctrl-C, then the launcher's SIGTERM) would cut the closing short.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         tracking.end(status)
         if dist.is_initialized():
             dist.destroy_process_group()
