@@ -121,6 +121,9 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
         "seed": ds.seed,
         "image_size": ds.image_size,
         "shard_size": cfg.features.shard_size,
+        # Image files are turned upright by their EXIF orientation since this key was added:
+        # features decoded before then are not reused.
+        "exif_upright": True,
     }
     fhash = feature_hash(manifest, transform)
     prefix = f"{ds.key}/{fhash}/"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split
 from pipelines.console import progress
@@ -84,15 +85,44 @@ def _layout(paths: list[PurePosixPath]) -> tuple[int, bool]:
         return drop, bool(tops) and tops <= set(SPLITS)
 
 
+# EXIF orientation 2-8: how to turn the stored pixels upright (ImageOps.exif_transpose's
+# table; that function also rewrites the EXIF block, and fails on one it cannot write back).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(opened: Image.Image) -> int:
+    """The EXIF orientation tag (1, upright, if none). Cameras and phones store the sensor's
+    pixels and tag how to turn them: whoever sorted the photos into class folders, or sends
+    one to the server, saw them upright, so the model does too. EXIF that does not parse is
+    ignored, as viewers ignore it: the pixels are still good."""
+    try:
+        tag = opened.getexif().get(ExifTags.Base.Orientation)
+    except (OSError, ValueError, SyntaxError, TypeError, struct.error):
+        return 1
+    return tag if isinstance(tag, int) else 1
+
+
 def fit_image(opened: Image.Image, mode: str, size: tuple[int, int] | None) -> Image.Image:
     """An opened image, decoded in `mode` ("L" or "RGB") at `size` (None: its own). The one
     resize of the pipeline, for dataset.image_size and in the model server alike, so that a
     served image is scaled as the training images were. A JPEG decodes at the smallest
     power-of-two fraction of its size that still covers `size` (4000x3000 to 32x32: 17 ms
-    instead of 136 ms here), then every image is resized bilinearly, torchvision's default."""
+    instead of 136 ms here), then every image is resized bilinearly, torchvision's default.
+    A photo is turned upright, as its EXIF orientation says a viewer shows it."""
     if size is not None and opened.size != size:
         opened.draft(mode, size)  # a no-op for other formats, and once called
     img = opened.convert(mode)
+    turn = _UPRIGHT.get(_orientation(opened))
+    if turn is not None:
+        img = img.transpose(turn)
     if size is not None and img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
     return img

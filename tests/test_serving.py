@@ -25,7 +25,7 @@ import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.errors import InferenceError, InvalidInput
-from PIL import Image
+from PIL import ExifTags, Image
 
 from components.deploy import png_b64, post_json, serving_command, start_server
 from data.imagefolder import fit_image
@@ -153,6 +153,34 @@ def test_a_photo_of_another_size_is_resized_as_training_resizes(
     big = encoded(rng.integers(0, 256, (60, 81, 3), np.uint8), "PNG")
     with pytest.raises(InvalidInput, match="image is 81x60, more than the 4800 pixels"):
         server.local.parse(b64_instances(big))
+
+
+def test_a_photo_is_classified_upright_as_its_exif_orientation_says(
+    server: SimpleNamespace,
+) -> None:
+    """A phone stores a photo as its sensor read it and tags how to turn it: the server and
+    training (the same fit_image) see it as a viewer shows it, not on its side. EXIF that
+    does not parse is ignored, as viewers ignore it."""
+    upright = server.images[0]
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # turn 90 degrees clockwise to view
+    stored = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(stored, "PNG", exif=exif)
+    with Image.open(io.BytesIO(stored.getvalue())) as opened:  # training's reading, any size
+        assert np.array_equal(np.array(fit_image(opened, "RGB", None)), upright)
+    assert np.array_equal(server.local.parse(b64_instances(stored.getvalue()))[1][0], upright)
+    code, body = post_json(
+        f"{server.base}/v1/models/{NAME}:predict", b64_instances(stored.getvalue())
+    )
+    assert code == 200, body
+    assert body["predictions"][0]["index"] == int(server.local.classify(upright[None])[0].argmax())
+
+    garbled = io.BytesIO()
+    Image.fromarray(upright).save(
+        garbled, "PNG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff"
+    )
+    with pytest.warns(UserWarning, match="Corrupt EXIF data"):  # Pillow's, once a process
+        assert np.array_equal(server.local.parse(b64_instances(garbled.getvalue()))[1][0], upright)
 
 
 def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
