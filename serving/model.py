@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image, UnidentifiedImageError
 
 from data.imagefolder import COLOR_MODES, GRAY_MODES, fit_image
@@ -181,6 +182,24 @@ class ImageClassifier(Model):
                 f"input {tensor.name}: data does not match its shape ({exc})"
             ) from None
 
+    def _requested(self, request: InferRequest) -> list[RequestedOutput] | None:
+        """The outputs a V2 request names (all when none), each in JSON or binary: its own
+        binary_data, else the request's binary_data_output (KServe reads a missing one as
+        JSON). A name the model has not is a 400 before the batch, not an error after it."""
+        if not request.request_outputs:
+            return None
+        known = [name for name, _, _ in OUTPUTS]
+        for wanted in request.request_outputs:
+            if wanted.name not in known:
+                raise InvalidInput(
+                    f"output {wanted.name!r} is not one of this model's: {', '.join(known)}"
+                )
+        binary = {"binary_data": bool(request.use_binary_outputs)}
+        return [
+            RequestedOutput(o.name, {**binary, **(o.parameters or {})})
+            for o in request.request_outputs
+        ]
+
     def _from_v2(self, request: InferRequest) -> list[np.ndarray]:
         if len(request.inputs) != 1:
             raise InvalidInput(f"expected one input tensor, got {len(request.inputs)}")
@@ -246,6 +265,7 @@ class ImageClassifier(Model):
     ) -> dict | InferResponse:
         # Validated before it is queued, so a bad request never reaches (or fails) a batch.
         request, images = self.parse(payload)
+        requested = self._requested(request) if isinstance(request, InferRequest) else None
         index, top_p, top_i = await self.batcher.submit(images)
         if isinstance(request, dict):
             return {
@@ -269,5 +289,9 @@ class ImageClassifier(Model):
             out.set_data_from_numpy(array, binary_data=False)
             outputs.append(out)
         return InferResponse(
-            response_id=request.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs
+            response_id=request.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=bool(request.use_binary_outputs),
+            requested_outputs=requested,
         )

@@ -25,6 +25,7 @@ import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.infer_type import RequestedOutput
 from PIL import ExifTags, Image
 
 from components.deploy import png_b64, post_json, serving_command, start_server
@@ -197,8 +198,49 @@ def test_kserve_rest_client_speaks_v2(server: SimpleNamespace) -> None:
             await client._client.aclose()
 
     response = asyncio.run(call())
+    expected = server.local.classify(server.images[:2])
     index = response.get_output_by_name("class_index").as_numpy()
-    assert index.tolist() == server.local.classify(server.images[:2]).argmax(1).tolist()
+    assert index.tolist() == expected.argmax(1).tolist()
+
+    # The outputs it asks for, and only those, in the encoding each asks for (they were all
+    # sent, as JSON, whatever the request said).
+    request.request_outputs = [
+        RequestedOutput("top_k_probability", {"binary_data": True}),
+        RequestedOutput("class_name"),
+    ]
+    response = asyncio.run(call())
+    assert [o.name for o in response.outputs] == ["top_k_probability", "class_name"]
+    top = response.outputs[0].as_numpy()
+    assert top.shape == (2, 3)
+    assert top[:, 0] == pytest.approx(expected.max(1).values.numpy(), abs=1e-5)
+    names = response.outputs[1].as_numpy().tolist()
+    assert names == [CLASSES[i] for i in expected.argmax(1).tolist()], names
+
+
+def test_a_v2_request_gets_the_outputs_it_names(server: SimpleNamespace) -> None:
+    """A V2 request that names its outputs gets those; binary_data_output asks for all of them
+    in binary, and an output of no such name is a 400 that lists the model's."""
+    tensor = {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3]}
+    body = {"inputs": [{**tensor, "data": server.images[0].ravel().tolist()}]}
+    url = f"{server.base}/v2/models/{NAME}/infer"
+    code, out = post_json(url, {**body, "outputs": [{"name": "class_index"}]})
+    assert code == 200, out
+    want = int(server.local.classify(server.images[:1]).argmax())
+    assert [(o["name"], o["data"]) for o in out["outputs"]] == [("class_index", [want])]
+
+    binary = requests.post(
+        url, json={**body, "parameters": {"binary_data_output": True}}, timeout=30
+    )
+    assert binary.status_code == 200, binary.text
+    size = int(binary.headers["inference-header-content-length"])
+    header = json.loads(binary.content[:size])
+    assert [o["parameters"]["binary_data_size"] for o in header["outputs"]][::2] == [8, 24]
+    assert np.frombuffer(binary.content[size : size + 8], np.int64).tolist() == [want]
+
+    code, out = post_json(url, {**body, "outputs": [{"name": "class_index"}, {"name": "logits"}]})
+    assert (
+        code == 400 and "output 'logits' is not one of this model's: class_index, " in out["error"]
+    )
 
 
 def test_v2_metadata_describes_the_request_and_the_response(server: SimpleNamespace) -> None:
