@@ -15,8 +15,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference_error_handler
+from kserve.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    inference_error_handler,
+)
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
 
 from pipelines.errors import ConfigError
@@ -199,6 +205,21 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class OneModel(ModelRepositoryExtension):
+    """KServe's model repository without load and unload. The server serves the one model it
+    loaded at start: KServe's unload let any client that can predict take it away for good
+    (its load then failed: the server stayed live, and the model gone), so both are refused."""
+
+    async def load(self, model_name: str) -> None:
+        raise NotImplementedError(
+            "this server serves the one model it loaded at start, and does not load or unload "
+            "models: start it with another --model_dir (on a cluster, change the "
+            "InferenceService's storageUri)"
+        )
+
+    unload = load
+
+
 def install_rest_server(host: str, max_body_mb: float) -> None:
     """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
     server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
@@ -219,6 +240,8 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
             super()._add_exception_handlers(app)
             app.add_exception_handler(InvalidInput, invalid_input)
             app.add_exception_handler(ModelNotFound, client_error(404))
+            # A version in the path, :explain, load and unload: not a fault of the server's.
+            app.add_exception_handler(NotImplementedError, client_error(501))
             # Under overload a line per refused request would add load where there is none to
             # spare: a sample of lines, and every refusal counted on /metrics (requests_shed).
             app.add_exception_handler(Overloaded, client_error(503, Throttle(SHED_LOG_EVERY_S)))
@@ -227,4 +250,5 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
             app.add_exception_handler(BodyTooLarge, too_large)
 
     model_server.RESTServer = BoundRESTServer
+    model_server.ModelRepositoryExtension = OneModel
     guard_binary_bodies()

@@ -431,6 +431,26 @@ def test_a_body_over_max_body_mb_is_a_413_and_the_server_stays_up(server: Simple
     assert code == 200, answer
 
 
+def test_no_client_can_unload_the_model(server: SimpleNamespace) -> None:
+    """KServe's model repository extension let any client that can predict unload the model
+    for good: its load then failed, and the server stayed live without it. Load and unload
+    are refused, as are a version in the path and :explain, each a 501 and one log line."""
+    for action in ("unload", "load"):
+        resp = requests.post(f"{server.base}/v2/repository/models/{NAME}/{action}", timeout=30)
+        assert resp.status_code == 501, resp.text
+        assert "does not load or unload models: start it with another" in resp.json()["error"]
+    for method, path in (
+        ("GET", f"/v2/models/{NAME}/versions/1/ready"),
+        ("POST", f"/v1/models/{NAME}:explain"),
+    ):
+        resp = requests.request(method, server.base + path, json={"instances": []}, timeout=30)
+        assert resp.status_code == 501, resp.text
+    assert requests.get(f"{server.base}/v2/models/{NAME}/ready", timeout=30).status_code == 200
+    assert v1(server, server.images[:1].tolist())[0] == 200
+    log = (server.dir / "server.log").read_text()
+    assert f"WARNING:mlops.serving:501 POST /v2/repository/models/{NAME}/unload: this" in log
+
+
 def test_client_errors_log_one_line_each_and_no_traceback(server: SimpleNamespace) -> None:
     """KServe's own handlers log each 400 and 404 at ERROR with a 30-line traceback."""
     mark = "log-mark"
