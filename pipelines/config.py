@@ -30,8 +30,13 @@ FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 UNMIRRORED_DATASETS = frozenset({"mnist"})
 # Kubernetes' rule for most object names (a namespace, a Service): what an error then says.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# S3's rule for bucket names (MinIO's too): a name outside it failed only at the first
+# request, as the server's bare "Bad request".
+S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 PATTERN_WORDS = {
     DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
+    "starting and ending with a letter or digit",
+    S3_BUCKET: "an S3 bucket name is expected: 3-63 lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit",
 }
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
@@ -120,10 +125,18 @@ class DatasetConfig(_Section):
 class Buckets(_Section):
     """Bucket names, as in the reference design."""
 
-    raw: str = Field("raw-data", description="Bucket of the raw, as-delivered datasets.")
-    processed: str = Field("processed-data", description="Bucket of the processed shards.")
-    models: str = Field("models", description="Bucket of the trained models and checkpoints.")
-    mlflow: str = Field("mlflow", description="Bucket of the MLflow artifact store.")
+    raw: str = Field(
+        "raw-data", pattern=S3_BUCKET, description="Bucket of the raw, as-delivered datasets."
+    )
+    processed: str = Field(
+        "processed-data", pattern=S3_BUCKET, description="Bucket of the processed shards."
+    )
+    models: str = Field(
+        "models", pattern=S3_BUCKET, description="Bucket of the trained models and checkpoints."
+    )
+    mlflow: str = Field(
+        "mlflow", pattern=S3_BUCKET, description="Bucket of the MLflow artifact store."
+    )
 
 
 class StorageConfig(_Section):

@@ -57,6 +57,11 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
         ({"dataset.name": "svhn"}, r"dataset\.name='svhn': Input should be 'cifar10'"),
         ({"train.epoch": 3}, r"train\.epoch: unknown setting"),
         ({"serving.model_name": "Bad_Name"}, r"serving\.model_name='Bad_Name'"),
+        # Before, the first request to S3 failed with its bare "Bad request", as exit 1.
+        (
+            {"storage.buckets.raw": "Raw_Data"},
+            r"buckets\.raw='Raw_Data': an S3 bucket name is expected: 3-63 lowercase",
+        ),
         ({"image": "repo/img:latest"}, r"image='repo/img:latest'.*pinned tag, not latest"),
         ({"image": "repo/img"}, r"image='repo/img'.*pinned tag"),
     ],
