@@ -47,6 +47,14 @@ COMMANDS = {
 }
 
 
+def split_counts(counts: dict[str, int]) -> str:
+    """Image counts in the order the data flows: train, val, test (a reused manifest's JSON
+    has them alphabetical, so a second run printed them in another order than the first)."""
+    order = ("train", "val", "test")
+    ranked = sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 3)
+    return ", ".join(f"{k} {v}" for k, v in ranked)
+
+
 def summary(report: RunReport) -> str:
     """The readable end of a run: step table, then what was produced."""
     lines = ["", f"{'step':<22}{'status':<11}{'seconds':>8}", "-" * 41]
@@ -58,7 +66,7 @@ def summary(report: RunReport) -> str:
     features = report.result("feature-engineering")
     trained = report.result("train")
     if data:
-        counts = ", ".join(f"{k} {v}" for k, v in data["counts"].items())
+        counts = split_counts(data["counts"])
         moved = f"uploaded {data['uploaded']} of {data['objects']} objects"
         lines += [
             "",
@@ -66,7 +74,7 @@ def summary(report: RunReport) -> str:
             f"raw data    {data['manifest_uri']} ({moved})",
         ]
     if features:
-        counts = ", ".join(f"{k} {v}" for k, v in features["counts"].items())
+        counts = split_counts(features["counts"])
         note = " (unchanged, reused)" if features["skipped"] else ""
         lines.append(f"features    {features['processed_uri']}{note}: {counts}")
     if trained:

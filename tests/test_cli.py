@@ -518,7 +518,13 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     assert one["data"]["uploaded"] == 1 and two["data"]["uploaded"] == 0
     assert (one["features"]["skipped"], two["features"]["skipped"]) == (False, True)
     assert "uploaded nothing" in second.stderr
-    assert "(unchanged, reused)" in second.stderr  # the readable summary
+    # The readable summary, the splits in one order on both runs (the second's, read back
+    # from the stored JSON, came alphabetical).
+    assert "(unchanged, reused): train 540, val 60, test 120" in second.stderr
+    assert (
+        "classes, train 600, test 120" in first.stderr
+        and "classes, train 600, test" in second.stderr
+    )
     # Every step wrote inside the state dir only.
     assert not list(home.iterdir()) and not list(scratch.iterdir())
 
