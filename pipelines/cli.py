@@ -71,7 +71,8 @@ def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> No
     group.add_argument(
         "--profile",
         choices=list(PROFILES),
-        default="quick",
+        # None when not given: a resumed run keeps its own (config_from_args's default).
+        default=None,
         help="named profile: "
         + "; ".join(f"{n}: {f.__doc__}" for n, f in PROFILES.items())
         + " (default: quick)",
@@ -152,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     for name, value in vars(args).items():
         if name.startswith("cfg:") and value is not None:
             overrides[name[4:]] = value
-    return load_config(args.profile, args.config, overrides)
+    return load_config(args.profile or "quick", args.config, overrides)
 
 
 def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

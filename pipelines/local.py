@@ -18,7 +18,14 @@ from typing import Any, TextIO
 from components.train import RUN_ID, check_ranks, new_run_id
 from pipelines import state_lock
 from pipelines.cli import check_state_dir, check_storage, open_store
-from pipelines.config import PipelineConfig, mlflow_env, public_json, storage_env
+from pipelines.config import (
+    ENV_VARS,
+    PipelineConfig,
+    config_overrides,
+    mlflow_env,
+    public_json,
+    storage_env,
+)
 from pipelines.errors import STOPPED, ConfigError, PipelineError, stopped_by
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, with_tracking
@@ -32,6 +39,7 @@ from training.precision import check_here
 
 log = logging.getLogger("mlops.local")
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = "settings.json"  # in a run's folder: what --resume restores
 
 
 @dataclass
@@ -51,6 +59,7 @@ class RunReport:
     exit_code: int = 0
     storage_endpoint: str = ""
     tracking_uri: str = ""
+    state_dir: str = ""  # as the command that resumes the run names it: empty for the default
     steps: list[StepReport] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -221,6 +230,36 @@ def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.Exit
     return stack.enter_context(fork_server(env, run_dir / "fork-server.log"))
 
 
+def save_settings(cfg: PipelineConfig, run_dir: Path) -> None:
+    """The run's profile and the settings its flags and config file chose, as `--set` values:
+    `--resume` restores them, so that its one printed line resumes the run as it was. What
+    the environment sets (endpoints, the state dir) stays the environment's."""
+    env = set(ENV_VARS.values())
+    sets = [f"{k}={v}" for k, v in config_overrides(cfg).items() if k not in env]
+    new = run_dir / (SETTINGS + ".new")
+    new.write_text(json.dumps({"profile": cfg.profile, "set": sets}, indent=1) + "\n")
+    new.replace(run_dir / SETTINGS)  # whole or not at all
+
+
+def stored_settings(cfg: PipelineConfig, run_id: str) -> dict[str, Any] | None:
+    """What save_settings kept of a run; None for a run started before it kept any."""
+    path = cfg.state_dir / "runs" / run_id / SETTINGS
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run_id}: {path} cannot be read ({exc})") from None
+    if not (
+        isinstance(stored, dict)
+        and isinstance(stored.get("profile"), str)
+        and isinstance(stored.get("set"), list)
+        and all(isinstance(x, str) for x in stored["set"])
+    ):
+        raise ConfigError(f"--resume {run_id}: {path} is not a run's settings file")
+    return stored
+
+
 def check_resume(cfg: PipelineConfig, run_id: str) -> None:
     """--resume names a run of this state dir (and no path: it becomes one)."""
     runs = cfg.state_dir / "runs"
@@ -253,6 +292,8 @@ def run_pipeline(
     `resume_id`: an earlier run of this state dir whose training continues from its
     last checkpoint (the data steps find their outputs; the config must be the same)."""
     report = RunReport(run_id=resume_id or new_run_id(), steps=[StepReport(name) for name in STEPS])
+    if cfg.state_dir != PipelineConfig.model_fields["state_dir"].default:
+        report.state_dir = str(cfg.state_dir)
     run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
     try:
@@ -262,6 +303,7 @@ def run_pipeline(
         with contextlib.ExitStack() as stack:
             forks = stack.enter_context(contextlib.ExitStack())
             warm_env = start_fork_server(cfg, run_dir, forks)
+            save_settings(cfg, run_dir)
             live, store = stack.enter_context(open_store(cfg, "run"))
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()

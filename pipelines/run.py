@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipelines.cli import (  # noqa: E402
     config_from_args,
     run_main,
 )
+from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.errors import ConfigError, raise_on_sigterm  # noqa: E402
 from pipelines.local import (  # noqa: E402
     STEPS,
@@ -28,6 +30,7 @@ from pipelines.local import (  # noqa: E402
     check_before_run,
     check_resume,
     run_pipeline,
+    stored_settings,
 )
 from pipelines.processes import OWNER_ENV, require_free, serve_until_stopped  # noqa: E402
 
@@ -113,8 +116,9 @@ def summary(report: RunReport) -> str:
         lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]
         # Failed or interrupted in training, not refused: its checkpoints are in the store.
         if report.failed_step == "train" and report.exit_code != ConfigError.exit_code:
+            where = f" --state-dir {shlex.quote(report.state_dir)}" if report.state_dir else ""
             lines.append(
-                f"resume      python pipelines/run.py --resume {report.run_id} (with the same "
+                f"resume      python pipelines/run.py --resume {report.run_id}{where} (with its "
                 "settings: training goes on from its last checkpoint)"
             )
     return "\n".join(lines)
@@ -165,15 +169,32 @@ def as_json(report: RunReport) -> str:
     )
 
 
+def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineConfig:
+    """--resume's config: the run's own profile and settings, under the flags given now (the
+    trainer refuses a change to what its checkpoint holds)."""
+    stored = stored_settings(cfg, args.resume)
+    if stored is None:  # a run of an earlier version, which kept none: the flags say them
+        return cfg
+    if args.profile not in (None, stored["profile"]):
+        raise ConfigError(
+            f"--profile {args.profile}: {args.resume} is a {stored['profile']} run, and --resume "
+            "goes on with its own settings; drop --profile"
+        )
+    given = argparse.Namespace(**vars(args))
+    given.profile, given.set = stored["profile"], [*stored["set"], *args.set]
+    return config_from_args(given)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_state_dir(cfg)
     # Held from the checks on (a port another run's server will take is free now) to the
     # run's end; not while --serve keeps the model server up, which reads its own folder.
     with state_lock.hold(cfg.state_dir, "run"):
-        check_before_run(cfg)
         if args.resume:
             check_resume(cfg, args.resume)
+            cfg = resumed_config(args, cfg)
+        check_before_run(cfg)
         if args.serve:  # the server it leaves up ends with this process, even a SIGKILLed one
             os.environ[OWNER_ENV] = str(os.getpid())
         report = run_pipeline(cfg, serve=args.serve, resume_id=args.resume)
@@ -398,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_ID",
         help="continue an earlier run of this state dir that did not complete (its summary "
-        "names it), from its last checkpoint, with the same settings: the data steps find "
+        "names it), from its last checkpoint, with its profile and settings (kept in "
+        "runs/RUN_ID/settings.json; flags given now override them): the data steps find "
         "their outputs, training goes on in the same MLflow run (default: a new run)",
     )
     run.set_defaults(func=cmd_run)

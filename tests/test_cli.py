@@ -608,9 +608,11 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     # The driver's own lines. (A trainer stopped at an arbitrary point may, rarely, show
     # Python's 'Exception ignored' report of a signal that landed in a finalizer.)
     assert "Traceback" not in driver_lines(err)
-    assert f"resume      python pipelines/run.py --resume {run_id} (with the same" in err
+    assert f"resume      python pipelines/run.py --resume {run_id} --state-dir {state} (" in err
 
-    resumed = run(*args, "--resume", run_id)
+    # That line is the whole command: the run's profile and settings are restored (before,
+    # it ran the defaults, cifar10 and quick, unless every flag was given again).
+    resumed = run("pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--json")
     assert resumed.returncode == 0, resumed.stderr
     again = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert again["run_id"] == run_id and again["status"] == "succeeded"
@@ -628,6 +630,10 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     ):
         refused = run(*args, "--resume", resume)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    other = [a for a in args if a not in ("--profile", "smoke")]
+    refused = run(*other, "--profile", "quick", "--resume", run_id)
+    assert refused.returncode == 2, refused.stderr
+    assert f"--profile quick: {run_id} is a smoke run, and --resume goes on" in refused.stderr
 
 
 def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
