@@ -235,6 +235,9 @@ def save_settings(cfg: PipelineConfig, run_dir: Path) -> None:
     `--resume` restores them, so that its one printed line resumes the run as it was. What
     the environment sets (endpoints, the state dir) stays the environment's."""
     env = set(ENV_VARS.values())
+    if cfg.dataset.source:  # as typed, relative to where the run started, maybe not the resume
+        source = str(Path(cfg.dataset.source).expanduser().absolute())
+        cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"source": source})})
     sets = [f"{k}={v}" for k, v in config_overrides(cfg).items() if k not in env]
     new = run_dir / (SETTINGS + ".new")
     new.write_text(json.dumps({"profile": cfg.profile, "set": sets}, indent=1) + "\n")

@@ -585,6 +585,60 @@ def driver_until(
     return driver, lines
 
 
+def test_resume_restores_what_flags_and_files_chose_and_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's settings, as --resume rebuilds them: its profile, flags and --config values, a
+    relative --data made absolute (a resume may start elsewhere); not what the environment
+    set, which stays the environment's. Flags given now win. A run of an earlier version has
+    no settings file: the flags given are its settings, as before."""
+    from pipelines.config import ENV_VARS
+    from pipelines.local import SETTINGS, save_settings
+    from pipelines.run import build_parser, resumed_config
+
+    state, run_id = tmp_path / "state", "run-20260101-000000-abcd"
+    run_dir = state / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (tmp_path / "pets.tar.gz").write_bytes(b"")
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("train:\n  lr: 0.05\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINIO_REGION", "eu-west-1")
+    args = ["run", "--profile", "smoke", "--dataset", "imagefolder", "--data", "pets.tar.gz"]
+    args += ["--config", str(yaml_file), "--epochs", "5", "--state-dir", str(state)]
+    first = config_from(args)
+    save_settings(first, run_dir)
+    stored = json.loads((run_dir / SETTINGS).read_text())
+    assert stored["profile"] == "smoke"
+    assert f'dataset.source="{tmp_path}/pets.tar.gz"' in stored["set"]
+    assert not {s.partition("=")[0] for s in stored["set"]} & set(ENV_VARS.values())
+
+    monkeypatch.chdir(ROOT)
+    plain = build_parser().parse_args(["run", "--resume", run_id, "--state-dir", str(state)])
+    again = resumed_config(plain, config_from(["run", "--state-dir", str(state)]))
+    assert again.public_dict() == {
+        **first.public_dict(),
+        "dataset": {**first.public_dict()["dataset"], "source": f"{tmp_path}/pets.tar.gz"},
+    }
+    assert again.storage.region == "eu-west-1"  # still from the environment
+    more = build_parser().parse_args(["run", "--resume", run_id, "--state-dir", str(state)])
+    more.set = ["train.epochs=7"]
+    assert resumed_config(more, again).train.epochs == 7
+
+    (run_dir / SETTINGS).write_text("[1]")
+    with pytest.raises(ConfigError, match=f"{SETTINGS} is not a run's settings file"):
+        resumed_config(plain, again)
+    (run_dir / SETTINGS).unlink()
+    assert resumed_config(plain, again) is again
+
+
+def config_from(argv: list[str]):
+    from pipelines.cli import config_from_args
+    from pipelines.run import build_parser
+
+    return config_from_args(build_parser().parse_args(argv))
+
+
 def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """Ctrl-C during training (to the whole process group, as a terminal sends it): a summary
     naming the interrupted step and the command that resumes it; --resume then goes on from
