@@ -223,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.errors import PipelineError
     from pipelines.processes import HOST, server_log
     from pipelines.storage import parse_s3_uri
-    from serving.launch import download_model, local_model_dir
+    from serving.launch import download_model, local_model_dir, model_meta, served_as
 
     cfg = config_from_args(args)
     try:
@@ -231,8 +231,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PipelineError as exc:
         raise ConfigError(f"--model-uri: {exc}") from None
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
-    model_dir = local_model_dir(cfg.state_dir, cfg.serving)
     with open_store(cfg, "serve") as (_, store):
+        cfg = served_as(cfg, model_meta(store, args.model_uri))
+        model_dir = local_model_dir(cfg.state_dir, cfg.serving)
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir)
     name, port = cfg.serving.model_name, cfg.serving.port
@@ -432,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-uri",
         required=True,
         metavar="URI",
-        help="the model to serve, s3://models/NAME/RUN/ (see a run's summary)",
+        help="the model to serve, s3://models/NAME/RUN/ (see a run's summary); it is served "
+        "under the name it was trained under, unless serving.model_name is set",
     )
     add_config_args(serve, ["--port", "--state-dir"])
     serve.set_defaults(func=cmd_serve)

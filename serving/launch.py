@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
-from pipelines.config import ServingConfig
+from pipelines.config import DNS_LABEL, PipelineConfig, ServingConfig, config_overrides
 from pipelines.errors import PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri
 
@@ -33,9 +35,8 @@ def local_model_dir(state_dir: Path, cfg: ServingConfig) -> Path:
     return (state_dir / "serving" / f"{cfg.model_name}-{cfg.port}").resolve()
 
 
-def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
-    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
-    storage initializer fetches a model into the predictor's model dir)."""
+def model_meta(store: ObjectStore, model_uri: str) -> dict[str, Any]:
+    """A trained model's model.json, read from the store."""
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
     meta = store.read_json(bucket, prefix + MODEL_JSON)
     if meta is None:
@@ -43,6 +44,27 @@ def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
             f"{model_uri} has no {MODEL_JSON}: no trained model is there (a wrong URI, or a "
             "training that did not complete)"
         )
+    return meta
+
+
+def served_as(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
+    """cfg, serving the model under the name it was trained and registered under (model.json
+    records it) unless serving.model_name was chosen: `serve` of a model trained with
+    --set serving.model_name=mnist-resnet18 answered as cifar10-resnet18, the default."""
+    name = meta.get("name")
+    if "serving.model_name" in config_overrides(cfg) or not isinstance(name, str):
+        return cfg
+    if not re.fullmatch(DNS_LABEL, name):
+        return cfg  # not a name training writes
+    serving = cfg.serving.model_copy(update={"model_name": name})
+    return cfg.model_copy(update={"serving": serving})
+
+
+def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
+    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
+    storage initializer fetches a model into the predictor's model dir)."""
+    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
+    meta = model_meta(store, model_uri)
     store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
     store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
     return dest

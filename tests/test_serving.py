@@ -940,19 +940,23 @@ def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path)
 def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: Path) -> None:
     """`serve` fetches a model from the store and serves it until stopped. A second one on
     another port (another version beside it) fetches into its own folder: the first server's
-    files and log stay, and it keeps answering. A server outlives neither command's end."""
+    files and log stay, and it keeps answering. A server outlives neither command's end.
+    Without serving.model_name, a model is served under the name training recorded."""
     store.ensure_buckets()
     state, servers, digests = tmp_path / "state", [], []
     try:
         for seed in (1, 2):
             model = write_model_dir(tmp_path / f"model-{seed}", seed=seed)
+            meta = json.loads((model / "model.json").read_text())
+            (model / "model.json").write_text(json.dumps({**meta, "name": NAME}))
             for file in model.iterdir():
                 store.put_file("models", f"{NAME}/run-{seed}/{file.name}", file)
             digests.append(json.loads((model / "model.json").read_text())["sha256"])
             port = free_port()
             args = ["pipelines/run.py", "serve", "--model-uri", f"s3://models/{NAME}/run-{seed}/"]
             args += ["--port", str(port), "--state-dir", str(state)]
-            args += ["--set", f"serving.model_name={NAME}"]
+            if seed == 1:  # the second takes model.json's name (it was served as the default)
+                args += ["--set", f"serving.model_name={NAME}"]
             proc = subprocess.Popen(
                 [sys.executable, *args],
                 cwd=ROOT,
