@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -13,7 +14,9 @@ from typing import Literal, get_args, get_origin
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kserve
+from fastapi.exceptions import FastAPIDeprecationWarning
 from kserve import model_server
+from PIL import Image
 from pydantic import ValidationError
 
 from pipelines.config import ServingConfig
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         # The micro-batcher gathers requests within one process; more replicas scale it out.
         parser.error(f"--workers {args.workers}: the server runs one process; add replicas")
     logging.basicConfig(level=logging.INFO)
+    # KServe 0.21 answers V1 with FastAPI's ORJSONResponse, which this FastAPI deprecates: two
+    # warnings in every server's log about KServe's code, nothing the user can act on.
+    warnings.filterwarnings("ignore", "ORJSONResponse is deprecated", FastAPIDeprecationWarning)
+    # PIL warns of a picture over 89 M pixels as it opens it; serving.max_decode_pixels then
+    # refuses it with a 400 and its one log line (4 M pixels unless raised).
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     model = ImageClassifier(args.model_name, args.model_dir, sv)
     try:
         check_listen(args.bind_host, args.http_port)  # before the load, which takes seconds
