@@ -527,6 +527,11 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     )
     # Every step wrote inside the state dir only.
     assert not list(home.iterdir()) and not list(scratch.iterdir())
+    # The model server's log holds its requests and its stop, and no warning: KServe's stop,
+    # run again as uvicorn re-raised the signal, left "coroutine ... never awaited" there.
+    (log,) = (state / "serving").glob("*.log")
+    assert "Finished server process" in log.read_text()
+    assert "Warning" not in log.read_text(), log.read_text()
 
     # Each step's process, and the model server, forked from the run's fork server.
     forks = (state / "runs" / one["run_id"] / "fork-server.log").read_text()
