@@ -293,7 +293,8 @@ def run_pipeline(
 ) -> RunReport:
     """Run the whole pipeline locally; a failure is recorded in the report, not raised.
     `resume_id`: an earlier run of this state dir whose training continues from its
-    last checkpoint (the data steps find their outputs; the config must be the same)."""
+    last checkpoint (the data steps find their outputs; cfg is its stored settings, under
+    the flags given now: run.resumed_config). A run's settings are stored for that."""
     report = RunReport(run_id=resume_id or new_run_id(), steps=[StepReport(name) for name in STEPS])
     if cfg.state_dir != PipelineConfig.model_fields["state_dir"].default:
         report.state_dir = str(cfg.state_dir)

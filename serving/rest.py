@@ -15,12 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import (
-    InferenceError,
-    InvalidInput,
-    ModelNotFound,
-    inference_error_handler,
-)
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference_error_handler
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
