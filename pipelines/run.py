@@ -232,10 +232,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model-uri: {exc}") from None
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
     with open_store(cfg, "serve") as (_, store):
-        cfg = served_as(cfg, model_meta(store, args.model_uri))
+        meta = model_meta(store, args.model_uri)
+        cfg = served_as(cfg, meta)
         model_dir = local_model_dir(cfg.state_dir, cfg.serving)
         shutil.rmtree(model_dir, ignore_errors=True)
-        download_model(store, args.model_uri, model_dir)
+        download_model(store, args.model_uri, model_dir, meta)
     name, port = cfg.serving.model_name, cfg.serving.port
     os.environ[OWNER_ENV] = str(os.getpid())  # as for run --serve
     proc = start_server(model_dir, name, port, cfg, server_log(model_dir))

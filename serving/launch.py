@@ -60,11 +60,14 @@ def served_as(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
     return cfg.model_copy(update={"serving": serving})
 
 
-def download_model(store: ObjectStore, model_uri: str, dest: Path) -> Path:
-    """Fetch model.json, then the weights it names, checked against its sha256 (as KServe's
-    storage initializer fetches a model into the predictor's model dir)."""
+def download_model(
+    store: ObjectStore, model_uri: str, dest: Path, meta: dict[str, Any] | None = None
+) -> Path:
+    """Fetch model.json (unless the caller read it: `meta`), then the weights it names,
+    checked against its sha256 (as KServe's storage initializer fetches a model into the
+    predictor's model dir)."""
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
-    meta = model_meta(store, model_uri)
+    meta = meta or model_meta(store, model_uri)
     store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])
     store.get_file(bucket, prefix + MODEL_JSON, dest / MODEL_JSON)
     return dest
