@@ -177,8 +177,8 @@ def deploy(
         from components.inferenceservice import apply_inference_service
 
         return apply_inference_service(cfg, model_uri)
-    name = cfg.serving.model_name
-    model_dir = local_model_dir(cfg.state_dir, cfg.serving)
+    name = cfg.model_name
+    model_dir = local_model_dir(cfg)
     shutil.rmtree(model_dir, ignore_errors=True)
     download_model(store, model_uri, model_dir)
     meta = json.loads((model_dir / MODEL_JSON).read_text())

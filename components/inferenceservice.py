@@ -29,7 +29,7 @@ def apply_inference_service(
 ) -> DeployResult:
     """Create the InferenceService, or replace it in place (a new model rolls out), then wait
     until KServe reports it Ready; its URL is what the result names."""
-    name, namespace = cfg.serving.model_name, cfg.cluster.namespace
+    name, namespace = cfg.model_name, cfg.cluster.namespace
     if client is None:
         from kserve import KServeClient  # imports kubernetes: only on this path
         from kubernetes.config import ConfigException

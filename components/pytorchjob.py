@@ -85,7 +85,7 @@ def run_pytorchjob(
             f"(kubectl -n {namespace} describe pytorchjob {name})"
         )
     bucket = cfg.storage.buckets.models
-    prefix = f"{cfg.serving.model_name}/{run_id}/"
+    prefix = f"{cfg.model_name}/{run_id}/"
     result = store.read_json(bucket, prefix + RESULT_OBJECT)
     if result is None:
         raise PipelineError(f"{KIND} {name} succeeded but s3://{bucket}/{prefix} has no result")

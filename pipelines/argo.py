@@ -42,6 +42,12 @@ PARAMETERS = [
     ("min-accuracy", "gate.min_accuracy"),
     ("model-name", "serving.model_name"),
 ]
+# The form's model name is always given, so its unset default (DATASET-ARCH) cannot follow a
+# dataset chosen in the form: the form shows the compiler's name and says to change both.
+MODEL_NAME_HELP = (
+    "Registered model and InferenceService name (a DNS-1123 label). Give each dataset its own: "
+    "verify-model refuses to replace a champion that serves another task."
+)
 RESULT = "/tmp/result.json"
 MODEL_NAME = "{{workflow.parameters.model-name}}"
 RUN_ID = "{{workflow.name}}"
@@ -50,6 +56,8 @@ CONFIG_EXIT = 2
 
 
 def _value(cfg: PipelineConfig, dotted: str) -> Any:
+    if dotted == "serving.model_name":
+        return cfg.model_name  # resolved: unset, it would read "None"
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -67,7 +75,8 @@ def workflow_parameters(cfg: PipelineConfig) -> list[Parameter]:
             Parameter(
                 name=name,
                 value=str(_value(cfg, dotted)),
-                description=f"{info.description} [{dotted}]",
+                description=f"{MODEL_NAME_HELP if name == 'model-name' else info.description}"
+                f" [{dotted}]",
                 enum=enum,
             )
         )

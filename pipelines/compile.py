@@ -24,7 +24,7 @@ def _yaml(doc: dict) -> str:
 
 def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    model_uri = f"s3://{cfg.storage.buckets.models}/{cfg.serving.model_name}/{RUN_ID}/"
+    model_uri = f"s3://{cfg.storage.buckets.models}/{cfg.model_name}/{RUN_ID}/"
     files = {
         "argo-workflow.yaml": build(cfg).to_yaml(),
         "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),
@@ -34,7 +34,7 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
             to_dict(
                 pytorchjob(
                     cfg,
-                    f"{cfg.serving.model_name}-train",
+                    f"{cfg.model_name}-train",
                     PROCESSED_URI,
                     RUN_ID,
                     config_overrides(for_cluster(cfg)),

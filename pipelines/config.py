@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -247,10 +248,12 @@ class GateConfig(_Section):
 class ServingConfig(_Section):
     """The KServe model server."""
 
-    model_name: str = Field(
-        "cifar10-resnet18",
+    model_name: str | None = Field(
+        None,
         pattern=DNS_LABEL,
-        description="Registered model and InferenceService name (a DNS-1123 label).",
+        description="Registered model and InferenceService name (a DNS-1123 label). Unset: "
+        "DATASET-ARCH from dataset.id or dataset.name and train.arch (cifar10-resnet18), so "
+        "each dataset's models have their own versions and champion.",
     )
     port: int = Field(8080, ge=1, le=65535, description="HTTP port of the model server.")
     top_k: int = Field(3, ge=1, description="Classes returned per image, most probable first.")
@@ -434,6 +437,16 @@ class PipelineConfig(_Section):
             return path.expanduser()
         except RuntimeError as exc:  # ~user of no such user, or no home directory at all
             raise ValueError(str(exc)) from None
+
+    @property
+    def model_name(self) -> str:
+        """serving.model_name as set, else DATASET-ARCH: an MNIST run registered under the
+        CIFAR-10 default met that champion at the gate, which refuses another task."""
+        if self.serving.model_name:
+            return self.serving.model_name
+        name = f"{self.dataset.key}-{self.train.arch}"
+        # dataset.id may hold '.', '_' or 63 characters, which a DNS label may not
+        return name if re.fullmatch(DNS_LABEL, name) else f"{self.dataset.name}-{self.train.arch}"
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, credentials masked (for logs and MLflow params)."""

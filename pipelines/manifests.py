@@ -212,7 +212,7 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceSe
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
         metadata=V1ObjectMeta(
-            name=sv.model_name,
+            name=cfg.model_name,
             namespace=cl.namespace,
             annotations={"serving.kserve.io/deploymentMode": cl.serving_mode},
         ),
@@ -227,7 +227,7 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceSe
                         image=cfg.image,
                         command=["python", "-m", "serving"],
                         # A pod listens on all its interfaces; locally the same args say 127.0.0.1.
-                        args=serving_args(MODEL_DIR, sv.model_name, sv.port, "0.0.0.0", sv),
+                        args=serving_args(MODEL_DIR, cfg.model_name, sv.port, "0.0.0.0", sv),
                         # KServe's storage initializer downloads this into /mnt/models.
                         env=[
                             V1EnvVar(name="STORAGE_URI", value=model_uri),

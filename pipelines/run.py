@@ -234,10 +234,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with open_store(cfg, "serve") as (_, store):
         meta = model_meta(store, args.model_uri)
         cfg = served_as(cfg, meta)
-        model_dir = local_model_dir(cfg.state_dir, cfg.serving)
+        model_dir = local_model_dir(cfg)
         shutil.rmtree(model_dir, ignore_errors=True)
         download_model(store, args.model_uri, model_dir, meta)
-    name, port = cfg.serving.model_name, cfg.serving.port
+    name, port = cfg.model_name, cfg.serving.port
     os.environ[OWNER_ENV] = str(os.getpid())  # as for run --serve
     proc = start_server(model_dir, name, port, cfg, server_log(model_dir))
     print(

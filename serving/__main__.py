@@ -20,7 +20,7 @@ from kserve import model_server
 from PIL import Image
 from pydantic import ValidationError
 
-from pipelines.config import ServingConfig
+from pipelines.config import PipelineConfig, ServingConfig
 from pipelines.errors import PipelineError
 from pipelines.processes import exit_now, stop_with_owner
 from serving.launch import CONFIG_FLAGS
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # KServe's defaults where this server differs: REST only (its gRPC server would listen on
     # every address, whatever --bind_host says), and the config tree's model name.
-    parser.set_defaults(enable_grpc=False, model_name=DEFAULTS.model_name)
+    parser.set_defaults(enable_grpc=False, model_name=PipelineConfig().model_name)
     for name in CONFIG_FLAGS:
         field = ServingConfig.model_fields[name]
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import DNS_LABEL, PipelineConfig, ServingConfig, config_overrides
+from pipelines.config import DNS_LABEL, PipelineConfig, ServingConfig
 from pipelines.errors import PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri
 
@@ -28,11 +28,11 @@ CONFIG_FLAGS = (
 )
 
 
-def local_model_dir(state_dir: Path, cfg: ServingConfig) -> Path:
+def local_model_dir(cfg: PipelineConfig) -> Path:
     """Where a local server's model is fetched: a folder per port. A port has one live server,
     so a run or `serve` on another port never deletes the files (and the log beside them) of
     a server still answering."""
-    return (state_dir / "serving" / f"{cfg.model_name}-{cfg.port}").resolve()
+    return (cfg.state_dir / "serving" / f"{cfg.model_name}-{cfg.serving.port}").resolve()
 
 
 def model_meta(store: ObjectStore, model_uri: str) -> dict[str, Any]:
@@ -49,13 +49,11 @@ def model_meta(store: ObjectStore, model_uri: str) -> dict[str, Any]:
 
 def served_as(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
     """cfg, serving the model under the name it was trained and registered under (model.json
-    records it) unless serving.model_name was chosen: `serve` of a model trained with
-    --set serving.model_name=mnist-resnet18 answered as cifar10-resnet18, the default."""
+    records it) unless serving.model_name is set: `serve` does not know the dataset or the
+    name a run chose, so its own default would name an MNIST model cifar10-resnet18."""
     name = meta.get("name")
-    if "serving.model_name" in config_overrides(cfg) or not isinstance(name, str):
-        return cfg
-    if not re.fullmatch(DNS_LABEL, name):
-        return cfg  # not a name training writes
+    if cfg.serving.model_name or not isinstance(name, str) or not re.fullmatch(DNS_LABEL, name):
+        return cfg  # chosen, or not a name training writes
     serving = cfg.serving.model_copy(update={"model_name": name})
     return cfg.model_copy(update={"serving": serving})
 

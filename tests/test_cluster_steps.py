@@ -167,7 +167,7 @@ def test_deploy_creates_then_replaces_the_inference_service(make_cfg: Any) -> No
     # SDK's own wait takes it (kserve 0.21).
     assert client.awaited == [1, 2]
     assert "expected_generation" in inspect.signature(KServeClient.wait_isvc_ready).parameters
-    name = cfg.serving.model_name
+    name = cfg.model_name
     stored = client.items[name]
     container = stored["spec"]["predictor"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}

@@ -134,6 +134,26 @@ def test_image_size_is_refused_where_it_would_be_ignored() -> None:
         assert load_config("smoke", overrides=overrides, environ={}).dataset.image_size == 24
 
 
+def test_the_model_name_follows_the_dataset_unless_set() -> None:
+    """Each dataset's models get their own registry name, so an MNIST run does not meet the
+    CIFAR-10 champion at the gate, which refuses a champion of another task."""
+
+    def name(**overrides: object) -> str:
+        return load_config("smoke", overrides=overrides, environ={}).model_name
+
+    assert name() == "cifar10-resnet18"
+    assert name(**{"dataset.name": "mnist"}) == "mnist-resnet18"
+    assert name(**{"dataset.name": "imagefolder", "dataset.id": "flowers"}) == "flowers-resnet18"
+    # An id that is no DNS label (an underscore, or too long with the suffix): the format's name
+    for bad in ("my_photos", "x" * 60):
+        assert name(**{"dataset.name": "imagefolder", "dataset.id": bad}) == "imagefolder-resnet18"
+    assert name(**{"dataset.name": "mnist", "serving.model_name": "digits"}) == "digits"
+    unset = parse_set(["serving.model_name="])
+    assert name(**unset, **{"dataset.name": "mnist"}) == "mnist-resnet18"
+    # The config prints it unset, so a dumped file with another dataset follows that dataset.
+    assert load_config("smoke", environ={}).public_dict()["serving"]["model_name"] is None
+
+
 def test_set_gives_text_fields_the_text_typed() -> None:
     """YAML reads 4, 2024 and on as numbers and a boolean; a text field wants them as typed."""
     typed = [

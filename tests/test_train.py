@@ -208,7 +208,7 @@ def test_sigkill_one_rank_then_resume_with_full_history(
     launcher = subprocess.Popen(
         cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    pointer = f"{cfg.serving.model_name}/{run_id}/checkpoints/latest.json"
+    pointer = f"{cfg.model_name}/{run_id}/checkpoints/latest.json"
     killed = None
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and launcher.poll() is None:
@@ -435,7 +435,7 @@ def test_a_run_id_of_another_config_is_refused_before_training_starts(
     # A checkpoint of another config under the run id: the step refuses it from the
     # checkpoint's state before any process starts, for torchrun's workers too.
     bucket = env.cfg.storage.buckets.models
-    prefix = f"{env.cfg.serving.model_name}/config-error/checkpoints/"
+    prefix = f"{env.cfg.model_name}/config-error/checkpoints/"
     other = checkpoint.Checkpoint(1, {"rng.torch": torch.zeros(1)}, {"config_hash": "another"})
     checkpoint.upload(env.store, bucket, prefix, checkpoint.encode(other))
     run_dir = env.cfg.state_dir / "runs" / "config-error"

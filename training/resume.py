@@ -16,7 +16,7 @@ LATEST = "latest.json"
 
 def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
     """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints."""
-    prefix = f"{cfg.serving.model_name}/{run_id}/"
+    prefix = f"{cfg.model_name}/{run_id}/"
     return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
 
 

@@ -86,7 +86,7 @@ class Tracker:
         except mlflow.MlflowException as exc:
             raise PipelineError(f"MLflow at {uri} refused the run: {exc.message}") from None
         log.info("MLflow run %s at %s", run.info.run_id, uri)
-        return cls(uri, run.info.run_id, run.info.experiment_id, cfg.serving.model_name)
+        return cls(uri, run.info.run_id, run.info.experiment_id, cfg.model_name)
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a resume, log the epochs the checkpoint has but MLflow missed."""

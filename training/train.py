@@ -251,7 +251,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     )
     model_json = {
         "format": "mlops.model/v1",
-        "name": cfg.serving.model_name,
+        "name": cfg.model_name,
         "architecture": tc.arch,
         "stem": tc.stem,
         "flip_tta": flip_tta,
@@ -274,7 +274,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             "manifest_sha256": meta["manifest_sha256"],
             "git_commit": git_commit(),
             "mlflow_run_id": tracker.run_id,
-            "registered_model": cfg.serving.model_name,
+            "registered_model": cfg.model_name,
             "registered_version": version,
             "world_size": d.world,
         },
@@ -286,7 +286,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         mlflow_run_id=tracker.run_id,
         experiment_id=tracker.experiment_id,
         tracking_uri=tracker.uri,
-        registered_model=cfg.serving.model_name,
+        registered_model=cfg.model_name,
         version=version,
         val_accuracy=metrics["val_accuracy"],
         test_accuracy=test_acc,
