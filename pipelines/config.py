@@ -519,6 +519,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def file_keys(path: Path, profile: str) -> set[str]:
+    """The dotted keys a config file sets."""
+    return set(_flatten(read_yaml(path, profile)))
+
+
 def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     """Read a YAML config file; credentials in it are refused, and so is a profile other than
     `profile` (a dumped config names the one it came from; only --profile chooses it)."""

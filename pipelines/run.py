@@ -22,7 +22,7 @@ from pipelines.cli import (  # noqa: E402
     config_from_args,
     run_main,
 )
-from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.config import PipelineConfig, file_keys  # noqa: E402
 from pipelines.errors import ConfigError, raise_on_sigterm  # noqa: E402
 from pipelines.local import (  # noqa: E402
     STEPS,
@@ -170,8 +170,8 @@ def as_json(report: RunReport) -> str:
 
 
 def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineConfig:
-    """--resume's config: the run's own profile and settings, under the flags given now (the
-    trainer refuses a change to what its checkpoint holds)."""
+    """--resume's config: the run's own profile and settings, under a --config file and the
+    flags given now (the trainer refuses a change to what its checkpoint holds)."""
     stored = stored_settings(cfg, args.resume)
     if stored is None:  # a run of an earlier version, which kept none: the flags say them
         return cfg
@@ -180,8 +180,12 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
             f"--profile {args.profile}: {args.resume} is a {stored['profile']} run, and --resume "
             "goes on with its own settings; drop --profile"
         )
+    kept = stored["set"]
+    if args.config is not None:  # stored as --set values, they would override the file's
+        ours = file_keys(args.config, stored["profile"])
+        kept = [s for s in kept if s.partition("=")[0] not in ours]
     given = argparse.Namespace(**vars(args))
-    given.profile, given.set = stored["profile"], [*stored["set"], *args.set]
+    given.profile, given.set = stored["profile"], [*kept, *args.set]
     return config_from_args(given)
 
 
@@ -422,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_ID",
         help="continue an earlier run of this state dir that did not complete (its summary "
         "names it), from its last checkpoint, with its profile and settings (kept in "
-        "runs/RUN_ID/settings.json; flags given now override them): the data steps find "
-        "their outputs, training goes on in the same MLflow run (default: a new run)",
+        "runs/RUN_ID/settings.json; a --config file and flags given now override them): the "
+        "data steps find their outputs, training goes on in the same MLflow run (default: a "
+        "new run)",
     )
     run.set_defaults(func=cmd_run)
     config = add("config")

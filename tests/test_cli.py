@@ -629,6 +629,11 @@ def test_resume_restores_what_flags_and_files_chose_and_no_more(
     more = build_parser().parse_args(["run", "--resume", run_id, "--state-dir", str(state)])
     more.set = ["train.epochs=7"]
     assert resumed_config(more, again).train.epochs == 7
+    # A --config file given now wins over the stored settings it names, flags over both.
+    (tmp_path / "now.yaml").write_text("train:\n  lr: 0.02\n  epochs: 6\n")
+    more.config = tmp_path / "now.yaml"
+    filed = resumed_config(more, again)
+    assert (filed.train.lr, filed.train.epochs, filed.dataset.name) == (0.02, 7, "imagefolder")
 
     (run_dir / SETTINGS).write_text("[1]")
     with pytest.raises(ConfigError, match=f"{SETTINGS} is not a run's settings file"):
