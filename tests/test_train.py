@@ -202,6 +202,8 @@ def test_sigkill_one_rank_then_resume_with_full_history(
         str(workers),
         "--set",
         f"train.epochs={epochs}",
+        "--set",
+        f"dataset.name={cfg.dataset.name}",  # which names the model, as in a pipeline's steps
         "--state-dir",
         str(cfg.state_dir),
     ]
