@@ -215,6 +215,14 @@ class OneModel(ModelRepositoryExtension):
     unload = load
 
 
+class OneModelPlane(DataPlane):
+    """KServe's data plane, whose V2 server metadata does not claim the model repository
+    extension that OneModel refuses (KServe names it whatever the server supports)."""
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "extensions": []}
+
+
 def install_rest_server(host: str, max_body_mb: float) -> None:
     """KServe 0.21 binds its REST server to 0.0.0.0 with no flag to change it. Locally the
     server must listen on 127.0.0.1 only, so the class it builds is swapped for one that
@@ -246,4 +254,5 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
 
     model_server.RESTServer = BoundRESTServer
     model_server.ModelRepositoryExtension = OneModel
+    model_server.DataPlane = OneModelPlane
     guard_binary_bodies()

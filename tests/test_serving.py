@@ -439,6 +439,8 @@ def test_no_client_can_unload_the_model(server: SimpleNamespace) -> None:
         resp = requests.post(f"{server.base}/v2/repository/models/{NAME}/{action}", timeout=30)
         assert resp.status_code == 501, resp.text
         assert "does not load or unload models: start it with another" in resp.json()["error"]
+    server_meta = requests.get(f"{server.base}/v2", timeout=30).json()
+    assert server_meta["name"] == "kserve" and server_meta["extensions"] == []  # none it refuses
     for method, path in (
         ("GET", f"/v2/models/{NAME}/versions/1/ready"),
         ("POST", f"/v1/models/{NAME}:explain"),
