@@ -378,7 +378,7 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     """Where kfp.local, not the driver, took the Ctrl-C, the run ends as a failed task: the
     step's record still makes it 'interrupted' (exit 130) in the report, and resumable."""
     from pipelines.local import RunReport, StepReport, collect
-    from pipelines.run import summary
+    from pipelines.report import summary
     from pipelines.steps import STEPS, record_path
 
     records = {
