@@ -12,6 +12,7 @@ from pipelines.manifests import pytorchjob
 from pipelines.mlflow_runs import fail_abandoned
 from pipelines.storage import ObjectStore, parse_s3_uri
 from training.result import RESULT_OBJECT, TrainResult
+from training.resume import location
 
 log = logging.getLogger("mlops.pytorchjob")
 KIND = "PyTorchJob"
@@ -84,8 +85,7 @@ def run_pytorchjob(
             f"{KIND} {namespace}/{name} failed: {why}; its master log is above "
             f"(kubectl -n {namespace} describe pytorchjob {name})"
         )
-    bucket = cfg.storage.buckets.models
-    prefix = f"{cfg.model_name}/{run_id}/"
+    bucket, prefix, _ = location(cfg, run_id)
     result = store.read_json(bucket, prefix + RESULT_OBJECT)
     if result is None:
         raise PipelineError(f"{KIND} {name} succeeded but s3://{bucket}/{prefix} has no result")

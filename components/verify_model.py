@@ -25,6 +25,7 @@ from serving.loader import load_model
 from training.data import Tensors, load_processed
 from training.dist import Dist
 from training.evaluate import evaluate, make_autocast
+from training.resume import location
 
 log = logging.getLogger("mlops.verify_model")
 VERIFICATION = "verification.json"
@@ -187,14 +188,25 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-uri", required=True, metavar="URI", help="the trained model, s3://models/NAME/RUN/"
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--model-uri", metavar="URI", help="the trained model, s3://models/NAME/RUN/"
     )
+    model.add_argument(
+        "--run-id",
+        metavar="RUN",
+        help="the model pipeline run RUN trained, where this config names it (as "
+        "--model-uri s3://BUCKET/NAME/RUN/, with storage.buckets.models and the model name)",
+    )
+
+
+def _model_uri(cfg: PipelineConfig, args: argparse.Namespace) -> str:
+    return args.model_uri or s3_uri(*location(cfg, args.run_id)[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
     return step_main(
-        lambda cfg, store, args: verify_model(cfg, store, args.model_uri),
+        lambda cfg, store, args: verify_model(cfg, store, _model_uri(cfg, args)),
         "components.verify_model",
         __doc__,
         [],

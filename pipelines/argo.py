@@ -42,22 +42,13 @@ PARAMETERS = [
     ("min-accuracy", "gate.min_accuracy"),
     ("model-name", "serving.model_name"),
 ]
-# The form's model name is always given, so its unset default (DATASET-ARCH) cannot follow a
-# dataset chosen in the form: the form shows the compiler's name and says to change both.
-MODEL_NAME_HELP = (
-    "Registered model and InferenceService name (a DNS-1123 label). Give each dataset its own: "
-    "verify-model refuses to replace a champion that serves another task."
-)
 RESULT = "/tmp/result.json"
-MODEL_NAME = "{{workflow.parameters.model-name}}"
 RUN_ID = "{{workflow.name}}"
 # ConfigError's exit code (pipelines/errors.py): the same config fails the same way again.
 CONFIG_EXIT = 2
 
 
 def _value(cfg: PipelineConfig, dotted: str) -> Any:
-    if dotted == "serving.model_name":
-        return cfg.model_name  # resolved: unset, it would read "None"
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -71,12 +62,15 @@ def workflow_parameters(cfg: PipelineConfig) -> list[Parameter]:
         enum = None
         if typing.get_origin(info.annotation) is typing.Literal:
             enum = list(typing.get_args(info.annotation))
+        value = _value(cfg, dotted)
         params.append(
             Parameter(
                 name=name,
-                value=str(_value(cfg, dotted)),
-                description=f"{MODEL_NAME_HELP if name == 'model-name' else info.description}"
-                f" [{dotted}]",
+                # Empty is unset (`--set KEY=`): an unset model name follows the dataset the
+                # form submits, in every pod alike.
+                value="" if value is None else str(value),
+                description=f"{info.description}{' Empty: unset.' if value is None else ''} "
+                f"[{dotted}]",
                 enum=enum,
             )
         )
@@ -147,7 +141,6 @@ def _result(task: str, key: str) -> str:
 
 def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
     """The DAG verify-data >> feature-engineering >> train >> verify-model >> deploy."""
-    model_uri = f"s3://{cfg.storage.buckets.models}/{MODEL_NAME}/{RUN_ID}/"
     pods = pod_overrides(cfg)
     train_job = to_dict(
         pytorchjob(
@@ -194,8 +187,9 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             # whatever deadline a submission gives the workflow.
             active_deadline_seconds=cfg.cluster.active_deadline_s,
         )
+        # The model of this run, where the pods' config names it (the model name may be unset).
         verify_model = step(
-            cfg, pods, "verify-model", "components.verify_model", ["--model-uri", model_uri]
+            cfg, pods, "verify-model", "components.verify_model", ["--run-id", RUN_ID]
         )
         # The model the gate put in service (the new one if promoted, else the champion's),
         # applied by the same component as on KFP: it waits for the generation it wrote, where an

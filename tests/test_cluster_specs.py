@@ -162,6 +162,44 @@ def test_every_pod_resolves_the_compiled_config(tmp_path: Path) -> None:
     assert sets["runtime"] == '"kubernetes"'  # its pods are on the cluster too
 
 
+def test_the_forms_model_name_follows_the_dataset_it_submits(compiled: Path) -> None:
+    """The form's model name is empty (unset), so a dataset chosen in the form names the
+    model in every pod alike: the trainer writes where verify-model reads, and the gate
+    meets this dataset's champion. With the name filled in, that name is used."""
+    import argparse
+
+    from components.verify_model import _model_uri
+    from pipelines.cli import parse_set
+    from training.resume import location
+
+    spec = load(compiled, "argo-workflow.yaml")["spec"]
+    form = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
+    assert form["model-name"] == ""
+    templates = {t["name"]: t for t in spec["templates"]}
+    job = yaml.safe_load(templates["train"]["resource"]["manifest"])
+    trainer = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+    for chosen, name in (("", "mnist-resnet18"), ("digits", "digits")):
+        values = {**form, "dataset": "mnist", "model-name": chosen}
+        swaps = {f"{{{{workflow.parameters.{k}}}}}": v for k, v in values.items()}
+        swaps["{{workflow.name}}"] = "image-classifier-x1"
+
+        def submitted(args: list[str], swaps: dict[str, str] = swaps) -> list[str]:
+            for placeholder, value in swaps.items():  # Argo's substitution at submission
+                args = [a.replace(placeholder, value) for a in args]
+            return args
+
+        def config(args: list[str]) -> Any:
+            sets = parse_set([args[i + 1] for i, a in enumerate(args) if a == "--set"])
+            return load_config(args[args.index("--profile") + 1], overrides=sets, environ={})
+
+        verify = submitted(templates["verify-model"]["container"]["args"])
+        run_id = verify[verify.index("--run-id") + 1]
+        read = _model_uri(config(verify), argparse.Namespace(model_uri=None, run_id=run_id))
+        written = location(config(submitted(trainer["command"])), "image-classifier-x1")
+        assert read == f"s3://{written[0]}/{written[1]}" == f"s3://models/{name}/{run_id}/"
+
+
 def _sdk_round_trip(client: Any, doc: dict, klass: str) -> dict:
     class Response:
         data = json.dumps(doc)

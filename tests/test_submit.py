@@ -206,7 +206,7 @@ def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer
     assert spec["entrypoint"] == "pipeline"
     params = {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}
     assert params["dataset"] == "mnist" and params["epochs"] == "7"
-    assert params["model-name"] == "digits-resnet18"  # named after the dataset submitted
+    assert params["model-name"] == ""  # unset: each pod names it after the dataset
     assert params["precision"] == "auto"  # the others keep their defaults
     # A setting with no UI parameter travels in the pods' own arguments.
     templates = {t["name"]: t for t in spec["templates"]}
