@@ -43,7 +43,13 @@ def check_ranks(cfg: PipelineConfig) -> int:
     tc = cfg.train
     ranks = tc.workers * (tc.nproc_per_node if cfg.runtime == "kubernetes" else 1)
     if tc.batch_size % ranks:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of {ranks} ranks")
+        lower, higher = tc.batch_size // ranks * ranks, -(-tc.batch_size // ranks) * ranks
+        sizes = f"{lower} or {higher}" if lower else str(higher)
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} must be a multiple of {ranks} ranks, which each "
+            f"take an equal share of the batch: set train.batch_size to {sizes}, or train on a "
+            "number of ranks that divides it"
+        )
     return ranks
 
 

@@ -131,7 +131,12 @@ def held_port() -> Iterator[int]:
             "storage.endpoint=http://127.0.0.1:9 needs credentials: set MINIO_ACCESS_KEY",
         ),
         (["pipelines/run.py", "--set", "train.precision=fp16"], {}, "fp16 needs CUDA"),
-        (["pipelines/run.py", "--workers", "3"], {}, "batch_size=256 must be a multiple of 3"),
+        (
+            ["pipelines/run.py", "--workers", "3"],
+            {},
+            "batch_size=256 must be a multiple of 3 ranks, which each take an equal share of the "
+            "batch: set train.batch_size to 255 or 258, or train on a number of ranks that divides",
+        ),
         (["pipelines/run.py", "--port", "{port}"], {}, "serving.port={port}: the port is in use"),
         (
             ["pipelines/run.py", "mlflow-ui", "--set", "mlflow.ui_port={port}"],
