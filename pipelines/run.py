@@ -93,7 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    print(yaml.safe_dump(config_from_args(args).public_dict(), sort_keys=False), end="")
+    cfg = config_from_args(args)
+    text = yaml.safe_dump(cfg.public_dict(), sort_keys=False)
+    # Unset, so a file made of this output follows its dataset; the comment says the name.
+    unset = "\n  model_name: null\n"
+    print(text.replace(unset, f"{unset[:-1]}  # unset: {cfg.model_name}\n"), end="")
     return 0
 
 

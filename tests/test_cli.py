@@ -71,6 +71,20 @@ def test_help_explains_every_option_with_its_default(command: list[str]) -> None
     assert "--dataset {cifar10,mnist,imagefolder,synthetic}" in out.stdout
 
 
+def test_config_prints_a_file_that_reads_back(tmp_path: Path) -> None:
+    """`config` prints the resolved tree; the model name stays unset (so a file made of it
+    follows a dataset changed in it), with the name it resolves to as a comment."""
+    out = run("pipelines/run.py", "config", "--dataset", "mnist", "--epochs", "3")
+    assert out.returncode == 0, out.stderr
+    assert "\n  model_name: null  # unset: mnist-resnet18\n" in out.stdout
+    saved = tmp_path / "mine.yaml"
+    saved.write_text(out.stdout.replace("name: mnist", "name: synthetic"))
+    again = run("pipelines/run.py", "config", "--config", str(saved))
+    assert again.returncode == 0, again.stderr
+    assert "epochs: 3\n" in again.stdout
+    assert "# unset: synthetic-resnet18" in again.stdout
+
+
 def test_the_driver_starts_without_torch() -> None:
     # Importing torch takes 1.2 s and more on 2 busy cores: the driver starts the fork server
     # and S3 first, and torch is imported in the fork server beside the data steps. A module
