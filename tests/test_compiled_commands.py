@@ -162,8 +162,10 @@ def test_compiled_commands_run_in_dag_order(
     # The InferenceService it would apply: KServe's storage initializer, then the predictor's
     # own command and args.
     isvc = to_dict(inference_service(pod_cfg, model_uri))
-    name = cluster.values["workflow.parameters.model-name"]
-    assert isvc["metadata"]["name"] == name
+    # The form's model name is empty (unset): every pod named the model after the dataset.
+    assert cluster.values["workflow.parameters.model-name"] == ""
+    name = f"{cluster.values['workflow.parameters.dataset']}-resnet18"
+    assert isvc["metadata"]["name"] == name and f"/{name}/{WORKFLOW}/" in model_uri
     predictor = isvc["spec"]["predictor"]["containers"][0]
     storage_uri = next(e["value"] for e in predictor["env"] if e["name"] == "STORAGE_URI")
     model_dir = download_model(env.store, storage_uri, tmp_path / "mnt-models")
