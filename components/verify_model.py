@@ -22,10 +22,10 @@ from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 from serving.launch import download_model
 from serving.loader import load_model
+from training import resume
 from training.data import Tensors, load_processed
 from training.dist import Dist
 from training.evaluate import evaluate, make_autocast
-from training.resume import location
 
 log = logging.getLogger("mlops.verify_model")
 VERIFICATION = "verification.json"
@@ -201,7 +201,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_uri(cfg: PipelineConfig, args: argparse.Namespace) -> str:
-    return args.model_uri or s3_uri(*location(cfg, args.run_id)[:2])
+    return args.model_uri or resume.model_uri(cfg, args.run_id)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pipelines.argo import build, build_template
 from pipelines.config import PipelineConfig, config_overrides, for_cluster
 from pipelines.kfp_pipeline import image_classifier
 from pipelines.manifests import inference_service, pytorchjob, to_dict
+from training.resume import model_uri as run_model_uri
 
 # Stand-ins in the standalone manifests, which a submitter fills in (Argo fills its own).
 PROCESSED_URI = "s3://processed-data/DATASET/FEATURE_HASH/"
@@ -24,7 +25,7 @@ def _yaml(doc: dict) -> str:
 
 def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    model_uri = f"s3://{cfg.storage.buckets.models}/{cfg.model_name}/{RUN_ID}/"
+    model_uri = run_model_uri(cfg, RUN_ID)
     files = {
         "argo-workflow.yaml": build(cfg).to_yaml(),
         "argo-workflowtemplate.yaml": build_template(cfg).to_yaml(),

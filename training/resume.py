@@ -20,6 +20,11 @@ def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
     return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
 
 
+def model_uri(cfg: PipelineConfig, run_id: str) -> str:
+    """s3://BUCKET/NAME/RUN/: where a pipeline run's model is written and read."""
+    return s3_uri(*location(cfg, run_id)[:2])
+
+
 def config_hash(cfg: PipelineConfig, processed: str) -> str:
     """What a checkpoint must have been trained under to be resumed: the training settings
     (the world size included: BatchNorm sees each rank's share of the batch) and the data.
