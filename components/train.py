@@ -59,6 +59,18 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
     meta = store.read_json(bucket, prefix + "metadata.json")
     if meta is None:
         raise DataError(f"{processed_uri} has no metadata.json: run feature-engineering first")
+    made = meta.get("dataset")
+    if made != cfg.dataset.key and not cfg.serving.model_name:
+        # The config's dataset names the model, its versions and the champion the gate
+        # compares it with: another dataset's name would meet another task's champion.
+        given = f"--dataset {meta['name']}"
+        if made != meta["name"]:
+            given += f" --set dataset.id={made}"
+        raise ConfigError(
+            f"{processed_uri} holds features of dataset {made}, but the config's dataset is "
+            f"{cfg.dataset.key}, after which the model would be named ({cfg.model_name}): "
+            f"pass {given}, or name the model with --set serving.model_name=NAME"
+        )
     ranks = check_ranks(cfg)
     tc, counts = cfg.train, meta["counts"]
     if counts["train"] < tc.batch_size:

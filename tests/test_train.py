@@ -269,6 +269,18 @@ def test_corrupt_shard_fails_naming_it(env: SimpleNamespace) -> None:
 
 
 def test_config_the_data_cannot_satisfy(env: SimpleNamespace) -> None:
+    # Features of another dataset than the config's, which names the model: a standalone
+    # train step would register a synthetic model as cifar10-resnet18.
+    cifar = env.cfg.model_copy(
+        update={"dataset": env.cfg.dataset.model_copy(update={"name": "cifar10"})}
+    )
+    with pytest.raises(ConfigError) as refused:
+        train_model(cifar, env.store, env.processed)
+    assert str(refused.value) == (
+        f"{env.processed} holds features of dataset synthetic, but the config's dataset is "
+        "cifar10, after which the model would be named (cifar10-resnet18): pass --dataset "
+        "synthetic, or name the model with --set serving.model_name=NAME"
+    )
     with pytest.raises(ConfigError, match="exceeds the 540 training images"):
         train_model(_cfg(env, batch_size=1024), env.store, env.processed)
     with pytest.raises(ConfigError, match="must be a multiple of 3 ranks"):
