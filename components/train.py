@@ -60,7 +60,7 @@ def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) 
     if meta is None:
         raise DataError(f"{processed_uri} has no metadata.json: run feature-engineering first")
     made = meta.get("dataset")
-    if made != cfg.dataset.key and not cfg.serving.model_name:
+    if made not in (None, cfg.dataset.key) and not cfg.serving.model_name:
         # The config's dataset names the model, its versions and the champion the gate
         # compares it with: another dataset's name would meet another task's champion.
         given = f"--dataset {meta['name']}"
