@@ -170,7 +170,7 @@ def test_the_forms_model_name_follows_the_dataset_it_submits(compiled: Path) -> 
 
     from components.verify_model import _model_uri
     from pipelines.cli import parse_set
-    from training.resume import location
+    from training.resume import model_uri
 
     spec = load(compiled, "argo-workflow.yaml")["spec"]
     form = {p["name"]: p["value"] for p in spec["arguments"]["parameters"]}
@@ -196,8 +196,8 @@ def test_the_forms_model_name_follows_the_dataset_it_submits(compiled: Path) -> 
         verify = submitted(templates["verify-model"]["container"]["args"])
         run_id = verify[verify.index("--run-id") + 1]
         read = _model_uri(config(verify), argparse.Namespace(model_uri=None, run_id=run_id))
-        written = location(config(submitted(trainer["command"])), "image-classifier-x1")
-        assert read == f"s3://{written[0]}/{written[1]}" == f"s3://models/{name}/{run_id}/"
+        written = model_uri(config(submitted(trainer["command"])), "image-classifier-x1")
+        assert read == written == f"s3://models/{name}/{run_id}/"
 
 
 def _sdk_round_trip(client: Any, doc: dict, klass: str) -> dict:
