@@ -41,10 +41,7 @@ def _cached(name: str, cache: Path) -> Path | None:
 def local_source(ds: DatasetConfig, cache: Path) -> Path | None:
     """A local copy of the dataset, without touching the network; None when there is none."""
     if ds.source:
-        path = Path(ds.source).expanduser()
-        if not path.exists():
-            raise ConfigError(f"dataset.source={ds.source!r}: no such file or folder")
-        return path
+        return ds.source_path()
     if ds.name == "synthetic":
         path = cache / f"synthetic-n{ds.synthetic_per_class}-s{ds.seed}.tar.gz"
         if not path.exists():

@@ -113,6 +113,15 @@ class DatasetConfig(_Section):
     def key(self) -> str:
         return self.id or self.name
 
+    def source_path(self) -> Path | None:
+        """dataset.source as a path that exists on this machine, or None when unset."""
+        if not self.source:
+            return None
+        path = Path(self.source).expanduser()
+        if not path.exists():
+            raise ConfigError(f"dataset.source={self.source!r}: no such file or folder")
+        return path
+
     @model_validator(mode="after")
     def _size_applies(self) -> DatasetConfig:
         if self.image_size is not None and self.name in FIXED_SIZE_DATASETS:

@@ -114,6 +114,7 @@ def check_before_run(cfg: PipelineConfig) -> None:
     check_storage(cfg)
     check_ranks(cfg)
     if cfg.runtime == "local":  # train and deploy run on this machine
+        cfg.dataset.source_path()  # --data of no such path: before any service starts
         check_here(cfg.train.precision)
         require_free(cfg.serving.port, "serving.port")
 

@@ -146,6 +146,11 @@ def held_port() -> Iterator[int]:
         ),
         (["pipelines/run.py", "--set", "train.precision=fp16"], {}, "fp16 needs CUDA"),
         (
+            ["pipelines/run.py", "--dataset", "imagefolder", "--data", "{tmp}/none.zip"],
+            {},
+            "dataset.source='{tmp}/none.zip': no such file or folder",
+        ),
+        (
             ["pipelines/run.py", "--workers", "3"],
             {},
             "batch_size=256 must be a multiple of 3 ranks, which each take an equal share of the "
