@@ -148,12 +148,16 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+def config_from_args(args: argparse.Namespace, stored: list[str] | None = None) -> PipelineConfig:
+    """The config the flags say; `stored`: a resumed run's settings, as `--set` values, under
+    its --config file and flags."""
     overrides = parse_set(args.set)
     for name, value in vars(args).items():
         if name.startswith("cfg:") and value is not None:
             overrides[name[4:]] = value
-    return load_config(args.profile or "quick", args.config, overrides)
+    return load_config(
+        args.profile or "quick", args.config, overrides, stored=parse_set(stored or [])
+    )
 
 
 def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

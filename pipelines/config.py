@@ -528,11 +528,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def file_keys(path: Path, profile: str) -> set[str]:
-    """The dotted keys a config file sets."""
-    return set(_flatten(read_yaml(path, profile)))
-
-
 def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     """Read a YAML config file; credentials in it are refused, and so is a profile other than
     `profile` (a dumped config names the one it came from; only --profile chooses it)."""
@@ -598,29 +593,37 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(
-    profile: str = "quick",
-    config_file: Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
-) -> PipelineConfig:
-    """Resolve a config: defaults < profile < YAML file < environment < CLI overrides."""
-    if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
-    tree = _merge({"profile": profile}, PROFILES[profile]())
-    if config_file is not None:
-        tree = _merge(tree, read_yaml(config_file, profile))
-    env = os.environ if environ is None else environ
-    for var, dotted in ENV_VARS.items():
-        if env.get(var):
-            _set_path(tree, dotted, env[var])
-    for dotted, value in (overrides or {}).items():
+def _set_all(tree: dict[str, Any], values: dict[str, Any]) -> None:
+    """`--set` values into the tree: never a credential or the profile's label."""
+    for dotted, value in values.items():
         if dotted in SECRET_FIELDS:
             raise ConfigError(f"{dotted} comes only from the environment, not from a flag")
         if dotted == "profile":
             # Setting the label alone would apply none of the profile's values.
             raise ConfigError(f"profile={value}: choose the profile with --profile NAME")
         _set_path(tree, dotted, value)
+
+
+def load_config(
+    profile: str = "quick",
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+    stored: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Resolve a config: defaults < profile < a resumed run's stored settings < YAML file <
+    environment < CLI overrides."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
+    tree = _merge({"profile": profile}, PROFILES[profile]())
+    _set_all(tree, stored or {})
+    if config_file is not None:
+        tree = _merge(tree, read_yaml(config_file, profile))
+    env = os.environ if environ is None else environ
+    for var, dotted in ENV_VARS.items():
+        if env.get(var):
+            _set_path(tree, dotted, env[var])
+    _set_all(tree, overrides or {})
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:

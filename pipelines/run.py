@@ -20,7 +20,7 @@ from pipelines.cli import (  # noqa: E402
     config_from_args,
     run_main,
 )
-from pipelines.config import PipelineConfig, file_keys  # noqa: E402
+from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.errors import ConfigError, raise_on_sigterm  # noqa: E402
 from pipelines.local import (  # noqa: E402
     STEPS,
@@ -59,13 +59,9 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
             f"--profile {args.profile}: {args.resume} is a {stored['profile']} run, and --resume "
             "goes on with its own settings; drop --profile"
         )
-    kept = stored["set"]
-    if args.config is not None:  # stored as --set values, they would override the file's
-        ours = file_keys(args.config, stored["profile"])
-        kept = [s for s in kept if s.partition("=")[0] not in ours]
     given = argparse.Namespace(**vars(args))
-    given.profile, given.set = stored["profile"], [*kept, *args.set]
-    return config_from_args(given)
+    given.profile = stored["profile"]
+    return config_from_args(given, stored["set"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
