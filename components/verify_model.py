@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError
+from pipelines.registry import MODEL_URI_TAG
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 from serving.launch import download_model
 from serving.loader import load_model
@@ -73,7 +74,7 @@ def _score_champion(
     """The champion's accuracy on our test split; None when it serves another task and
     gate.force_promote lets this model replace it. A champion of another task cannot be
     scored on our data, and replacing it unasked would break what its clients send."""
-    model, meta = load_model(download_model(store, champion.tags["mlops.model_uri"], tmp))
+    model, meta = load_model(download_model(store, champion.tags[MODEL_URI_TAG], tmp))
     if (meta["input"]["shape"], meta["classes"]) != (ours["input"]["shape"], ours["classes"]):
         if not force:
             raise GateError(
@@ -125,7 +126,7 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
             champion = None
         champion_acc, champion_uri = None, None
         if champion is not None and champion.version != version:
-            champion_uri = champion.tags.get("mlops.model_uri")
+            champion_uri = champion.tags.get(MODEL_URI_TAG)
             if champion_uri:
                 champion_acc = recorded_score(store, champion_uri, lineage["processed_uri"])
                 how = "as recorded when it was verified on"

@@ -28,7 +28,7 @@ from pipelines.config import (
 )
 from pipelines.errors import STOPPED, ConfigError, PipelineError, stopped_by
 from pipelines.kfp_task import forked_tasks
-from pipelines.mlflow_server import LocalMlflow, with_tracking
+from pipelines.mlflow_server import LocalMlflow, local_workdir, with_tracking
 from pipelines.processes import require_free
 from pipelines.steps import STEPS, record_path
 from pipelines.storage import ObjectStore, s3_uri
@@ -320,7 +320,7 @@ def run_pipeline(
             if not live.mlflow.tracking_uri:
                 # It needs ~5 s to become healthy: it starts now, beside the data steps, and
                 # the train step waits for it (mlflow.wait_s).
-                mlflow_server = LocalMlflow(live, live.state_dir / "mlflow").start()
+                mlflow_server = LocalMlflow(live, local_workdir(live.state_dir)).start()
                 stack.callback(mlflow_server.stop)
                 live = with_tracking(live, mlflow_server.uri)
                 state_lock.note(cfg.state_dir, mlflow=mlflow_server.uri)

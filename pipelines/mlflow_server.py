@@ -18,6 +18,7 @@ log = logging.getLogger("mlops.mlflow")
 # The local server, for the steps that wait on it: "PID:LOG". Its death ends their wait at once,
 # and its log, not MLFLOW_TRACKING_URI, is what they point to.
 LOCAL_SERVER_ENV = "MLOPS_LOCAL_MLFLOW"
+DB_NAME = "mlflow.db"
 READY_TIMEOUT_S = 90.0  # about 5 s on 2 idle cores; slower while the data steps run
 
 
@@ -52,6 +53,15 @@ def create_database(db: Path) -> None:
     finally:
         engine.dispose()
     os.replace(new, db)
+
+
+def local_workdir(state_dir: Path) -> Path:
+    """The local server's folder in a state dir: its database, log and scratch space."""
+    return state_dir / "mlflow"
+
+
+def local_db(state_dir: Path) -> Path:
+    return local_workdir(state_dir) / DB_NAME
 
 
 def with_tracking(cfg: PipelineConfig, uri: str) -> PipelineConfig:
@@ -102,7 +112,7 @@ class LocalMlflow:
             **mlflow_env(self.cfg.mlflow),  # also what the UI's /telemetry endpoint answers
         )
         env.update(self.extra_env)
-        db = (self.workdir / "mlflow.db").resolve()
+        db = (self.workdir / DB_NAME).resolve()
         cmd = [
             sys.executable,
             "-m",

@@ -102,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import shutil
 
     from components.deploy import start_server
+    from pipelines import registry
     from pipelines.cli import open_store
     from pipelines.errors import PipelineError
     from pipelines.processes import HOST, server_log
@@ -109,22 +110,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import download_model, local_model_dir, model_meta, served_as
 
     cfg = config_from_args(args)
-    try:
-        parse_s3_uri(args.model_uri)
-    except PipelineError as exc:
-        raise ConfigError(f"--model-uri: {exc}") from None
+    uri = args.model_uri or registry.champion_uri(cfg)
+    if not registry.MODELS_URI.fullmatch(uri):
+        try:
+            parse_s3_uri(uri)
+        except PipelineError as exc:
+            raise ConfigError(
+                f"--model-uri: {exc}, nor models:/NAME@ALIAS or models:/NAME/VERSION"
+            ) from None
+    # Before the store starts: sqlite lets a reader beside a run's server that writes.
+    model_uri, version = registry.resolve(cfg, uri) if uri.startswith("models:/") else (uri, "")
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
     with open_store(cfg, "serve") as (_, store):
-        meta = model_meta(store, args.model_uri)
+        meta = model_meta(store, model_uri)
         cfg = served_as(cfg, meta)
         model_dir = local_model_dir(cfg)
         shutil.rmtree(model_dir, ignore_errors=True)
-        download_model(store, args.model_uri, model_dir, meta)
+        download_model(store, model_uri, model_dir, meta)
     name, port = cfg.model_name, cfg.serving.port
     os.environ[OWNER_ENV] = str(os.getpid())  # as for run --serve
     proc = start_server(model_dir, name, port, cfg, server_log(model_dir))
     print(
-        f"serving {args.model_uri}\n  V1 http://{HOST}:{port}/v1/models/{name}:predict\n"
+        f"serving {model_uri}{f' ({version}, {uri})' if version else ''}\n"
+        f"  V1 http://{HOST}:{port}/v1/models/{name}:predict\n"
         f"  V2 http://{HOST}:{port}/v2/models/{name}/infer\n(Ctrl-C to stop)",
         flush=True,
     )
@@ -240,7 +248,7 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     import time
 
     from pipelines.cli import open_store
-    from pipelines.mlflow_server import LocalMlflow
+    from pipelines.mlflow_server import LocalMlflow, local_workdir
 
     cfg = config_from_args(args)
     port = cfg.mlflow.ui_port
@@ -248,7 +256,7 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     require_free(port, "mlflow.ui_port", "pass --set mlflow.ui_port=N (another MLflow UI?)")
     with open_store(cfg, "mlflow-ui") as (live, store):
         store.ensure_buckets()
-        server = LocalMlflow(live, live.state_dir / "mlflow", port).start()
+        server = LocalMlflow(live, local_workdir(live.state_dir), port).start()
         try:
             print(f"MLflow UI: {server.wait()}  (Ctrl-C to stop)", flush=True)
             while server.proc is not None and server.proc.poll() is None:
@@ -316,12 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve")
     serve.add_argument(
         "--model-uri",
-        required=True,
         metavar="URI",
-        help="the model to serve, s3://models/NAME/RUN/ (see a run's summary); it is served "
-        "under the name it was trained under, unless serving.model_name is set",
+        help="the model to serve: s3://models/NAME/RUN/ (a run's summary names it), or a "
+        "registered version, models:/NAME@ALIAS or models:/NAME/VERSION, looked up in "
+        "mlflow.tracking_uri's registry, else the state dir's; it is served under the name it "
+        "was trained under, unless serving.model_name is set (default: the version the gate "
+        "put in service, models:/MODEL_NAME@champion: the model name follows --dataset as in "
+        "a run, the alias is gate.alias)",
     )
-    add_config_args(serve, ["--port", "--state-dir"])
+    add_config_args(serve, ["--dataset", "--port", "--state-dir"])
     serve.set_defaults(func=cmd_serve)
     submit = add("submit")
     submit.add_argument(

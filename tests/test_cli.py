@@ -27,6 +27,7 @@ from pipelines.errors import REPORT_ENV, ConfigError, reported
 from pipelines.launcher import run_single, run_torchrun
 from pipelines.local import QuietKfp
 from pipelines.mlflow_runs import fail_abandoned
+from pipelines.mlflow_server import local_db
 from pipelines.processes import HOST, free_port
 from pipelines.s3server import EmbeddedS3
 from training.precision import cuda_available
@@ -132,7 +133,12 @@ def held_port() -> Iterator[int]:
         (
             ["pipelines/run.py", "serve", "--model-uri", "not-a-uri"],
             {},
-            "--model-uri: 'not-a-uri' is not an s3://bucket/key URI",
+            "--model-uri: 'not-a-uri' is not an s3://bucket/key URI, nor models:/NAME@ALIAS",
+        ),
+        (
+            ["pipelines/run.py", "serve", "--model-uri", "models:/m/Production"],
+            {},
+            "'models:/m/Production' is not an s3://bucket/key URI, nor models:/NAME@ALIAS or",
         ),
         (
             ["-m", "components.verify_data", "--result", "{tmp}/file/r.json"],
@@ -751,7 +757,7 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
             # Nor the trainer's: its second SIGTERM (its step's) at times escaped as one.
             assert "Traceback" not in out, out
             # The trainer closed its MLflow run as stopped from outside, while MLflow was up.
-            with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
+            with contextlib.closing(sqlite3.connect(local_db(state))) as db:
                 assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
 
 
@@ -769,7 +775,7 @@ def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) 
     assert driver.returncode == 1, out
     assert "FAILED at train: training failed (training exit code -9" in out, out
     assert "marked FAILED: its trainer ended without closing it" in out, out
-    with contextlib.closing(sqlite3.connect(state / "mlflow" / "mlflow.db")) as db:
+    with contextlib.closing(sqlite3.connect(local_db(state))) as db:
         rows = db.execute("SELECT status, end_time IS NOT NULL FROM runs").fetchall()
     assert rows == [("FAILED", 1)]
 

@@ -940,13 +940,34 @@ def test_onnxruntime_writes_nothing_to_home_and_has_no_telemetry(tmp_path: Path)
     assert not list(home.rglob("*"))
 
 
+def register(state: Path, uris: list[str], alias: str, version: int) -> str:
+    """A local registry in the state dir as training leaves it: a version of NAME per URI,
+    tagged with it, one under the alias. MLflow's own sqlite store, not a stand-in."""
+    import mlflow
+
+    from pipelines.mlflow_server import create_database, local_db
+    from pipelines.registry import MODEL_URI_TAG
+
+    local_db(state).parent.mkdir(parents=True)
+    create_database(local_db(state))
+    uri = f"sqlite:///{local_db(state)}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model(NAME)
+    for model_uri in uris:
+        client.create_model_version(NAME, model_uri, tags={MODEL_URI_TAG: model_uri})
+    client.set_registered_model_alias(NAME, alias, str(version))
+    return uri
+
+
 def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: Path) -> None:
     """`serve` fetches a model from the store and serves it until stopped. A second one on
     another port (another version beside it) fetches into its own folder: the first server's
     files and log stay, and it keeps answering. A server outlives neither command's end.
-    Without serving.model_name, a model is served under the name training recorded."""
+    Without --model-uri, it serves the registry's champion of the model name; without
+    serving.model_name, a model is served under the name training recorded."""
     store.ensure_buckets()
     state, servers, digests = tmp_path / "state", [], []
+    register(state, [f"s3://models/{NAME}/run-{seed}/" for seed in (1, 2)], "champion", 2)
     try:
         for seed in (1, 2):
             model = write_model_dir(tmp_path / f"model-{seed}", seed=seed)
@@ -956,9 +977,10 @@ def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: P
                 store.put_file("models", f"{NAME}/run-{seed}/{file.name}", file)
             digests.append(json.loads((model / "model.json").read_text())["sha256"])
             port = free_port()
-            args = ["pipelines/run.py", "serve", "--model-uri", f"s3://models/{NAME}/run-{seed}/"]
-            args += ["--port", str(port), "--state-dir", str(state)]
-            if seed == 1:  # the second takes model.json's name (it was served as the default)
+            args = ["pipelines/run.py", "serve", "--port", str(port), "--state-dir", str(state)]
+            if seed == 1:  # takes model.json's name (it is served as the default)
+                args += ["--model-uri", f"s3://models/{NAME}/run-{seed}/"]
+            else:  # models:/tiny@champion, v2
                 args += ["--set", f"serving.model_name={NAME}"]
             proc = subprocess.Popen(
                 [sys.executable, *args],
@@ -971,6 +993,8 @@ def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: P
             assert proc.stdout is not None
             lines = [proc.stdout.readline() for _ in range(4)]  # printed once it is ready
             assert lines[-1] == "(Ctrl-C to stop)\n", lines
+            found = f" ({NAME} v2, models:/{NAME}@champion)" if seed == 2 else ""
+            assert lines[0] == f"serving s3://models/{NAME}/run-{seed}/{found}\n", lines
         folders = sorted(p for p in (state / "serving").iterdir() if p.is_dir())
         assert len(folders) == 2 and [p.name for p in folders] == sorted(
             f"{NAME}-{port}" for _, port in servers
@@ -996,3 +1020,49 @@ def test_serve_two_models_on_two_ports_from_one_state_dir(s3, store, tmp_path: P
         codes = [proc.wait(timeout=60) for proc, _ in servers]
         assert codes == [143, -signal.SIGKILL][: len(servers)]
         assert not psutil.wait_procs(children, timeout=30)[1]
+
+
+def test_a_registered_version_resolves_to_its_folder_or_says_what_is_there(
+    tmp_path: Path,
+) -> None:
+    """models:/NAME/VERSION and models:/NAME@ALIAS resolve to the folder training tagged; a
+    name, version, alias or tag that is not there is an error that lists what is."""
+    from pipelines.registry import resolve
+
+    state = tmp_path / "state"
+    cfg = load_config(overrides={"state_dir": str(state)}, environ={})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run(
+        [sys.executable, "pipelines/run.py", "serve", "--state-dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1 and not state.exists(), out.stderr  # nor any S3 server started
+    assert out.stderr == (
+        f"error: no model registry in {state} (no run has trained there): run the pipeline "
+        "first, pass --state-dir of one that has, or --model-uri s3://models/NAME/RUN/\n"
+    )
+    uris = [f"s3://models/{NAME}/run-{seed}/" for seed in (1, 2)]
+    registry = register(state, uris, "champion", 1)
+    assert resolve(cfg, f"models:/{NAME}@champion") == (uris[0], f"{NAME} v1")
+    assert resolve(cfg, f"models:/{NAME}/2/") == (uris[1], f"{NAME} v2")
+    listing = f"({NAME} has versions 1, 2; aliases: champion=v1)"
+    for uri in (f"models:/{NAME}@prod", f"models:/{NAME}/3"):
+        with pytest.raises(PipelineError) as failed:
+            resolve(cfg, uri)
+        assert str(failed.value).startswith(f"{uri}: ") and str(failed.value).endswith(listing)
+    with pytest.raises(PipelineError) as failed:
+        resolve(cfg, "models:/synthetic-resnet18@champion")
+    assert str(failed.value) == (
+        f"models:/synthetic-resnet18@champion: no registered model synthetic-resnet18 in "
+        f"{registry} (registered: {NAME}); pass --dataset, --set serving.model_name=NAME or "
+        "--model-uri"
+    )
+    import mlflow
+
+    mlflow.MlflowClient(registry, registry).create_model_version(NAME, "s3://elsewhere/")
+    with pytest.raises(PipelineError, match=r"v3 of tiny has no mlops.model_uri tag"):
+        resolve(cfg, f"models:/{NAME}/3")

@@ -20,6 +20,7 @@ from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.mlflow_runs import RUN_TAG
 from pipelines.mlflow_server import wait_healthy
+from pipelines.registry import MODEL_URI_TAG
 
 log = logging.getLogger("mlops.tracking")
 
@@ -143,7 +144,7 @@ class Tracker:
         version = str(info.registered_model_version)
         # verify-model finds a champion's weights (and the server its model) through this tag.
         mlflow.MlflowClient().set_model_version_tag(
-            self.registered_name, version, "mlops.model_uri", model_uri
+            self.registered_name, version, MODEL_URI_TAG, model_uri
         )
         return version
 

@@ -1,0 +1,78 @@
+"""MLflow's registry for `serve`: a models:/NAME@ALIAS or models:/NAME/VERSION URI, resolved to
+the s3:// folder that version's training wrote."""
+
+from __future__ import annotations
+
+import re
+
+from pipelines.config import PipelineConfig
+from pipelines.errors import PipelineError
+from pipelines.mlflow_server import local_db, wait_healthy
+
+# The tag training sets on every version it registers: where its weights and model.json are.
+# MLflow's own `source` points at the logged MLflow model, which the server does not read.
+MODEL_URI_TAG = "mlops.model_uri"
+# MLflow's forms, less the deprecated stages (models:/NAME/Production).
+MODELS_URI = re.compile(r"models:/(?P<name>[^/@'\"]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?")
+
+
+def champion_uri(cfg: PipelineConfig) -> str:
+    """The version the gate put in service, under the config's model name."""
+    return f"models:/{cfg.model_name}@{cfg.gate.alias}"
+
+
+def _registry(cfg: PipelineConfig) -> str:
+    """The tracking server's URI, or the local state dir's database read in place: no server
+    needs starting to look up one version (MLflow's client reads the sqlite store itself)."""
+    if cfg.mlflow.tracking_uri:
+        wait_healthy(cfg.mlflow.tracking_uri, cfg.mlflow.wait_s)
+        return cfg.mlflow.tracking_uri
+    db = local_db(cfg.state_dir)
+    if not db.is_file():
+        raise PipelineError(
+            f"no model registry in {cfg.state_dir} (no run has trained there): run the pipeline "
+            "first, pass --state-dir of one that has, or --model-uri s3://models/NAME/RUN/"
+        )
+    return f"sqlite:///{db}"
+
+
+def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
+    """(the s3:// folder, "NAME vN") of a registered version."""
+    match = MODELS_URI.fullmatch(uri)
+    assert match is not None, uri  # the caller checked it, as a usage error
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = match["name"], match["alias"], match["version"]
+    registry = _registry(cfg)
+    client = mlflow.MlflowClient(registry, registry)
+    try:
+        names = [m.name for m in client.search_registered_models(max_results=1000)]
+    except MlflowException as exc:
+        raise PipelineError(f"cannot read the model registry {registry}: {exc.message}") from None
+    if name not in names:
+        raise PipelineError(
+            f"{uri}: no registered model {name} in {registry} (registered: "
+            f"{', '.join(sorted(names)) or 'none'}); pass --dataset, --set serving.model_name="
+            "NAME or --model-uri"
+        )
+    try:
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as exc:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        aliases = sorted(client.get_registered_model(name).aliases.items())
+        raise PipelineError(
+            f"{uri}: {exc.message} ({name} has versions {', '.join(map(str, versions)) or 'none'}; "
+            f"aliases: {', '.join(f'{a}=v{v}' for a, v in aliases) or 'none'})"
+        ) from None
+    s3 = found.tags.get(MODEL_URI_TAG)
+    if not s3:
+        raise PipelineError(
+            f"{uri}: v{found.version} of {name} has no {MODEL_URI_TAG} tag (it was not "
+            "registered by this pipeline's trainer); pass --model-uri s3://models/NAME/RUN/"
+        )
+    return s3, f"{name} v{found.version}"
