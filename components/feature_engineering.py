@@ -28,6 +28,7 @@ log = logging.getLogger("mlops.features")
 
 FORMAT = "mlops.processed/v1"
 METADATA = "metadata.json"
+STD_FLOOR = 1 / 255  # one pixel level: a channel of a smaller std is treated as flat
 
 
 @dataclass
@@ -84,6 +85,15 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
     n = images.shape[0] * images.shape[1] * images.shape[2]
     mean = total / n
     std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    # A channel that hardly varies in train (one colour throughout, say) carries no signal:
+    # dividing by its std, zero or near it, would blow up whatever it holds at test time, and
+    # a zero std is no valid model. Such a channel is centred, not scaled.
+    flat = std < STD_FLOOR
+    if flat.any():
+        log.warning(
+            "channel(s) %s hardly vary in train: centred, not scaled", np.flatnonzero(flat).tolist()
+        )
+    std = np.where(flat, 1.0, std)
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
 
@@ -124,6 +134,7 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
         # Image files are turned upright by their EXIF orientation since this key was added:
         # features decoded before then are not reused.
         "exif_upright": True,
+        "std_floor": STD_FLOOR,  # likewise: features of a flat channel had a zero std
     }
     fhash = feature_hash(manifest, transform)
     prefix = f"{ds.key}/{fhash}/"

@@ -118,3 +118,27 @@ def test_without_verified_data_it_says_to_run_verify_first(make_cfg, store) -> N
     store.ensure_buckets()
     with pytest.raises(DataError, match="run verify-data first"):
         engineer_features(make_cfg(dataset__name="synthetic"), store)
+
+
+def test_a_channel_that_never_varies_is_centred_not_divided_by_zero(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    """Images whose green and blue are one value throughout: their std is 0, which a model's
+    normalisation divided by (and the server's loader refuses). They are centred only."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.zeros((8, 8, 3), np.uint8)
+            pixels[..., 0] = rng.integers(0, 256, (8, 8))
+            pixels[..., 2] = 7
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(tmp_path / "imgs"))
+    verify_data(cfg, store)
+    prefix = engineer_features(cfg, store).processed_uri.removeprefix("s3://processed-data/")
+    meta = store.read_json("processed-data", prefix + "metadata.json")
+    images, _ = _load_split(store, prefix, meta, "train")
+    assert meta["std"][1:] == [1.0, 1.0] and meta["mean"][1:] == [0.0, round(7 / 255, 6)]
+    np.testing.assert_allclose(meta["std"][0], (images[..., 0] / 255.0).std(), atol=1e-5)
