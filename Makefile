@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format bench image secrets upstream mlflow-ui compile lock clean
+.PHONY: help install run demo test lint format bench image secrets upstream mlflow-ui serve compile lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ upstream: ## install the pinned cert-manager, Argo Workflows, Training Operator 
 
 mlflow-ui: $(STAMP) ## browse the local runs in the MLflow UI (port: mlflow.ui_port, default 5000)
 	$(PY) pipelines/run.py mlflow-ui $(ARGS)
+
+serve: $(STAMP) ## serve the registered champion again, as `run` left it (ARGS="--dataset synthetic")
+	$(PY) pipelines/run.py serve $(ARGS)
 
 compile: $(STAMP) ## regenerate the committed golden files in pipelines/compiled/ (Argo, KFP, manifests)
 	$(PY) pipelines/run.py compile --out pipelines/compiled
