@@ -435,6 +435,28 @@ def test_dockerfile_is_pinned_non_root_and_secret_free() -> None:
     assert {".venv", ".mlops"} <= set(ignored)
 
 
+def test_a_cpu_image_installs_the_locked_torch_pair_and_nothing_of_cuda(tmp_path: Path) -> None:
+    """The CPU image's torch and torchvision come from another index, at the lock's versions
+    (read from requirements.txt, not written again), and the rest of the lock less CUDA. The
+    Dockerfile's own commands, run here on a copy of the lock."""
+    text = (ROOT / "infrastructure/Dockerfile").read_text().replace("\\\n", " ")
+    pair = re.search(r'--index-url "\$TORCH_INDEX_URL" \$\((grep .*?requirements\.txt)\)', text)
+    rest = re.search(r"(grep -vE [^>]*)> /tmp/requirements.txt", text)
+    assert pair is not None and rest is not None
+    lock = (ROOT / "requirements.txt").read_text()
+    (tmp_path / "requirements.txt").write_text(lock)
+
+    def sh(command: str) -> list[str]:
+        return subprocess.check_output(["sh", "-c", command], cwd=tmp_path, text=True).split()
+
+    pins = [ln for ln in lock.splitlines() if ln.startswith(("torch==", "torchvision=="))]
+    assert sh(f"echo $({pair[1]})") == pins and len(pins) == 2
+    kept = sh(rest[1])
+    assert not any(p.startswith(("torch", "nvidia-", "triton", "cuda-")) for p in kept)
+    dropped = [ln for ln in lock.split() if ln not in kept]
+    assert "numpy" in " ".join(kept) and pins[0] in dropped
+
+
 def test_pods_keep_their_state_in_a_writable_scratch_volume() -> None:
     """Pods run with a read-only root filesystem: the state dir the image names (every step
     writes there) must sit in the emptyDir every pod mounts, not in the WORKDIR."""
