@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ SPLITS = ("train", "test")
 # rescaled, so they are refused with the file's name.
 GRAY_MODES = {"L", "LA", "1"}
 COLOR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
+# EXIF is parsed as TIFF, whose reader warns of each block it cannot parse, once a process: in
+# a server's log, one client's damaged photo. It is ignored anyway (_orientation), so unsaid.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
