@@ -98,7 +98,10 @@ def retries(cfg: PipelineConfig) -> RetryStrategy:
         limit=cfg.cluster.retries,
         retry_policy="Always",
         expression=f"asInt(lastRetry.exitCode) != {CONFIG_EXIT}",
-        backoff=m.Backoff(duration="30s", factor=2, max_duration="10m"),
+        # 30 s, then 60 s. No maxDuration: Argo counts it from the first attempt's start and
+        # ends a retry pod there, so it would cut short a deploy waiting cluster.ready_s or a
+        # data step on a large dataset; the limit and the workflow's deadline bound retries.
+        backoff=m.Backoff(duration="30s", factor=2),
     )
 
 
@@ -179,8 +182,13 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             success_condition="status.replicaStatuses.Master.succeeded > 0",
             # Counted under the ExitCode restart policy (manifests.RESTART_POLICY). A kill (137,
             # 143) also counts for the one status update before the operator's new pod, which
-            # this poll may see: the step then fails rather than waits.
-            failure_condition="status.replicaStatuses.Master.failed > 0",
+            # this poll may see: the step then fails rather than waits. Argo fails the step on
+            # any one of these: a failed Worker fails the job too, and the operator then
+            # deletes the running Master (cleanPodPolicy) without counting it failed.
+            failure_condition=",".join(
+                f"status.replicaStatuses.{replica}.failed > 0"
+                for replica in ("Master", "Worker")[: min(cfg.train.workers, 2)]
+            ),
             inputs=[Parameter(name="processed-uri")],
             # The job's own deadline, held by the step too: a job the operator fails without a
             # failed Master (deadline, a Worker failing first) must not hold the workflow,

@@ -141,13 +141,14 @@ def pytorchjob(
     """Master 1 + Worker (workers - 1), each running torchrun with nprocPerNode processes.
 
     torchrun reads the operator's PET_* variables (nnodes, node rank, master address), so one
-    command serves every replica."""
+    command serves every replica. It runs as training.torchrun, whose exit code tells a kill
+    (137, 143) from a failure, as RESTART_POLICY needs: torchrun's own is 1 for both."""
     tc, cl = cfg.train, cfg.cluster
     volumes, mounts = scratch_volumes(shm=True)
     command = [
         "python",
         "-m",
-        "torch.distributed.run",
+        "training.torchrun",
         "-m",
         "training.train",
         "--processed",

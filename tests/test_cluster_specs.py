@@ -83,12 +83,18 @@ def test_workflow_key_fields(compiled: Path) -> None:
     assert train["successCondition"] == "status.replicaStatuses.Master.succeeded > 0"
     # Counted only because a failed replica stays Failed under the ExitCode policy.
     assert train["failureCondition"] == "status.replicaStatuses.Master.failed > 0"
+    # A retry's backoff sets no maxDuration, which Argo counts from the first attempt and
+    # which would end a retried deploy's pod before its cluster.ready_s wait.
+    for name in ("verify-data", "feature-engineering", "verify-model", "deploy"):
+        assert "maxDuration" not in templates[name]["retryStrategy"]["backoff"], name
     assert templates["train"]["activeDeadlineSeconds"] == cluster.active_deadline_s
     job = yaml.safe_load(train["manifest"])
     assert job["kind"] == "PyTorchJob"
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "ExitCode"
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert pod["metadata"]["labels"]["workflows.argoproj.io/workflow"] == "{{workflow.name}}"
+    # torchrun exits 1 for a kill too: the wrapper's 137 and 143 are what ExitCode restarts.
+    assert pod["spec"]["containers"][0]["command"][:3] == ["python", "-m", "training.torchrun"]
 
     # Deploy serves what the gate chose, through the KFP path's component: it applies the
     # InferenceService with KServeClient and waits for the generation it wrote.
@@ -324,3 +330,18 @@ def test_every_pod_that_imports_mlflow_turns_its_telemetry_off(compiled: Path) -
     # KFP's steps take it from the config parameter at run time (run_step): see test_train.
     opted_in = load_config(overrides={"mlflow.telemetry": "true"}, environ={})
     assert mlflow_env(opted_in.mlflow) == {"MLFLOW_DISABLE_TELEMETRY": "false"}
+
+
+def test_a_failed_worker_fails_the_train_step_as_a_failed_master_does() -> None:
+    """With Workers, a failed one fails the job and the operator deletes the running Master
+    without counting it failed: the step watched the Master only and waited for its deadline."""
+    from pipelines.argo import build
+
+    workflow = build(load_config(overrides={"train": {"workers": 3}}, environ={})).to_dict()
+    train = next(t for t in workflow["spec"]["templates"] if t["name"] == "train")["resource"]
+    assert train["failureCondition"] == (
+        "status.replicaStatuses.Master.failed > 0,status.replicaStatuses.Worker.failed > 0"
+    )
+    assert (
+        yaml.safe_load(train["manifest"])["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    )

@@ -483,3 +483,46 @@ def test_tampered_model_fails_verification(env, trained) -> None:
             verify_model(env.cfg, env.store, trained.model_uri)
     finally:
         env.store.put_bytes(bucket, key, original)
+
+
+@pytest.mark.parametrize("end", ["pod SIGTERM", "rank SIGKILL", "rank exit 2", "rank done"])
+def test_the_pod_command_exits_as_the_operators_exitcode_policy_reads_it(
+    end: str, tmp_path: Path
+) -> None:
+    """A PyTorchJob pod runs torchrun as training.torchrun: a drained node's SIGTERM is 143
+    and a rank the OOM killer ended is 137, codes the ExitCode policy gives a new pod; a rank's
+    own failure keeps its code (2: a config error, which would fail again). Stock torchrun
+    exits 1 for all of these, so every kill failed the job. Real torchrun processes."""
+    started = tmp_path / "started"
+    code = 2 if end == "rank exit 2" else 0
+    wait = "time.sleep(60)" if "SIG" in end else ""
+    (tmp_path / "rank.py").write_text(
+        f"import os, sys, time\nopen({str(started)!r}, 'w').write(str(os.getpid()))\n"
+        f"{wait}\nsys.exit({code})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "training.torchrun", "--nproc_per_node=1"]
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path / "rank.py")], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        if "SIG" in end:
+            deadline = time.monotonic() + 60
+            while not (started.exists() and started.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            rank = psutil.Process(int(started.read_text()))
+            if end == "pod SIGTERM":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                rank.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    expected = {"pod SIGTERM": 143, "rank SIGKILL": 137, "rank exit 2": 2, "rank done": 0}[end]
+    assert proc.returncode == expected, err
+    assert "Traceback" not in err, err
+    if end == "pod SIGTERM":
+        assert "torchrun: stopped by SIGTERM" in err
+        assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE  # stopped too
+    elif end != "rank done":
+        assert f"exitcode  : {-9 if expected == 137 else 2} " in err, err
