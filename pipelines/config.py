@@ -31,6 +31,7 @@ FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 UNMIRRORED_DATASETS = frozenset({"mnist"})
 # Kubernetes' rule for most object names (a namespace, a Service): what an error then says.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+IMAGE_UID = 1000  # the image's non-root user and group (infrastructure/Dockerfile)
 # S3's rule for bucket names (MinIO's too): a name outside it failed only at the first
 # request, as the server's bare "Bad request".
 S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"

@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: KFP reads the components' annotations as types.
 from kfp import dsl, kubernetes
 
-from pipelines.config import PipelineConfig
+from pipelines.config import IMAGE_UID, PipelineConfig
 
 # The one image tag of the config tree; every component runs in it.
 IMAGE = PipelineConfig().image
@@ -68,7 +68,16 @@ def deploy(config: str, run_dir: str, verified: str, serve: bool) -> str:
 
 def on_cluster(task: dsl.PipelineTask, shm: bool = False) -> dsl.PipelineTask:
     """What only a cluster reads (kfp.local ignores platform config): the credentials from the
-    Secrets, as the Argo pods get them, and a memory-backed /dev/shm for torch."""
+    Secrets, as the Argo pods get them, the image's non-root user (Pod Security "restricted"
+    refuses a pod that does not say runAsNonRoot; KFP's compiler adds only the rest), a
+    memory-backed /dev/shm for torch, and no cache: KFP would serve verify-data and
+    feature-engineering, whose inputs are the config, from a past run's outputs, skipping the
+    integrity check and handing train features the store may have lost. The steps skip
+    unchanged work themselves (the feature hash)."""
+    task.set_caching_options(False)
+    kubernetes.set_security_context(
+        task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True
+    )
     kubernetes.use_secret_as_env(
         task,
         secret_name=CLUSTER.s3_secret,

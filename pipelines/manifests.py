@@ -35,10 +35,10 @@ from kubernetes.client import (
     V1VolumeMount,
 )
 
+from pipelines.config import IMAGE_UID as UID
 from pipelines.config import PipelineConfig, Resources, mlflow_env
 from serving.launch import serving_args
 
-UID = 1000  # the image's non-root user (infrastructure/Dockerfile)
 # The Training Operator's ExitCode policy: a replica that exits with a code that is not a kill
 # (1 a Python error, 2 a config error) stays Failed, the job fails and
 # status.replicaStatuses.<type>.failed counts it, which the Argo train step watches; 130, 137,

@@ -46,6 +46,13 @@ def test_cluster_pods_get_the_secrets_and_train_a_memory_backed_shm(tmp_path: Pa
         assert s3 == {"MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"}, name
         assert secrets[cluster.s3_secret]["optional"] is False
         assert secrets[cluster.mlflow_secret]["optional"] is True
+        # proto3 JSON writes an int64 as a string.
+        user = {k: str(v) for k, v in spec["securityContext"].items() if k != "runAsNonRoot"}
+        assert user == {"runAsUser": "1000", "runAsGroup": "1000"}, name
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+    # No task is served from KFP's cache: verify-data's check would be skipped.
+    tasks = yaml.safe_load_all(path.read_text()).__next__()["root"]["dag"]["tasks"]
+    assert all(t["cachingOptions"].get("enableCache") is not True for t in tasks.values())
     (shm,) = executors["exec-train"]["emptyDirMounts"]
     assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
     assert not any("emptyDirMounts" in s for n, s in executors.items() if n != "exec-train")
