@@ -47,6 +47,7 @@ from serving.launch import serving_args
 # past backoffLimit the operator deletes the pods without counting one: the step would wait for
 # its deadline.
 RESTART_POLICY = "ExitCode"
+TRAINER_CONTAINER = "pytorch"  # the Training Operator requires this name
 WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 
@@ -169,7 +170,7 @@ def pytorchjob(
             volumes=volumes,
             containers=[
                 V1Container(
-                    name="pytorch",  # the Training Operator requires this name
+                    name=TRAINER_CONTAINER,
                     image=cfg.image,
                     command=command,
                     env=secret_env(cfg),

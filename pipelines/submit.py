@@ -21,6 +21,7 @@ from hera.workflows import models as m
 from pipelines.argo import build, build_template
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
+from pipelines.manifests import TRAINER_CONTAINER
 
 TIMEOUT_S = 15
 
@@ -161,15 +162,16 @@ class ArgoClient:
         }
 
     def logs(self, run: str, step: str | None = None) -> Iterator[str]:
-        """Argo streams the log as lines of JSON; Hera's client reads a single entry only."""
+        """Argo streams the log as lines of JSON; Hera's client reads a single entry only. The
+        steps' pods log in their `main` container; the PyTorchJob's pods, which carry the
+        workflow's label, in the trainer's, which the Argo Server reads only when asked."""
         url = f"{self.target.url}/api/v1/workflows/{self.target.namespace}/{run}/log"
-        params = {"logOptions.container": "main"}
         headers = {"Authorization": self.target.token} if self.target.token else {}
 
-        def fetch() -> requests.Response:
+        def fetch(container: str) -> requests.Response:
             resp = requests.get(
                 url,
-                params=params,
+                params={"logOptions.container": container},
                 headers=headers,
                 stream=True,
                 timeout=TIMEOUT_S,
@@ -178,15 +180,16 @@ class ArgoClient:
             resp.raise_for_status()
             return resp
 
-        resp = self._call(f"logs of {run}", fetch)
-        for line in resp.iter_lines(decode_unicode=True):
-            if not line:
-                continue
-            entry = json.loads(line).get("result", {})
-            pod = entry.get("podName", "")
-            if step and step not in pod:
-                continue
-            yield f"{pod}: {entry.get('content', '')}"
+        for container in ("main", TRAINER_CONTAINER):
+            resp = self._call(f"logs of {run}", fetch, container)
+            for line in resp.iter_lines(decode_unicode=True):
+                if not line:
+                    continue
+                entry = json.loads(line).get("result", {})
+                pod = entry.get("podName", "")
+                if step and step not in pod:
+                    continue
+                yield f"{pod}: {entry.get('content', '')}"
 
     def stop(self, run: str) -> str:
         wf = self._call(

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,9 +115,17 @@ class Handler(JsonHandler):
         elif rest and rest[0] not in store:
             self._reply(404, {"message": f"{kind} {rest[0]} not found"})
         elif method == "GET" and rest[1:] == ["log"]:
+            # As the Argo Server does: each workflow pod's log of the one container asked for.
+            container = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)[
+                "logOptions.container"
+            ]
+            pods = {
+                "main": [("verify-data-1", "verify-data says hi"), ("train-1", "job created")],
+                "pytorch": [("train-master-0", "epoch 1 of 8")],  # the PyTorchJob's pods
+            }[container[0]]
             lines = [
-                {"result": {"podName": f"{rest[0]}-{step}-1", "content": f"{step} says hi"}}
-                for step in ("verify-data", "train")
+                {"result": {"podName": f"{rest[0]}-{pod}", "content": content}}
+                for pod, content in pods
             ]
             self._reply(200, None, "\n".join(json.dumps(x) for x in lines).encode())
         elif method == "GET":
@@ -240,7 +249,8 @@ def test_list_status_logs_and_stop(argo: FakeArgoServer) -> None:
     assert "verify-data" in status.stdout and "Succeeded" in status.stdout
     logs = cli("logs", name, "--step", "train", url=argo.url)
     assert logs.returncode == 0
-    assert "train says hi" in logs.stdout and "verify-data says hi" not in logs.stdout
+    assert "job created" in logs.stdout and "verify-data says hi" not in logs.stdout
+    assert f"{name}-train-master-0: epoch 1 of 8" in logs.stdout  # the trainer's own log
     stopped = cli("stop", name, url=argo.url)
     assert stopped.returncode == 0 and argo.workflows[name]["status"]["phase"] == "Failed"
     assert cli("status", name, url=argo.url).returncode == 1  # a failed run reads as one
