@@ -35,11 +35,14 @@ IMAGE_UID = 1000  # the image's non-root user and group (infrastructure/Dockerfi
 # S3's rule for bucket names (MinIO's too): a name outside it failed only at the first
 # request, as the server's bare "Bad request".
 S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+# MLflow's rule for a registry alias, which also keeps models:/NAME@ALIAS one URI.
+REGISTRY_ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
 PATTERN_WORDS = {
     DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
     "starting and ending with a letter or digit",
     S3_BUCKET: "an S3 bucket name is expected: 3-63 lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit",
+    REGISTRY_ALIAS: "an MLflow alias is expected: letters, digits, '_' and '-'",
 }
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
@@ -58,7 +61,11 @@ SECRET_FIELDS = {"storage.access_key", "storage.secret_key"}
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # No inf or nan in a number: `--set serving.max_body_mb=.inf` (YAML reads it so) passed
+    # every bound and crashed the server that turned it into an int.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -249,7 +256,11 @@ class GateConfig(_Section):
     min_accuracy: float = Field(
         0.5, ge=0, le=1, description="Minimum test accuracy (0-1) a model needs to be promoted."
     )
-    alias: str = Field("champion", description="Registry alias of the model in service.")
+    alias: str = Field(
+        "champion",
+        pattern=REGISTRY_ALIAS,
+        description="Registry alias of the model in service.",
+    )
     force_promote: bool = Field(
         False, description="Promote even when the current champion scores higher."
     )

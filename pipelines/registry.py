@@ -13,7 +13,9 @@ from pipelines.mlflow_server import local_db, wait_healthy
 # MLflow's own `source` points at the logged MLflow model, which the server does not read.
 MODEL_URI_TAG = "mlops.model_uri"
 # MLflow's forms, less the deprecated stages (models:/NAME/Production).
-MODELS_URI = re.compile(r"models:/(?P<name>[^/@'\"]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))/?")
+MODELS_URI = re.compile(
+    r"models:/(?P<name>[^/@'\"]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[1-9]\d{0,17}))/?"
+)  # a version fits the registry's 64-bit integer
 
 
 def champion_uri(cfg: PipelineConfig) -> str:

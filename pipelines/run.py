@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import download_model, local_model_dir, model_meta, served_as
 
     cfg = config_from_args(args)
-    uri = args.model_uri or registry.champion_uri(cfg)
+    uri = registry.champion_uri(cfg) if args.model_uri is None else args.model_uri
     if not registry.MODELS_URI.fullmatch(uri):
         try:
             parse_s3_uri(uri)

@@ -135,6 +135,12 @@ def held_port() -> Iterator[int]:
             {},
             "--model-uri: 'not-a-uri' is not an s3://bucket/key URI, nor models:/NAME@ALIAS",
         ),
+        (["pipelines/run.py", "serve", "--model-uri", ""], {}, "--model-uri: '' is not an s3://"),
+        (
+            ["pipelines/run.py", "serve", "--model-uri", "models:/m/99999999999999999999"],
+            {},
+            "'models:/m/99999999999999999999' is not an s3://bucket/key URI, nor models:/NAME@",
+        ),
         (
             ["pipelines/run.py", "serve", "--model-uri", "models:/m/Production"],
             {},

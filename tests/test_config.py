@@ -62,6 +62,11 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
             {"storage.buckets.raw": "Raw_Data"},
             r"buckets\.raw='Raw_Data': an S3 bucket name is expected: 3-63 lowercase",
         ),
+        # YAML's .inf passed every bound: the server that made it an int crashed at start.
+        ({"serving.max_body_mb": float("inf")}, r"max_body_mb=inf: Input should be a finite"),
+        ({"train.lr": float("nan")}, r"train\.lr=nan: Input should be a finite number"),
+        # In models:/NAME@ALIAS, a '/' made `serve` blame a --model-uri never given.
+        ({"gate.alias": "a/b"}, r"gate\.alias='a/b': an MLflow alias is expected"),
         ({"image": "repo/img:latest"}, r"image='repo/img:latest'.*pinned tag, not latest"),
         ({"image": "repo/img"}, r"image='repo/img'.*pinned tag"),
     ],
