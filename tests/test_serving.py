@@ -300,28 +300,51 @@ def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespa
 def test_v2_binary_bodies_that_do_not_match_their_header_are_400s(
     server: SimpleNamespace,
 ) -> None:
+    """A binary-extension body's JSON header is checked as a JSON body is, and its sizes
+    against the bytes that follow. KServe read the header unchecked (a field of the wrong
+    type was a 500 and two tracebacks in the log) and served a body shorter or longer than it
+    declared as though whole."""
     url = f"{server.base}/v2/models/{NAME}/infer"
 
-    def post(tensor: dict, blob: bytes, length: str | None = None) -> requests.Response:
-        header = json.dumps({"inputs": [tensor]})
+    def post(doc: dict | str, blob: bytes = b"", length: str | None = None) -> requests.Response:
+        header = doc if isinstance(doc, str) else json.dumps(doc)
         length = str(len(header)) if length is None else length
         headers = {"Inference-Header-Content-Length": length}
         return requests.post(url, data=header.encode() + blob, headers=headers, timeout=30)
 
     uint8 = {"name": "x", "datatype": "UINT8", "shape": [1, 32, 32, 3]}
+    image = server.images[:1].tobytes()
+    sized = {**uint8, "parameters": {"binary_data_size": len(image)}}
     png = base64.b64decode(png_b64(server.images[0]))
-    bad = [
-        post({**uint8, "parameters": {"binary_data_size": 100}}, bytes(100)),  # short of 3072
-        post({**uint8, "parameters": {"binary_data_size": 3072}}, bytes(3072), length="abc"),
+    raw_bytes = {"name": "x", "datatype": "BYTES", "shape": [1]}
+    bytes_input = {**raw_bytes, "data": [png_b64(server.images[0])]}
+    cases = [
+        (post({"inputs": [sized]}, image[:100]), "the header declares 3072 bytes of tensor data"),
+        (post({"inputs": [sized]}, image + bytes(100)), "the header declares 3072 bytes"),
+        (post({"inputs": [sized]}, image, length="abc"), "a binary body needs inference-header"),
+        (post({"inputs": [sized]}, image, length="99999"), "a binary body needs inference-header"),
+        (post("{not json", image, length="9"), "the first 9 bytes of the body"),
+        (post({"inputs": [1]}), "inputs[0]: Input should be a valid dictionary"),
+        (post({"inputs": [{**uint8, "shape": None}]}), "inputs[0].shape: Input should be a valid"),
+        (post({"inputs": [{**sized, "shape": [-1, 32, 32, 3]}]}, image), "inputs[0].shape[0]: "),
+        (post({"id": 7, "inputs": [bytes_input]}), "id: Input should be a valid string"),
+        (post({"parameters": "x", "inputs": [bytes_input]}), "parameters: Input should be a"),
+        (post({"inputs": [uint8]}), "inputs[0]: no data, and no binary_data_size"),
         # BYTES without the 4-byte length prefix: the PNG signature read as a length.
-        post(
-            {"name": "x", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 9}},
-            png,
+        (
+            post({"inputs": [{**raw_bytes, "parameters": {"binary_data_size": len(png)}}]}, png),
+            "the binary body does not match its JSON header",
         ),
     ]
-    for answer in bad:
+    for answer, message in cases:
         assert answer.status_code == 400, answer.text
-        assert answer.json()["error"].startswith("the binary body does not match its JSON header")
+        assert answer.json()["error"].startswith(message), (message, answer.text)
+    # The whole body as the header when the length header is missing: JSON that curl -d
+    # sent as a form, which V1 reads as JSON too.
+    answer = post({"inputs": [bytes_input]}, length="")
+    assert answer.status_code == 400 and "needs inference-header" in answer.text
+    plain = requests.post(url, data=json.dumps({"inputs": [bytes_input]}), timeout=30)
+    assert plain.status_code == 200, plain.text
     assert requests.get(f"{server.base}/v2/health/ready", timeout=10).status_code == 200
 
 
