@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -29,6 +30,10 @@ from serving.batcher import Overloaded
 
 log = logging.getLogger("mlops.serving")
 SHED_LOG_EVERY_S = 10.0  # at most one log line per this many seconds for the 503s of overload
+MESSAGE_CHARS = 1000  # of an error message, which may quote the request
+# Control characters, escaped in a log line: a client's input name with a newline in it wrote
+# a line of its own choosing ("ERROR:kserve:...") into the log.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
 
 
@@ -68,6 +73,14 @@ class Throttle:
         return held
 
 
+def bounded(text: str) -> str:
+    """A message cut to MESSAGE_CHARS: one that quotes the request (a 5 MB string in a field
+    of the wrong type) was as large as it, in the answer and in the log."""
+    if len(text) <= MESSAGE_CHARS:
+        return text
+    return f"{text[:MESSAGE_CHARS]}... ({len(text)} characters)"
+
+
 def client_error(
     status: int, throttle: Throttle | None = None
 ) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
@@ -78,11 +91,13 @@ def client_error(
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         # KServe's own handlers log every client error at ERROR with a 30-line traceback: one
         # bad client would flood the log. The client's mistake needs one line, no traceback.
+        text = bounded(str(exc))
         held = throttle.admit()
         if held is not None:
             more = f" ({held} more since the last such line)" if held else ""
-            log.warning("%d %s %s: %s%s", status, request.method, request.url.path, exc, more)
-        return JSONResponse(status_code=status, content={"error": str(exc)})
+            line = CONTROL.sub(lambda m: repr(m[0])[1:-1], text)  # no line a client writes
+            log.warning("%d %s %s: %s%s", status, request.method, request.url.path, line, more)
+        return JSONResponse(status_code=status, content={"error": text})
 
     return handler
 

@@ -286,6 +286,26 @@ def v2_binary(server: SimpleNamespace, element: bytes) -> requests.Response:
     )
 
 
+def test_a_clients_error_is_bounded_and_cannot_write_log_lines(server: SimpleNamespace) -> None:
+    """An error message that quotes the request is cut short, in the answer and the log (a
+    5 MB field came back whole, and went into the log whole), and a client's text cannot
+    start a line of the log (an input name with a newline wrote a forged ERROR line)."""
+    log_path = server.dir / "server.log"
+    before = log_path.stat().st_size
+    code, body = v2(
+        server, [{"name": "x", "datatype": "BYTES", "shape": [1], "data": "A" * 500_000}]
+    )
+    assert code == 400 and len(body["error"]) < 1100, len(body["error"])
+    assert body["error"].endswith(" characters)") and body["error"].startswith("inputs[0].data")
+    forged = "x\nERROR:kserve:Exception: forged"
+    code, body = v2(server, [{"name": forged, "datatype": "FP32", "shape": [1], "data": [1]}])
+    assert code == 400 and forged in body["error"]  # the answer says what was sent
+    added = log_path.read_bytes()[before:].decode()
+    assert len(added) < 4000, len(added)
+    assert not any(line.startswith("ERROR:kserve:Exception: forged") for line in added.splitlines())
+    assert "x\\nERROR:kserve:Exception: forged" in added  # escaped, on the warning's line
+
+
 def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespace) -> None:
     encoded = png_b64(server.images[0])
     ok = v2_binary(server, encoded.encode())
