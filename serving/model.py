@@ -34,6 +34,12 @@ OUTPUTS = (
 )
 
 
+def _flag(parameters: dict | None, key: str, where: str) -> None:
+    value = (parameters or {}).get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: {key} must be true or false, got {value!r}")
+
+
 class ImageClassifier(Model):
     """Ready only once the weights are loaded (sha256-checked, safetensors only). Its backend is
     eager PyTorch unless told: the in-process reference; the server passes serving.backend."""
@@ -186,6 +192,8 @@ class ImageClassifier(Model):
         """The outputs a V2 request names (all when none), each in JSON or binary: its own
         binary_data, else the request's binary_data_output (KServe reads a missing one as
         JSON). A name the model has not is a 400 before the batch, not an error after it."""
+        # JSON's "false" is true to Python: a string flag asked for binary it did not mean.
+        _flag(request.parameters, "binary_data_output", "parameters")
         if not request.request_outputs:
             return None
         known = [name for name, _, _ in OUTPUTS]
@@ -194,6 +202,7 @@ class ImageClassifier(Model):
                 raise InvalidInput(
                     f"output {wanted.name!r} is not one of this model's: {', '.join(known)}"
                 )
+            _flag(wanted.parameters, "binary_data", f"output {wanted.name}")
         binary = {"binary_data": bool(request.use_binary_outputs)}
         return [
             RequestedOutput(o.name, {**binary, **(o.parameters or {})})

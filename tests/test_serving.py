@@ -256,6 +256,14 @@ def test_a_v2_request_gets_the_outputs_it_names(server: SimpleNamespace) -> None
     assert (
         code == 400 and "output 'logits' is not one of this model's: class_index, " in out["error"]
     )
+    # A flag of JSON's "false" is no boolean (Python reads the string as true): a 400.
+    code, out = post_json(url, {**body, "parameters": {"binary_data_output": "false"}})
+    assert code == 400 and out["error"] == (
+        "parameters: binary_data_output must be true or false, got 'false'"
+    )
+    wanted = [{"name": "class_index", "parameters": {"binary_data": "no"}}]
+    code, out = post_json(url, {**body, "outputs": wanted})
+    assert code == 400 and "output class_index: binary_data must be true or false" in out["error"]
 
 
 def test_v2_metadata_describes_the_request_and_the_response(server: SimpleNamespace) -> None:
