@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split
+from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split
 from pipelines.console import progress
 from pipelines.errors import DataError
 
@@ -134,7 +134,7 @@ def fit_image(opened: Image.Image, mode: str, size: tuple[int, int] | None) -> I
 
 def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(payload)) as opened:
+        with Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS) as opened:
             if opened.mode in GRAY_MODES:
                 mode = "L"
             elif opened.mode in COLOR_MODES:

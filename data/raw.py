@@ -11,6 +11,10 @@ from pipelines.errors import DataError
 
 # The image files an ImageFolder dataset may hold (and whose presence elsewhere says it is one).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# The formats PIL may read them as, in training and in the model server alike: its others
+# (ICO, say, which decodes its largest frame while it opens, before any size is checked)
+# are no image of the dataset's.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 
 
 @dataclass

@@ -19,12 +19,14 @@ from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image, UnidentifiedImageError
 
 from data.imagefolder import COLOR_MODES, GRAY_MODES, fit_image
+from data.raw import IMAGE_FORMATS
 from pipelines.config import ServingConfig
 from serving.backend import Backend, Forward, build_forward, softmax
 from serving.batcher import MicroBatcher, Rows
 from serving.loader import load_model
 
 EIGHT_BIT_MODES = GRAY_MODES | COLOR_MODES  # what training decodes (data/imagefolder.py)
+NAMED_FORMATS = ", ".join(IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1]}"  # PNG, ... or WEBP
 # A V2 response's tensors, in order, and whether each has a top-k axis after the batch one.
 OUTPUTS = (
     ("class_index", "INT64", False),
@@ -99,14 +101,14 @@ class ImageClassifier(Model):
         # few KB can expand to gigabytes, and decoding it holds up every request (it runs on the
         # event loop, as parsing does).
         try:
-            opened = Image.open(io.BytesIO(data))
+            opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except Image.DecompressionBombError:
             raise InvalidInput(
                 f"{where}: image is larger than the decoder accepts; the model takes "
                 f"{self.width}x{self.height}"
             ) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
+            raise InvalidInput(f"{where}: not a decodable {NAMED_FORMATS} image") from None
         with opened:
             # 16-bit or float pixels would be clipped, mostly to white, and still classified.
             if opened.mode not in EIGHT_BIT_MODES:
@@ -126,7 +128,7 @@ class ImageClassifier(Model):
             try:
                 img = fit_image(opened, mode, size)
             except (OSError, ValueError, SyntaxError):  # a valid header over damaged pixel data
-                raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
+                raise InvalidInput(f"{where}: not a decodable {NAMED_FORMATS} image") from None
         array = np.asarray(img, dtype=np.uint8)
         return array[..., None] if array.ndim == 2 else array
 

@@ -402,6 +402,10 @@ def uint8_input(value: object, shape: tuple[int, ...] = (1, 32, 32, 3)) -> list[
     return [{"name": "x", "datatype": "UINT8", "shape": list(shape), "data": data}]
 
 
+def blank_b64(image_format: str) -> str:
+    return base64.b64encode(encoded(np.zeros((32, 32, 3), np.uint8), image_format)).decode()
+
+
 BAD_V1 = [
     ([{"image_bytes": {"b64": "@@not base64@@"}}], "invalid base64"),
     ([{"image_bytes": {"b64": base64.b64encode(b"not an image").decode()}}], "not a decodable"),
@@ -414,11 +418,20 @@ BAD_V1 = [
     # A decompression bomb: 400 M pixels in 80 bytes, refused from its header.
     ([{"image_bytes": {"b64": png_header(20000, 20000)}}], "larger than the decoder accepts"),
     ([{"image_bytes": {"b64": png_header(12000, 12000)}}], "12000x12000, more than the 4194304"),
-    ([{"image_bytes": {"b64": png_header(32, 32)}}], "not a decodable PNG or JPEG"),
+    ([{"image_bytes": {"b64": png_header(32, 32)}}], "not a decodable PNG, JPEG, BMP or WEBP"),
     ([{"image_bytes": {"b64": png16_b64()}}], "image mode I;16 is not supported"),
+    # Formats training does not read: an ICO decodes its largest frame while it opens.
+    ([{"image_bytes": {"b64": blank_b64("ICO")}}], "not a decodable PNG, JPEG, BMP or WEBP"),
+    ([{"image_bytes": {"b64": blank_b64("GIF")}}], "not a decodable PNG, JPEG, BMP or WEBP"),
     # Counted before any is decoded: else this would answer "invalid base64".
     ([{"image_bytes": {"b64": "@@"}}] * 9, "9 instances exceed the maximum of 8"),
 ]
+
+
+def test_every_format_training_reads_is_served(server: SimpleNamespace) -> None:
+    instances = [{"image_bytes": {"b64": blank_b64(f)}} for f in ("PNG", "JPEG", "BMP", "WEBP")]
+    code, body = v1(server, instances)
+    assert code == 200 and len(body["predictions"]) == 4, body
 
 
 @pytest.mark.parametrize(("instances", "message"), BAD_V1)
