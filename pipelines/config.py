@@ -398,7 +398,13 @@ class ClusterConfig(_Section):
     active_deadline_s: int = Field(
         6 * 3600, ge=60, description="Deadline of the whole workflow and of the PyTorchJob."
     )
-    backoff_limit: int = Field(3, ge=0, description="PyTorchJob restarts before it fails.")
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        description="Restarts of the training (a killed pod) before the PyTorchJob fails: its "
+        "backoffLimit, which the Training Operator applies only under OnFailure, and the count "
+        "of starts the trainer keeps beside its checkpoints, which bounds them under ExitCode.",
+    )
     ready_s: int = Field(
         900, ge=10, description="How long deploy waits for the InferenceService to be Ready."
     )

@@ -27,6 +27,7 @@ from pipelines.argo import build
 from pipelines.config import PipelineConfig, load_config
 from pipelines.manifests import MODEL_DIR, inference_service, to_dict
 from pipelines.processes import free_port, terminate, wait_http_ok
+from pipelines.storage import parse_s3_uri
 from serving.launch import download_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,9 @@ def test_compiled_commands_run_in_dag_order(
     assert verified["passed"] and verified["model_uri"].endswith(f"/{WORKFLOW}/")
     # What the DAG's jsonpath hands deploy: the model the gate left in service.
     assert verified["serving_uri"] == verified["model_uri"]  # the first model is promoted
+    # The Master counted its start, which bounds a killed pod's restarts (resume.count_start).
+    bucket, prefix = parse_s3_uri(verified["model_uri"])
+    assert env.store.read_json(bucket, prefix + "starts.json") == {"starts": 1}
     cluster.values["inputs.parameters.serving-uri"] = verified["serving_uri"]
 
     # deploy: the component's own CLI with the pod's args and environment, in this process so

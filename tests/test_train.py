@@ -526,3 +526,19 @@ def test_the_pod_command_exits_as_the_operators_exitcode_policy_reads_it(
         assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE  # stopped too
     elif end != "rank done":
         assert f"exitcode  : {-9 if expected == 137 else 2} " in err, err
+
+
+def test_a_cluster_trainers_restarts_are_bounded_by_backoff_limit(make_cfg, store) -> None:
+    """Under ExitCode the operator gives a killed Master a new pod whatever backoffLimit says:
+    the trainer counts its starts beside the run's checkpoints and refuses the one past
+    cluster.backoff_limit restarts, with a code (1) that ends the job."""
+    from training import resume
+
+    store.ensure_buckets()
+    cfg = make_cfg(cluster__backoff_limit=2)
+    assert [resume.count_start(store, cfg, "run-a") for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(
+        PipelineError, match=r"run-a was started 3 times, its cluster\.backoff_limit=2"
+    ):
+        resume.count_start(store, cfg, "run-a")
+    assert resume.count_start(store, cfg, "run-b") == 1  # per run

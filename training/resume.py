@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, IntegrityError
+from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.storage import ObjectStore, s3_uri
 
 LATEST = "latest.json"
@@ -67,3 +67,28 @@ def load_state(store: ObjectStore, bucket: str, prefix: str) -> dict[str, Any] |
     """The latest checkpoint's state (a small JSON object) without its tensors; None if none."""
     found = read_pointer(store, bucket, prefix)
     return None if found is None else found[1]
+
+
+STARTS = "starts.json"
+
+
+def count_start(store: ObjectStore, cfg: PipelineConfig, run_id: str) -> int:
+    """Count a start of the run's training (rank 0, on a cluster) in the store, and refuse one
+    past cluster.backoff_limit restarts. The Training Operator applies backoffLimit only to
+    OnFailure and Always replicas: under ExitCode (manifests.RESTART_POLICY) it gives a killed
+    replica a new pod every time, so a trainer that the OOM killer ends at each start would
+    start again until the job's deadline, hours on. Its exit code here, 1, ends the job."""
+    bucket, prefix, _ = location(cfg, run_id)
+    doc = store.read_json(bucket, prefix + STARTS) or {}
+    starts = doc.get("starts", 0) if isinstance(doc.get("starts"), int) else 0
+    starts += 1
+    limit = cfg.cluster.backoff_limit
+    if starts > limit + 1:
+        raise PipelineError(
+            f"training of {run_id} was started {starts - 1} times, its cluster.backoff_limit="
+            f"{limit} restarts spent: the pods before this one were killed (exit code 137: out "
+            "of memory, see cluster.train_resources.memory; 143: stopped), so the job fails "
+            "rather than start again"
+        )
+    store.write_json(bucket, prefix + STARTS, {"starts": starts})
+    return starts

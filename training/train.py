@@ -102,6 +102,8 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
 
     # -- data: every shard sha256-checked, held in memory as uint8
     store = ObjectStore(cfg.storage)
+    if cfg.runtime == "kubernetes" and d.main:  # a PyTorchJob's Master: its restarts bounded
+        resume.count_start(store, cfg, run_id)
     meta, splits = load_processed(store, processed)
     train_set = splits["train"].to(device)
     steps_per_epoch = len(train_set) // tc.batch_size
