@@ -12,6 +12,7 @@ from hera.workflows import (
     Parameter,
     Resource,
     RetryStrategy,
+    Steps,
     Workflow,
     WorkflowTemplate,
 )
@@ -210,8 +211,8 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             ["--model-uri", "{{inputs.parameters.serving-uri}}"],
             inputs=[Parameter(name="serving-uri")],
         )
-        exit_handler = Container(
-            name="exit-handler",
+        report = Container(
+            name="report",
             image=cfg.image,
             command=[
                 "python",
@@ -223,6 +224,26 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             resources=_k8s(m.ResourceRequirements, resources(cfg.cluster.step_resources)),
             security_context=_k8s(m.SecurityContext, container_security()),
         )
+        # A workflow stopped, failed or past its deadline leaves its PyTorchJob training: the
+        # owner reference removes it only with the Workflow object, hours or never later.
+        stop_training = Resource(
+            name="stop-training",
+            action="delete",  # Argo adds --ignore-not-found: none was created, or it is gone
+            manifest=yaml.safe_dump(
+                {
+                    "apiVersion": train_job["apiVersion"],
+                    "kind": train_job["kind"],
+                    "metadata": {
+                        "name": train_job["metadata"]["name"],
+                        "namespace": cfg.cluster.namespace,
+                    },
+                },
+                sort_keys=False,
+            ),
+        )
+        with Steps(name="exit-handler"):
+            stop_training(when="{{workflow.status}} != Succeeded")
+            report()
         with DAG(name="pipeline"):
             (
                 verify_data()
@@ -233,7 +254,6 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
                 >> verify_model()
                 >> deploy(arguments={"serving-uri": _result("verify-model", "serving_uri")})
             )
-        del exit_handler  # registered on the workflow by its context; named in on_exit
     return workflow
 
 

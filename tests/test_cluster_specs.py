@@ -93,6 +93,12 @@ def test_workflow_key_fields(compiled: Path) -> None:
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicy"] == "ExitCode"
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert pod["metadata"]["labels"]["workflows.argoproj.io/workflow"] == "{{workflow.name}}"
+    # A workflow that did not succeed deletes its job on exit: it would train on otherwise.
+    assert [s[0]["name"] for s in templates["exit-handler"]["steps"]] == ["stop-training", "report"]
+    assert templates["exit-handler"]["steps"][0][0]["when"] == "{{workflow.status}} != Succeeded"
+    stop = templates["stop-training"]["resource"]
+    assert stop["action"] == "delete"
+    assert yaml.safe_load(stop["manifest"])["metadata"]["name"] == job["metadata"]["name"]
     # torchrun exits 1 for a kill too: the wrapper's 137 and 143 are what ExitCode restarts.
     assert pod["spec"]["containers"][0]["command"][:3] == ["python", "-m", "training.torchrun"]
 
@@ -151,7 +157,7 @@ def test_every_pod_resolves_the_compiled_config(tmp_path: Path) -> None:
         commands = {
             n: t["container"]["args"]
             for n, t in templates.items()
-            if "container" in t and n != "exit-handler"
+            if "container" in t and n != "report"
         }
         job = yaml.safe_load(templates["train"]["resource"]["manifest"])
         for kind, spec in job["spec"]["pytorchReplicaSpecs"].items():
@@ -254,7 +260,7 @@ def _containers(compiled: Path) -> list[tuple[str, dict, dict]]:
     for t in wf["spec"]["templates"]:
         if "container" in t:
             found.append((t["name"], t["container"], wf["spec"]["securityContext"]))
-        if "resource" in t:
+        if "resource" in t and t["resource"]["action"] == "create":  # not the exit's delete
             inner = yaml.safe_load(t["resource"]["manifest"])
             found += [
                 (f"{t['name']}/{k}", c, pod["securityContext"])

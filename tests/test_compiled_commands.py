@@ -191,7 +191,7 @@ def test_compiled_commands_run_in_dag_order(
     finally:
         terminate(server)
 
-    handler = templates["exit-handler"]["container"]
+    handler = templates["report"]["container"]
     cluster.values["workflow.status"], cluster.values["workflow.failures"] = "Succeeded", "[]"
     out = cluster.run([*handler["command"], *handler["args"]], handler)
     assert json.loads(out)["status"] == "Succeeded"

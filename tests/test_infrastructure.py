@@ -88,7 +88,7 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
 
     pipeline, submitter = granted(roles["mlops-pipeline"]), granted(roles["mlops-submitter"])
     # Exactly the verbs the pods' API calls use (see the Role's comments for which call).
-    assert {v for g, r, v in pipeline if r == "pytorchjobs"} == {"create", "get"}
+    assert {v for g, r, v in pipeline if r == "pytorchjobs"} == {"create", "get", "delete"}
     assert {v for g, r, v in pipeline if r == "inferenceservices"} == {
         "create",
         "get",
