@@ -324,6 +324,8 @@ def test_upstream_installs_are_pinned_in_one_place() -> None:
     # The SDKs the code builds its manifests with match the installed operators.
     reqs = (ROOT / "requirements.in").read_text()
     assert f"kserve=={versions['KSERVE_VERSION'][1:]}" in reqs
+    sdk = re.search(r"^kubeflow-training==(\d+\.\d+)\.", reqs, re.M)
+    assert sdk is not None and versions["TRAINING_OPERATOR_VERSION"].startswith(f"v{sdk[1]}.")
 
 
 def _restricted(sc: dict[str, Any]) -> None:
