@@ -566,7 +566,11 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
             f"config file {path} is not UTF-8 text (byte {exc.start}): pass a YAML file"
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        # PyYAML's own text is 8 lines with carets; the problem and where it is make one.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {why}") from None
     except RecursionError:  # PyYAML builds nested collections recursively
         raise ConfigError(
             f"config file {path} nests too deeply: a config is a few levels of sections"

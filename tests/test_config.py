@@ -88,8 +88,13 @@ def test_credentials_never_come_from_files_or_flags(tmp_path: Path) -> None:
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError) as failed:
         load_config(config_file=bad, environ={})
+    # One line: where and what, not PyYAML's eight with carets.
+    assert str(failed.value) == (
+        f"config file {bad} is not valid YAML at line 2, column 1: expected ',' or ']', but got "
+        "'<stream end>'"
+    )
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(config_file=tmp_path / "nope.yaml", environ={})
     with pytest.raises(ConfigError, match="profile='huge': choose one of smoke, quick, full"):
