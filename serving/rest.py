@@ -23,6 +23,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
 from kserve.protocol.rest.v2_datamodels import InferenceRequest, RequestInput
 from pydantic import NonNegativeInt, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import ConfigError
 from pipelines.processes import bind_error
@@ -34,6 +35,7 @@ MESSAGE_CHARS = 1000  # of an error message, which may quote the request
 # Control characters, escaped in a log line: a client's input name with a newline in it wrote
 # a line of its own choosing ("ERROR:kserve:...") into the log.
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+UNPARSED = "There was an error parsing the body"  # FastAPI's, for gzip or deep nesting
 V2_HINT = "a V2 request is {inputs: [{name, datatype, shape, data}]}"
 
 
@@ -91,18 +93,28 @@ def client_error(
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         # KServe's own handlers log every client error at ERROR with a 30-line traceback: one
         # bad client would flood the log. The client's mistake needs one line, no traceback.
-        text = bounded(str(exc))
+        text = bounded(str(exc.detail if isinstance(exc, StarletteHTTPException) else exc))
         held = throttle.admit()
         if held is not None:
             more = f" ({held} more since the last such line)" if held else ""
             line = CONTROL.sub(lambda m: repr(m[0])[1:-1], text)  # no line a client writes
             log.warning("%d %s %s: %s%s", status, request.method, request.url.path, line, more)
-        return JSONResponse(status_code=status, content={"error": text})
+        headers = getattr(exc, "headers", None)  # an HTTPException's, such as 405's Allow
+        return JSONResponse(status_code=status, content={"error": text}, headers=headers)
 
     return handler
 
 
 invalid_input = client_error(400)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own refusals (a body it cannot parse, gzip or nested too deep; no such route;
+    # a wrong method) answered {"detail": ...}: in the format of every other error instead.
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.detail == UNPARSED:  # FastAPI's words for any body json.loads raised on
+        exc = StarletteHTTPException(400, f"{UNPARSED}: send it as JSON, uncompressed")
+    return await client_error(exc.status_code)(request, exc)
 
 
 def describe(errors: list[dict[str, Any]]) -> str:
@@ -331,6 +343,7 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
             app.add_exception_handler(InferenceError, undecodable_bytes)
             app.add_exception_handler(RequestValidationError, invalid_request)
             app.add_exception_handler(BodyTooLarge, too_large)
+            app.add_exception_handler(StarletteHTTPException, http_error)
 
     model_server.RESTServer = BoundRESTServer
     model_server.ModelRepositoryExtension = OneModel

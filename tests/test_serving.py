@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import io
 import json
 import os
@@ -312,6 +313,22 @@ def test_a_clients_error_is_bounded_and_cannot_write_log_lines(server: SimpleNam
     assert len(added) < 4000, len(added)
     assert not any(line.startswith("ERROR:kserve:Exception: forged") for line in added.splitlines())
     assert "x\\nERROR:kserve:Exception: forged" in added  # escaped, on the warning's line
+
+
+def test_fastapis_own_refusals_answer_in_the_servers_error_format(server: SimpleNamespace) -> None:
+    """No such route, a wrong method, a body FastAPI cannot parse: {"error": ...} as every
+    other error, not FastAPI's {"detail": ...}; a 405 still says which method to use."""
+    missing = requests.get(f"{server.base}/v2/nothing", timeout=10)
+    assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
+    url = f"{server.base}/v2/models/{NAME}/infer"
+    wrong = requests.delete(url, timeout=10)
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+    assert wrong.headers["allow"] == "POST"
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    packed = requests.post(url, data=gzip.compress(b'{"inputs": []}'), headers=headers, timeout=10)
+    assert packed.status_code == 400 and packed.json() == {
+        "error": "There was an error parsing the body: send it as JSON, uncompressed"
+    }
 
 
 def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespace) -> None:
