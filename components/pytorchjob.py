@@ -25,6 +25,7 @@ class JobClient(Protocol):
     def create_job(self, job: Any, namespace: str | None = None) -> None: ...
     def wait_for_job_conditions(self, name: str, **kwargs: Any) -> Any: ...
     def get_job_logs(self, name: str, **kwargs: Any) -> tuple[dict[str, str], Any]: ...
+    def delete_job(self, name: str, namespace: str | None = None, **kwargs: Any) -> None: ...
 
 
 def job_name(run_id: str) -> str:
@@ -34,6 +35,29 @@ def job_name(run_id: str) -> str:
 def _conditions(job: Any) -> dict[str, Any]:
     status = getattr(job, "status", None)
     return {c.type: c for c in (getattr(status, "conditions", None) or []) if c.status == "True"}
+
+
+def _wait(client: JobClient, name: str, namespace: str, cfg: PipelineConfig) -> Any:
+    """The job once Succeeded or Failed. A step stopped meanwhile (KFP's terminate, a drained
+    node: SIGTERM) deletes the job, which has no owner to go with and would train on."""
+    try:
+        return client.wait_for_job_conditions(
+            name,
+            namespace=namespace,
+            job_kind=KIND,
+            expected_conditions={"Succeeded", "Failed"},
+            wait_timeout=cfg.cluster.active_deadline_s,
+            polling_interval=POLL_S,
+        )
+    except KeyboardInterrupt:
+        try:
+            client.delete_job(name, namespace=namespace, job_kind=KIND)
+            log.warning("stopped: deleted %s %s/%s", KIND, namespace, name)
+        except (RuntimeError, TimeoutError, ValueError) as exc:  # stopping already: say so
+            log.warning(
+                "stopped, but %s %s/%s could not be deleted (%s)", KIND, namespace, name, exc
+            )
+        raise
 
 
 def run_pytorchjob(
@@ -63,14 +87,7 @@ def run_pytorchjob(
     try:
         client.create_job(job=job, namespace=namespace)
         log.info("created %s %s/%s; waiting for Succeeded or Failed", KIND, namespace, name)
-        done = client.wait_for_job_conditions(
-            name,
-            namespace=namespace,
-            job_kind=KIND,
-            expected_conditions={"Succeeded", "Failed"},
-            wait_timeout=cfg.cluster.active_deadline_s,
-            polling_interval=POLL_S,
-        )
+        done = _wait(client, name, namespace, cfg)
         logs, _ = client.get_job_logs(name, namespace=namespace, job_kind=KIND, is_master=True)
     except (RuntimeError, TimeoutError, ValueError) as exc:  # TrainingClient's API errors
         raise PipelineError(f"{KIND} {namespace}/{name}: {exc}") from None

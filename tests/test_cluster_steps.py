@@ -17,7 +17,7 @@ from kubeflow.training.models import KubeflowOrgV1PyTorchJob
 from components.inferenceservice import apply_inference_service
 from components.pytorchjob import job_name, run_pytorchjob
 from pipelines.config import PipelineConfig
-from pipelines.errors import PipelineError
+from pipelines.errors import PipelineError, Terminated
 from pipelines.manifests import to_dict
 from pipelines.storage import ObjectStore
 from training.result import RESULT_OBJECT
@@ -45,6 +45,7 @@ class FakeTrainingClient:
     def __init__(self, outcome: str, message: str = ""):
         self.outcome, self.message = outcome, message
         self.created: list[tuple[Any, str | None]] = []
+        self.deleted: list[tuple[str, str | None]] = []
 
     def create_job(self, job: Any, namespace: str | None = None) -> None:
         self.created.append((job, namespace))
@@ -57,6 +58,16 @@ class FakeTrainingClient:
     def get_job_logs(self, name: str, **kwargs: Any) -> tuple[dict[str, str], dict]:
         assert kwargs["is_master"] is True
         return {f"{name}-master-0": "epoch 1/3 ..."}, {}
+
+    def delete_job(self, name: str, namespace: str | None = None, **kwargs: Any) -> None:
+        self.deleted.append((name, namespace))
+
+
+class StoppedTrainingClient(FakeTrainingClient):
+    """Mock: the step is stopped (a SIGTERM, as KFP's terminate sends) while it waits."""
+
+    def wait_for_job_conditions(self, name: str, **kwargs: Any) -> Any:
+        raise Terminated
 
 
 @pytest.fixture
@@ -94,6 +105,15 @@ def test_a_failed_job_fails_the_step_with_its_message(make_cfg: Any, store: Obje
     with pytest.raises(PipelineError, match="failed: pod OOMKilled") as exc:
         run_pytorchjob(make_cfg(), store, "s3://processed-data/x/h/", "run-2", client)
     assert exc.value.exit_code == 1
+
+
+def test_a_step_stopped_while_it_waits_deletes_its_job(make_cfg: Any, store: ObjectStore) -> None:
+    """KFP's job has no owner to go with: a stopped step that left it would leave it training."""
+    client = StoppedTrainingClient("Succeeded")
+    cfg = make_cfg()
+    with pytest.raises(Terminated):
+        run_pytorchjob(cfg, store, "s3://processed-data/x/h/", "run-5", client)
+    assert client.deleted == [("run-5-train", cfg.cluster.namespace)]
 
 
 def test_success_without_a_result_is_not_taken_for_a_model(
