@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 import zlib
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import psutil
@@ -329,6 +331,31 @@ def test_fastapis_own_refusals_answer_in_the_servers_error_format(server: Simple
     assert packed.status_code == 400 and packed.json() == {
         "error": "There was an error parsing the body: send it as JSON, uncompressed"
     }
+
+
+def test_requests_are_decoded_off_the_event_loop(server: SimpleNamespace) -> None:
+    """Decoding ran on the event loop: a request of 64 photos of 4 M pixels held up every
+    other request, health checks included, for seconds. It runs on the parse thread."""
+    model = ImageClassifier(NAME, server.dir)
+    model.load()
+    seen: list[str] = []
+    parse = model.parse
+
+    def spied(payload: Any) -> Any:  # the real parse, noting the thread it runs on
+        seen.append(threading.current_thread().name)
+        return parse(payload)
+
+    model.parse = spied  # type: ignore[method-assign]
+
+    async def call() -> tuple[Any, str]:
+        out = await model.predict(
+            {"instances": [{"image_bytes": {"b64": png_b64(server.images[0])}}]}
+        )
+        return out, threading.current_thread().name
+
+    out, loop_thread = asyncio.run(call())
+    assert out["predictions"][0]["index"] == int(server.local.classify(server.images[:1]).argmax())
+    assert len(seen) == 1 and seen[0] != loop_thread and seen[0].startswith("parse")
 
 
 def test_v2_binary_bytes_take_base64_and_refuse_raw_images(server: SimpleNamespace) -> None:
