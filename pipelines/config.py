@@ -35,6 +35,9 @@ IMAGE_UID = 1000  # the image's non-root user and group (infrastructure/Dockerfi
 # S3's rule for bucket names (MinIO's too): a name outside it failed only at the first
 # request, as the server's bare "Bad request".
 S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+# A tracking server's URL: the steps log through its REST API and its artifact proxy. Another
+# scheme (a typo, a file store) was waited on as a server for mlflow.wait_s, then refused.
+HTTP_URL = r"^https?://\S+$"
 # MLflow's rule for a registry alias, which also keeps models:/NAME@ALIAS one URI.
 REGISTRY_ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
 PATTERN_WORDS = {
@@ -43,6 +46,7 @@ PATTERN_WORDS = {
     S3_BUCKET: "an S3 bucket name is expected: 3-63 lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit",
     REGISTRY_ALIAS: "an MLflow alias is expected: letters, digits, '_' and '-'",
+    HTTP_URL: "the http:// or https:// URL of an MLflow tracking server is expected",
 }
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
@@ -328,6 +332,7 @@ class MlflowConfig(_Section):
 
     tracking_uri: str | None = Field(
         None,
+        pattern=HTTP_URL,
         description="Tracking server (env MLFLOW_TRACKING_URI). Unset: start a local server.",
     )
     experiment: str = Field("image-classifier", description="Experiment name.")

@@ -67,6 +67,8 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
         ({"train.lr": float("nan")}, r"train\.lr=nan: Input should be a finite number"),
         # In models:/NAME@ALIAS, a '/' made `serve` blame a --model-uri never given.
         ({"gate.alias": "a/b"}, r"gate\.alias='a/b': an MLflow alias is expected"),
+        # Another scheme was waited on as a server for mlflow.wait_s (90 s), then refused.
+        ({"mlflow.tracking_uri": "foo://bar"}, r"tracking_uri='foo://bar': the http:// or https"),
         ({"image": "repo/img:latest"}, r"image='repo/img:latest'.*pinned tag, not latest"),
         ({"image": "repo/img"}, r"image='repo/img'.*pinned tag"),
     ],
