@@ -51,7 +51,7 @@ def test_cluster_pods_get_the_secrets_and_train_a_memory_backed_shm(tmp_path: Pa
         assert user == {"runAsUser": "1000", "runAsGroup": "1000"}, name
         assert spec["securityContext"]["runAsNonRoot"] is True, name
     # No task is served from KFP's cache: verify-data's check would be skipped.
-    tasks = yaml.safe_load_all(path.read_text()).__next__()["root"]["dag"]["tasks"]
+    tasks = next(yaml.safe_load_all(path.read_text()))["root"]["dag"]["tasks"]
     assert all(t["cachingOptions"].get("enableCache") is not True for t in tasks.values())
     (shm,) = executors["exec-train"]["emptyDirMounts"]
     assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
