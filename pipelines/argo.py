@@ -20,6 +20,7 @@ from hera.workflows import models as m
 
 from pipelines.cli import field_info
 from pipelines.config import PipelineConfig, config_overrides, for_cluster
+from pipelines.errors import FINAL_MARK
 from pipelines.kfp_pipeline import PIPELINE_NAME
 from pipelines.manifests import (
     config_args,
@@ -94,11 +95,14 @@ def pod_overrides(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def retries(cfg: PipelineConfig) -> RetryStrategy:
-    """Retry a failure that may pass (a node lost, an API hiccup), not a config error."""
+    """Retry a failure that may pass (a node lost, an API hiccup), not a config error, nor one
+    the step marks final in its termination message (a gate missed, a digest that does not
+    match), which Argo puts in lastRetry.message: "main: Error (exit code 1): no-retry: ..."."""
     return RetryStrategy(
         limit=cfg.cluster.retries,
         retry_policy="Always",
-        expression=f"asInt(lastRetry.exitCode) != {CONFIG_EXIT}",
+        expression=f"asInt(lastRetry.exitCode) != {CONFIG_EXIT} && "
+        f"!(lastRetry.message matches '{FINAL_MARK.strip()}')",
         # 30 s, then 60 s. No maxDuration: Argo counts it from the first attempt's start and
         # ends a retry pod there, so it would cut short a deploy waiting cluster.ready_s or a
         # data step on a large dataset; the limit and the workflow's deadline bound retries.

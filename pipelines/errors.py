@@ -78,12 +78,14 @@ class PipelineError(Exception):
     """A failure the user can act on. The message names the problem and what to do."""
 
     exit_code = 1
+    final = False  # True: the same inputs fail the same way again, so a retry is no use
 
 
 class ConfigError(PipelineError):
     """Bad usage or an invalid config value."""
 
     exit_code = 2
+    final = True
 
 
 class StorageError(PipelineError):
@@ -97,6 +99,25 @@ class DataError(PipelineError):
 class IntegrityError(DataError):
     """A stored object does not match its recorded sha256."""
 
+    final = True
+
+
+# Kubernetes' terminationMessagePath: the pod's status carries what a container writes there,
+# and Argo puts it in the step's message, which its retry expression reads as lastRetry.message.
+TERMINATION_LOG = Path("/dev/termination-log")
+FINAL_MARK = "no-retry: "  # begins the message of a final error (argo.retries)
+TERMINATION_CHARS = 1000  # Kubernetes keeps 4096 bytes of it
+
+
+def terminate_message(exc: PipelineError) -> None:
+    """In a pod, the error as its termination message, marked when a retry is no use: a
+    model below the gate, or an object that does not match its digest, failed the same way
+    on each of a step's retries, with its backoff between."""
+    if TERMINATION_LOG.exists():  # a pod's; not on a laptop
+        text = f"{FINAL_MARK if exc.final else ''}{exc}"[:TERMINATION_CHARS]
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(text)
+
 
 # A launcher that cannot see its worker's exit code (torchrun reports 1 for any worker failure)
 # names a file in this variable; run_main writes the expected error there, so the launching
@@ -105,6 +126,7 @@ REPORT_ENV = "MLOPS_ERROR_REPORT"
 
 
 def report(exc: PipelineError) -> None:
+    terminate_message(exc)
     path = os.environ.get(REPORT_ENV)
     if path:
         # Written whole, then renamed: ranks that fail together leave one complete report.

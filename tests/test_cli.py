@@ -844,3 +844,33 @@ def test_a_kfp_step_without_store_keys_is_a_config_error(tmp_path: Path) -> None
     assert f"error: no credentials for {endpoint}: set MINIO_ACCESS_KEY" in out.stderr
     record = json.loads(record_path(tmp_path / "run", "verify-data").read_text())
     assert (record["status"], record["exit_code"]) == ("failed", 2)
+
+
+def test_a_final_error_is_marked_in_the_pods_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod, a step's error is its termination message, which Argo's retry expression
+    reads (argo.retries): a gate missed or a digest that does not match is marked no-retry,
+    since each retry failed the same way; an unreachable store is not. Off a pod, no file."""
+    from components.verify_model import GateError
+    from pipelines import errors
+    from pipelines.cli import run_main
+    from pipelines.errors import IntegrityError, StorageError
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setattr(errors, "TERMINATION_LOG", log)
+
+    def fails(exc: Exception, in_pod: bool = True) -> str | None:
+        def body() -> None:
+            raise exc
+
+        log.unlink(missing_ok=True)
+        if in_pod:
+            log.write_text("")  # kubelet creates the file; a container only writes it
+        assert run_main(body) == 1
+        return log.read_text() if log.exists() else None
+
+    assert fails(GateError("test accuracy 0.1 < 0.5")) == "no-retry: test accuracy 0.1 < 0.5"
+    assert fails(IntegrityError("s3://x/y does not match")).startswith("no-retry: ")
+    assert fails(StorageError("cannot reach S3")) == "cannot reach S3"
+    assert fails(GateError("x"), in_pod=False) is None

@@ -127,11 +127,14 @@ def test_workflow_key_fields(compiled: Path) -> None:
     assert "automountServiceAccountToken" not in deploy
     assert "serviceAccountName" not in deploy
 
-    # A config error (exit 2) fails the same way again: only other failures are retried.
+    # A config error (exit 2) fails the same way again, as does an error the step marks final
+    # in its termination message (a gate missed): only other failures are retried.
     for name in ("verify-data", "feature-engineering", "verify-model", "deploy"):
         retry = templates[name]["retryStrategy"]
         assert retry["limit"] == cluster.retries
-        assert retry["expression"] == "asInt(lastRetry.exitCode) != 2"
+        assert retry["expression"] == (
+            "asInt(lastRetry.exitCode) != 2 && !(lastRetry.message matches 'no-retry:')"
+        )
     assert "retryStrategy" not in templates["train"]  # a second create of one name fails
     assert "--set" in templates["verify-data"]["container"]["args"]
 
