@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,12 +172,19 @@ class ObjectStore:
     def get_file(
         self, bucket: str, key: str, path: Path, expected_sha256: str | None = None
     ) -> str:
-        """Download to path atomically (via a .part file) and return the content's sha256."""
+        """Download to path atomically (via a part file) and return the content's sha256."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + ".part")
-        with open(part, "wb") as fh:
-            digest = self._stream(bucket, key, fh, expected_sha256)
-        part.replace(path)
+        # A hidden name of its own: NAME.part was also the name of an object beside it (a
+        # dataset holding x.png and x.png.part), which the parallel downloads then swapped.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        part = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                digest = self._stream(bucket, key, fh, expected_sha256)
+            part.replace(path)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
         return digest
 
     def _stream(self, bucket: str, key: str, sink: Any, expected_sha256: str | None) -> str:

@@ -142,3 +142,17 @@ def test_a_channel_that_never_varies_is_centred_not_divided_by_zero(
     images, _ = _load_split(store, prefix, meta, "train")
     assert meta["std"][1:] == [1.0, 1.0] and meta["mean"][1:] == [0.0, round(7 / 255, 6)]
     np.testing.assert_allclose(meta["std"][0], (images[..., 0] / 255.0).std(), atol=1e-5)
+
+
+def test_a_file_named_like_a_download_in_progress_is_data_like_any_other(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    """x.png.part beside x.png: the store's download of x.png wrote through x.png.part,
+    which the parallel download of the real x.png.part replaced or removed."""
+    source = synthetic.write("imagefolder", tmp_path / "folder", per_class=10)
+    for png in list(source.rglob("*.png")):
+        (png.parent / f"{png.name}.part").write_bytes(png.read_bytes())
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(source))
+    verify_data(cfg, store)
+    result = engineer_features(cfg, store)
+    assert result.counts == {"train": 90, "val": 10, "test": 20}
