@@ -55,15 +55,20 @@ def _to_split(batches: list[tuple[str, dict]]) -> Split:
     images, labels = [], []
     for member, batch in batches:
         data = np.asarray(batch.get("data"))
-        lab = np.asarray(batch.get("labels"), dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 32 * 32 * 3:
             raise DataError(
                 f"{member}: data is {data.dtype}{list(data.shape)}, want uint8[N, 3072]"
             )
-        if len(lab) != len(data):
-            raise DataError(f"{member}: {len(data)} images but {len(lab)} labels")
-        if len(lab) and (lab.min() < 0 or lab.max() >= NUM_CLASSES):
+        raw = batch.get("labels")
+        # Checked as Python values: None, text, floats (1.7 became 1) or nested lists went into
+        # numpy as whatever it made of them, or raised there.
+        if not isinstance(raw, list) or not all(type(x) is int for x in raw):
+            raise DataError(f"{member}: labels must be a list of class indices (ints)")
+        if len(raw) != len(data):
+            raise DataError(f"{member}: {len(data)} images but {len(raw)} labels")
+        if any(not 0 <= x < NUM_CLASSES for x in raw):
             raise DataError(f"{member}: labels outside 0..{NUM_CLASSES - 1}")
+        lab = np.asarray(raw, dtype=np.int64)
         # Stored as N x (3 planes of 32x32): to NHWC.
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(lab)
@@ -93,9 +98,15 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
     if missing:
         raise DataError(f"{key}: missing {', '.join(missing)}: not the CIFAR-10 python archive")
     meta = _load_batch(found[f"{FOLDER}/{META}"], META)
-    classes = [str(c) for c in meta.get("label_names", [])]
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not all(isinstance(c, str | bytes) for c in names):
+        raise DataError(f"{key}: {META}'s label_names is not a list of class names")
+    classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in names]
     if len(classes) != NUM_CLASSES:
         raise DataError(f"{key}: {META} names {len(classes)} classes, CIFAR-10 has 10")
+    if len(set(classes)) != NUM_CLASSES:  # the manifest counts images by class name
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        raise DataError(f"{key}: {META} names {', '.join(twice)} more than once")
     train = [(b, _load_batch(found[f"{FOLDER}/{b}"], b)) for b in TRAIN_BATCHES]
     test = [(TEST_BATCH, _load_batch(found[f"{FOLDER}/{TEST_BATCH}"], TEST_BATCH))]
     return RawDataset(classes, {"train": _to_split(train), "test": _to_split(test)})

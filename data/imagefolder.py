@@ -58,6 +58,11 @@ def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
                 yield from read(path)
             except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
                 raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
+            except (RuntimeError, NotImplementedError) as exc:  # zipfile's, for what it lacks
+                raise DataError(
+                    f"{key}: an entry cannot be read ({exc}): make the archive again, without "
+                    "a password and with deflate or no compression"
+                ) from None
             return
         if not key.lower().endswith(IMAGE_SUFFIXES):
             raise DataError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -44,7 +45,7 @@ def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:
         raise DataError(f"{key}: truncated IDX header ({len(raw)} bytes)")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
+    if body.size != math.prod(dims):  # Python's ints: numpy's product wrapped to 0 for 2**64
         raise DataError(f"{key}: header says {dims}, body holds {body.size} bytes (truncated?)")
     return body.reshape(dims)
 

@@ -63,6 +63,14 @@ def files_of(path: Path) -> Files:
     }
     if not files:
         raise DataError(f"{path} holds no files")
+    for key in files:
+        try:
+            key.encode()
+        except UnicodeEncodeError:  # bytes the file system holds, but an S3 key cannot
+            raise DataError(
+                f"{path / key!r}: the file name is not UTF-8, which an object key must be: "
+                "rename it"
+            ) from None
     return files
 
 

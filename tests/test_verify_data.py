@@ -244,3 +244,96 @@ def test_truncated_mnist_header_is_named(tmp_path: Path) -> None:
     path.write_bytes(bytes.fromhex("00000803") + b"\0\0\0\1")  # 3 dimensions, 1 given
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated IDX header"):
         mnist._read_idx(path.name, path, 0x0803)
+
+
+def _cifar_with(tmp_path: Path, member: str, change: dict) -> Path:
+    """The official layout of a small synthetic set, with one member's dict changed."""
+    archive = cifar10.write(synthetic.generate(per_class=2), tmp_path / "src.tar.gz")
+    out = tmp_path / cifar10.ARCHIVE
+    with tarfile.open(archive) as src, tarfile.open(out, "w:gz") as dst:
+        for info in src.getmembers():
+            payload = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name.endswith(f"/{member}"):
+                # Our own synthetic archive, written just above: safe to unpickle.
+                payload = pickle.dumps({**pickle.loads(payload), **change}, protocol=2)
+                info.size = len(payload)
+            dst.addfile(info, io.BytesIO(payload))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("member", "change", "message"),
+    [
+        ("data_batch_1", {"labels": None}, "labels must be a list of class indices"),
+        ("data_batch_1", {"labels": "abc"}, "labels must be a list of class indices"),
+        ("data_batch_1", {"labels": [1.7] * 4}, "labels must be a list of class indices"),
+        ("data_batch_1", {"labels": [[0]] * 4}, "labels must be a list of class indices"),
+        ("data_batch_1", {"labels": [10**30] * 4}, "labels outside 0..9"),
+        ("batches.meta", {"label_names": None}, "label_names is not a list of class names"),
+        ("batches.meta", {"label_names": 5}, "label_names is not a list of class names"),
+        ("batches.meta", {"label_names": ["x"] * 10}, "names x more than once"),
+    ],
+)
+def test_a_malformed_cifar_batch_is_named_not_a_traceback(
+    make_cfg, store, tmp_path: Path, member: str, change: dict, message: str
+) -> None:
+    """Each of these raised TypeError, ValueError or OverflowError from numpy, or, for ten
+    classes of one name, was accepted with counts by class name that were wrong."""
+    archive = _cifar_with(tmp_path, member, change)
+    with pytest.raises(DataError, match=message):
+        verify_data(make_cfg(dataset__name="cifar10", dataset__source=str(archive)), store)
+
+
+def test_an_mnist_header_whose_size_overflows_is_named(tmp_path: Path) -> None:
+    """numpy's product of 2**31 x 2**31 x 4 wrapped to 0, which an empty body matched."""
+    from data import mnist
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(bytes.fromhex("00000803") + bytes.fromhex("800000008000000000000004"))
+    with pytest.raises(DataError, match=r"body holds 0 bytes"):
+        mnist._read_idx(path.name, path, 0x0803)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ("encrypted", "is encrypted, password required"),
+        ("deflate64", "compression method is not supported"),
+    ],
+)
+def test_a_zip_entry_zipfile_cannot_read_is_named(
+    make_cfg, store, tmp_path: Path, patch: str, message: str
+) -> None:
+    """An encrypted entry, or one in a method Python's zipfile lacks (Deflate64, as Windows
+    writes large ones), raised RuntimeError or NotImplementedError: a traceback."""
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=3)
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.rglob("*.png")):
+            zf.write(path, path.relative_to(folder).as_posix())
+    data = bytearray(archive.read_bytes())
+    # Both headers of every entry: local (PK\3\4) and central (PK\1\2), as an encrypting or
+    # Deflate64-writing tool sets them.
+    for sig, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        start = data.find(sig)
+        while start != -1:
+            if patch == "encrypted":
+                data[start + flags] |= 1
+            else:
+                data[start + method : start + method + 2] = (9).to_bytes(2, "little")
+            start = data.find(sig, start + 4)
+    archive.write_bytes(bytes(data))
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(archive))
+    with pytest.raises(DataError, match=rf"images\.zip: an entry cannot be read \(.*{message}"):
+        verify_data(cfg, store)
+
+
+def test_a_file_name_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """Bytes a file system holds but an object key cannot: UnicodeEncodeError at upload."""
+    from data.raw import files_of
+
+    (tmp_path / "a").mkdir()
+    with open(bytes(tmp_path / "a") + b"/\xff\xfe.png", "wb") as fh:
+        fh.write(b"x")
+    with pytest.raises(DataError, match=r"the file name is not UTF-8, which an object key must"):
+        files_of(tmp_path)
