@@ -71,7 +71,27 @@ def split_dataset(
         # Both fractions are of the source's train split: 0.1 + 0.1 of 50,000 is 5,000 each.
         val_fraction = val_fraction / (1 - test_fraction)
     keep, held = stratified_holdout(train.labels, val_fraction, rng)
-    return {"train": pick(train, keep), "val": pick(train, held), "test": test}, test_source
+    splits = {"train": pick(train, keep), "val": pick(train, held), "test": test}
+    check_splits(splits, raw.classes)
+    return splits, test_source
+
+
+def check_splits(splits: dict[str, Split], classes: list[str]) -> None:
+    """Every class trains, and val and test hold something: an empty train split gave NaN
+    statistics, and an empty val split failed training with a hint about its ranks."""
+    counts = np.bincount(splits["train"].labels, minlength=len(classes))
+    if not counts.all():
+        empty = [classes[c] for c in np.flatnonzero(counts == 0)]
+        raise DataError(
+            f"the split leaves {len(empty)} class(es) no training image ({', '.join(empty[:5])}): "
+            "lower dataset.val_fraction and dataset.test_fraction, or add images"
+        )
+    for name in ("val", "test"):
+        if not len(splits[name]):
+            raise DataError(
+                f"the split leaves {name} empty: a class gives one only when it has two images "
+                "or more; add images"
+            )
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:

@@ -156,3 +156,33 @@ def test_a_file_named_like_a_download_in_progress_is_data_like_any_other(
     verify_data(cfg, store)
     result = engineer_features(cfg, store)
     assert result.counts == {"train": 90, "val": 10, "test": 20}
+
+
+@pytest.mark.parametrize(
+    ("per_class", "fractions", "message"),
+    [
+        (5, (0.49, 0.49), "the split leaves 2 class\\(es\\) no training image \\(a, b\\)"),
+        (1, (0.1, 0.1), "the split leaves val empty"),
+    ],
+)
+def test_a_split_that_leaves_a_class_or_a_split_empty_is_refused(
+    make_cfg, store, tmp_path: Path, per_class: int, fractions: tuple, message: str
+) -> None:
+    """Before, train came out empty with NaN statistics (exit 0), or val empty, which failed
+    training later with a hint about its ranks."""
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    val, test = fractions
+    cfg = make_cfg(
+        dataset__name="imagefolder",
+        dataset__source=str(tmp_path / "imgs"),
+        dataset__val_fraction=val,
+        dataset__test_fraction=test,
+    )
+    verify_data(cfg, store)
+    with pytest.raises(DataError, match=message):
+        engineer_features(cfg, store)
