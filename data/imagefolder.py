@@ -22,6 +22,7 @@ TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 # What macOS's Archive Utility adds to a zip beside the files: resource forks, not images.
 ZIP_NOISE = "__MACOSX"
+MAX_IMAGE_BYTES = 100_000_000  # a camera's largest JPEG is a tenth of it
 SPLITS = ("train", "test")
 # Modes that convert losslessly to L or RGB. Others (16-bit, float) would be silently
 # rescaled, so they are refused with the file's name.
@@ -32,20 +33,41 @@ COLOR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
+def _wanted(name: str, size: int) -> bool:
+    """Whether an archive's file is read: an image, not hidden, of a size an image has. The
+    rest were read whole too: a 3 MB archive holding a 3 GiB file of zeros (a dotfile, even)
+    took 6 GB of memory before anything looked at it."""
+    path = PurePosixPath(name)
+    if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in path.parts):
+        return False
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(
+            f"{name}: {size / 1e6:.0f} MB, more than an image file holds "
+            f"({MAX_IMAGE_BYTES / 1e6:.0f} MB at most): not an image of a dataset"
+        )
+    return True
+
+
 def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
     with tarfile.open(path, "r|*") as tar:  # streamed: nothing is extracted to disk
         for member in tar:
             if member.isdir():
                 yield member.name, None
             elif member.isfile():
-                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+                wanted = _wanted(member.name, member.size)
+                yield member.name, tar.extractfile(member).read() if wanted else b""  # type: ignore[union-attr]
 
 
 def _zip_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
-            if info.filename.split("/")[0] != ZIP_NOISE:
-                yield info.filename.rstrip("/"), None if info.is_dir() else archive.read(info)
+            if info.filename.split("/")[0] == ZIP_NOISE:
+                continue
+            if info.is_dir():
+                yield info.filename.rstrip("/"), None
+            else:
+                wanted = _wanted(info.filename, info.file_size)
+                yield info.filename, archive.read(info) if wanted else b""
 
 
 def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:

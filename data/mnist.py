@@ -22,6 +22,7 @@ FILES = {
     "t10k-labels-idx1-ubyte": ("test", "labels", "ec29112dd5afa0611ce80d1b7f02629c"),
 }
 CLASSES = [str(d) for d in range(10)]
+MAX_IDX_BYTES = 500_000_000  # MNIST's largest file is 47 MB
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
 
@@ -33,10 +34,25 @@ def _locate(files: Files, stem: str) -> tuple[str, Path]:
     raise DataError(f"MNIST file {stem}.gz is missing; expected the four IDX files {list(FILES)}")
 
 
+def _gunzip(key: str, payload: bytes) -> bytes:
+    """A .gz file's content, refused past MAX_IDX_BYTES: a 3 MB file that inflates to 3 GB
+    took 6 GB of memory (gzip.decompress holds it all) before its header was read."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    raw = inflate.decompress(payload, MAX_IDX_BYTES + 1)
+    if len(raw) > MAX_IDX_BYTES:
+        raise DataError(
+            f"{key}: inflates past {MAX_IDX_BYTES / 1e6:.0f} MB, more than an IDX file of this "
+            "dataset holds"
+        )
+    if not inflate.eof:
+        raise DataError(f"{key}: truncated or corrupt gzip (it ends early)")
+    return raw
+
+
 def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:
     try:
-        raw = gzip.decompress(path.read_bytes()) if key.endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raw = _gunzip(key, path.read_bytes()) if key.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{key}: truncated or corrupt gzip ({exc})") from None
     if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{key}: not an IDX file of the expected kind (magic {raw[:4].hex()})")

@@ -337,3 +337,49 @@ def test_a_file_name_that_is_not_utf8_is_named(tmp_path: Path) -> None:
         fh.write(b"x")
     with pytest.raises(DataError, match=r"the file name is not UTF-8, which an object key must"):
         files_of(tmp_path)
+
+
+def test_an_archive_entry_too_large_for_an_image_is_refused_unread(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    """Every entry was read whole, an image or not: a few MB of archive held gigabytes."""
+    from data import imagefolder
+
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=3)
+    zeros = imagefolder.MAX_IMAGE_BYTES + 1
+
+    def archive(name: str) -> Path:
+        path = tmp_path / f"{name.replace('/', '_')}.tar.gz"
+        with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+            tar.add(folder, arcname="pets")
+            info = tarfile.TarInfo(f"pets/{name}")
+            info.size = zeros
+            tar.addfile(info, io.BytesIO(bytes(zeros)))
+        return path
+
+    # A file no image reader wants is skipped, not read: the dataset is the images.
+    hidden = archive(".cache/junk")
+    assert verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(hidden)), store)
+    big = archive("class_0/huge.png")
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(big))
+    with pytest.raises(DataError, match=r"pets/class_0/huge\.png: 100 MB, more than an image"):
+        verify_data(cfg, store)
+
+
+def test_an_mnist_gzip_that_inflates_past_any_idx_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gzip.decompress held all of a bomb's output: 6 GB from 3 MB. (The limit, 500 MB,
+    is lowered here so that the test need not write one.)"""
+    import gzip
+
+    from data import mnist
+
+    monkeypatch.setattr(mnist, "MAX_IDX_BYTES", 1_000_000)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes(2_000_000)))
+    with pytest.raises(DataError, match=r"inflates past 1 MB, more than an IDX file"):
+        mnist._read_idx(path.name, path, 0x0803)
+    path.write_bytes(gzip.compress(bytes(1000))[:-20])
+    with pytest.raises(DataError, match=r"truncated or corrupt gzip"):
+        mnist._read_idx(path.name, path, 0x0803)
