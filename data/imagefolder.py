@@ -86,7 +86,9 @@ def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
                     "a password and with deflate or no compression"
                 ) from None
             return
-        if not key.lower().endswith(IMAGE_SUFFIXES):
+        if not key.lower().endswith(IMAGE_SUFFIXES) or "/" not in key:
+            # Not one image file either: its folder's parent was walked below, a home folder
+            # of --data ~/x.png.
             raise DataError(
                 f"{key} is neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) of "
                 "class folders of images"

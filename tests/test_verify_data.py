@@ -142,6 +142,12 @@ def test_a_truncated_zip_or_a_file_that_is_no_archive_is_named(
     notes.write_text("not a dataset")
     with pytest.raises(DataError, match=r"^notes\.txt is neither a folder nor an archive"):
         verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(notes)), store)
+    # One image: its folder's parent was walked (--data ~/x.png: the home folder) before the
+    # layout was found wrong.
+    image = tmp_path / "full" / "one.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with pytest.raises(DataError, match=r"^one\.png is neither a folder nor an archive"):
+        verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(image)), store)
     assert store.stat("raw-data", "imagefolder/manifest.json") is None
 
 
