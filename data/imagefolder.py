@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split
+from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split, hidden
 from pipelines.console import progress
 from pipelines.errors import DataError
 
@@ -38,7 +38,7 @@ def _wanted(name: str, size: int) -> bool:
     rest were read whole too: a 3 MB archive holding a 3 GiB file of zeros (a dotfile, even)
     took 6 GB of memory before anything looked at it."""
     path = PurePosixPath(name)
-    if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in path.parts):
+    if path.suffix.lower() not in IMAGE_SUFFIXES or hidden(path):
         return False
     if size > MAX_IMAGE_BYTES:
         raise DataError(
@@ -183,7 +183,7 @@ def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
 def read(files: Files, image_size: int | None = None) -> RawDataset:
     """Decode every image. Without image_size, every image must share the first one's size."""
     entries = [(PurePosixPath(n), b) for n, b in _entries(files)]
-    entries = [(p, b) for p, b in entries if not any(x.startswith(".") for x in p.parts)]
+    entries = [(p, b) for p, b in entries if not hidden(p)]
     images = [(p, b) for p, b in entries if b is not None and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         idx = any("-ubyte" in key for key in files)  # MNIST's file names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
@@ -48,6 +48,11 @@ class RawDataset:
         return counts
 
 
+def hidden(path: PurePath) -> bool:
+    """A dotfile or a file under a dot-folder (.DS_Store, .git/...): never part of a dataset."""
+    return any(part.startswith(".") for part in path.parts)
+
+
 # A raw dataset on disk: object key (relative path, as stored under raw-data/<id>/) -> local file.
 Files = dict[str, Path]
 
@@ -59,7 +64,7 @@ def files_of(path: Path) -> Files:
     files = {
         p.relative_to(path).as_posix(): p
         for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if p.is_file() and not hidden(p.relative_to(path))
     }
     if not files:
         raise DataError(f"{path} holds no files")

@@ -4,8 +4,9 @@ the s3:// folder that version's training wrote."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from pipelines.config import PipelineConfig
+from pipelines.config import REGISTRY_ALIAS, PipelineConfig
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import local_db, wait_healthy
 
@@ -13,8 +14,9 @@ from pipelines.mlflow_server import local_db, wait_healthy
 # MLflow's own `source` points at the logged MLflow model, which the server does not read.
 MODEL_URI_TAG = "mlops.model_uri"
 # MLflow's forms, less the deprecated stages (models:/NAME/Production).
+ALIAS = REGISTRY_ALIAS.strip("^$")  # gate.alias's rule, unanchored
 MODELS_URI = re.compile(
-    r"models:/(?P<name>[^/@'\"]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[1-9]\d{0,17}))/?"
+    rf"models:/(?P<name>[^/@'\"]+)(?:@(?P<alias>{ALIAS})|/(?P<version>[1-9]\d{{0,17}}))/?"
 )  # a version fits the registry's 64-bit integer
 
 
@@ -49,28 +51,14 @@ def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
     registry = _registry(cfg)
     client = mlflow.MlflowClient(registry, registry)
     try:
-        names = [m.name for m in client.search_registered_models(max_results=1000)]
-    except MlflowException as exc:
-        raise PipelineError(f"cannot read the model registry {registry}: {exc.message}") from None
-    if name not in names:
-        raise PipelineError(
-            f"{uri}: no registered model {name} in {registry} (registered: "
-            f"{', '.join(sorted(names)) or 'none'}); pass --dataset, --set serving.model_name="
-            "NAME or --model-uri"
-        )
-    try:
         found = (
             client.get_model_version_by_alias(name, alias)
             if alias
             else client.get_model_version(name, version)
         )
     except MlflowException as exc:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        aliases = sorted(client.get_registered_model(name).aliases.items())
-        raise PipelineError(
-            f"{uri}: {exc.message} ({name} has versions {', '.join(map(str, versions)) or 'none'}; "
-            f"aliases: {', '.join(f'{a}=v{v}' for a, v in aliases) or 'none'})"
-        ) from None
+        # Listed only to say what is there: a lookup that finds its version reads nothing more.
+        raise PipelineError(_missing(client, registry, uri, name, exc)) from None
     s3 = found.tags.get(MODEL_URI_TAG)
     if not s3:
         raise PipelineError(
@@ -78,3 +66,26 @@ def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
             "registered by this pipeline's trainer); pass --model-uri s3://models/NAME/RUN/"
         )
     return s3, f"{name} v{found.version}"
+
+
+def _missing(client: Any, registry: str, uri: str, name: str, exc: Exception) -> str:
+    """Why a registered version was not found, with what the registry holds instead."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        names = [m.name for m in client.search_registered_models(max_results=1000)]
+    except MlflowException as err:
+        return f"cannot read the model registry {registry}: {err.message}"
+    if name not in names:
+        return (
+            f"{uri}: no registered model {name} in {registry} (registered: "
+            f"{', '.join(sorted(names)) or 'none'}); pass --dataset, --set serving.model_name="
+            "NAME or --model-uri"
+        )
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = sorted(client.get_registered_model(name).aliases.items())
+    return (
+        f"{uri}: {getattr(exc, 'message', exc)} ({name} has versions "
+        f"{', '.join(map(str, versions)) or 'none'}; "
+        f"aliases: {', '.join(f'{a}=v{v}' for a, v in aliases) or 'none'})"
+    )

@@ -111,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     uri = registry.champion_uri(cfg) if args.model_uri is None else args.model_uri
-    if not registry.MODELS_URI.fullmatch(uri):
+    registered = registry.MODELS_URI.fullmatch(uri) is not None
+    if not registered:
         try:
             parse_s3_uri(uri)
         except PipelineError as exc:
@@ -119,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"--model-uri: {exc}, nor models:/NAME@ALIAS or models:/NAME/VERSION"
             ) from None
     # Before the store starts: sqlite lets a reader beside a run's server that writes.
-    model_uri, version = registry.resolve(cfg, uri) if uri.startswith("models:/") else (uri, "")
+    model_uri, version = registry.resolve(cfg, uri) if registered else (uri, "")
     require_free(cfg.serving.port, "serving.port")  # before the download, not after
     with open_store(cfg, "serve") as (_, store):
         meta = model_meta(store, model_uri)

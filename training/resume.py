@@ -79,9 +79,8 @@ def count_start(store: ObjectStore, cfg: PipelineConfig, run_id: str) -> int:
     replica a new pod every time, so a trainer that the OOM killer ends at each start would
     start again until the job's deadline, hours on. Its exit code here, 1, ends the job."""
     bucket, prefix, _ = location(cfg, run_id)
-    doc = store.read_json(bucket, prefix + STARTS) or {}
-    starts = doc.get("starts", 0) if isinstance(doc.get("starts"), int) else 0
-    starts += 1
+    before = (store.read_json(bucket, prefix + STARTS) or {}).get("starts")
+    starts = (before if isinstance(before, int) else 0) + 1
     limit = cfg.cluster.backoff_limit
     if starts > limit + 1:
         raise PipelineError(
