@@ -56,7 +56,7 @@ class EmbeddedS3:
             TMPDIR=str(scratch),
         )
         cmd = [
-            sys.executable, "-m", "nanio", "serve",
+            sys.executable, "-m", "pipelines.s3serve", "serve",
             "--host", HOST, "--port", str(self.port),
             "--data-dir", str(self.data_dir),
             "--log-level", "warning", "--no-access-log",

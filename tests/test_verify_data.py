@@ -46,6 +46,21 @@ def test_folder_source_uploads_only_what_changed(make_cfg, store, tmp_path: Path
     )
 
 
+def test_file_names_as_saved_from_urls_upload_and_verify(make_cfg, store, tmp_path) -> None:
+    """The embedded S3 server (nanio 0.1.7) checked the signature of a key holding `%41` as if it
+    held `A`, so every such upload was refused (SignatureDoesNotMatch)."""
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
+    names = ["cat%20001.png", "dog%2Fb.png", "a#b.png", "why?.png", "100%.png"]
+    pngs = sorted((folder / "train/class0").glob("*.png"))
+    for png, name in zip(pngs, names, strict=False):
+        png.rename(png.with_name(name))
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    assert verify_data(cfg, store).uploaded == 140
+    keys = {o.key.rsplit("/", 1)[-1] for o in store.list("raw-data", "imagefolder/train/class0/")}
+    assert set(names) <= keys
+    assert verify_data(make_cfg(dataset__name="imagefolder"), store).objects == 140
+
+
 def test_corrupted_object_is_named(make_cfg, store: ObjectStore, tmp_path: Path) -> None:
     archive = synthetic.write("imagefolder", tmp_path / "images.tar.gz", per_class=12)
     verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(archive)), store)
