@@ -49,13 +49,22 @@ def _wanted(name: str, size: int) -> bool:
 
 
 def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    read: dict[str, bytes] = {}
     with tarfile.open(path, "r|*") as tar:  # streamed: nothing is extracted to disk
         for member in tar:
             if member.isdir():
                 yield member.name, None
             elif member.isfile():
                 wanted = _wanted(member.name, member.size)
-                yield member.name, tar.extractfile(member).read() if wanted else b""  # type: ignore[union-attr]
+                payload = tar.extractfile(member).read() if wanted else b""  # type: ignore[union-attr]
+                read[member.name] = payload
+                yield member.name, payload
+            elif member.islnk() and member.linkname in read:
+                # tar stores a file's second name as a hard link to its first (class folders
+                # built with os.link, a deduplicated copy): the image is there under both names,
+                # as extracting the archive shows. A stream reads the first name only once.
+                target = read[member.linkname]
+                yield member.name, target if _wanted(member.name, len(target)) else b""
 
 
 def _zip_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
@@ -182,7 +191,9 @@ def _decode(name: str, payload: bytes, size: int | None) -> np.ndarray:
 
 def read(files: Files, image_size: int | None = None) -> RawDataset:
     """Decode every image. Without image_size, every image must share the first one's size."""
-    entries = [(PurePosixPath(n), b) for n, b in _entries(files)]
+    # An archive may hold a name twice (`tar -r` appends a newer copy): the last one counts, as
+    # extracting the archive keeps it.
+    entries = list({PurePosixPath(n): b for n, b in _entries(files)}.items())
     entries = [(p, b) for p, b in entries if not hidden(p)]
     images = [(p, b) for p, b in entries if b is not None and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:

@@ -404,3 +404,34 @@ def test_an_mnist_gzip_that_inflates_past_any_idx_file_is_refused(
     path.write_bytes(gzip.compress(bytes(1000))[:-20])
     with pytest.raises(DataError, match=r"truncated or corrupt gzip"):
         mnist._read_idx(path.name, path, 0x0803)
+
+
+def test_a_tar_reads_hard_links_and_keeps_the_last_copy_of_a_name(tmp_path: Path) -> None:
+    """A hard link (a file's second name: class folders built with os.link) was skipped, its
+    image lost; a name appended twice (`tar -r`) was counted twice, where extracting keeps one."""
+    from data import imagefolder
+
+    def png(value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (value, value, value)).save(buf, "png")
+        return buf.getvalue()
+
+    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    path = tmp_path / "pets.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "cat/a.png", png(10))
+        add(tar, "cat/b.png", png(20))
+        link = tarfile.TarInfo("dog/a.png")
+        link.type, link.linkname = tarfile.LNKTYPE, "cat/a.png"
+        tar.addfile(link)
+        add(tar, "cat/b.png", png(30))  # the newer copy
+
+    raw = imagefolder.read({"pets.tar": path})
+    train = raw.splits["train"]
+    assert raw.classes == ["cat", "dog"]
+    assert train.labels.tolist() == [0, 0, 1]
+    assert [int(img[0, 0, 0]) for img in train.images] == [10, 30, 10]
