@@ -50,7 +50,7 @@ RUN_ID = "{{workflow.name}}"
 CONFIG_EXIT = 2
 
 
-def _value(cfg: PipelineConfig, dotted: str) -> Any:
+def config_value(cfg: PipelineConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -64,7 +64,7 @@ def workflow_parameters(cfg: PipelineConfig) -> list[Parameter]:
         enum = None
         if typing.get_origin(info.annotation) is typing.Literal:
             enum = list(typing.get_args(info.annotation))
-        value = _value(cfg, dotted)
+        value = config_value(cfg, dotted)
         params.append(
             Parameter(
                 name=name,

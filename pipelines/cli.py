@@ -19,7 +19,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from pipelines import state_lock
-from pipelines.config import PROFILES, PipelineConfig, describe_fields, load_config
+from pipelines.config import (
+    ENV_VARS,
+    PROFILES,
+    PipelineConfig,
+    describe_fields,
+    load_config,
+    load_yaml,
+)
 from pipelines.console import setup_logging
 from pipelines.errors import (
     ConfigError,
@@ -125,13 +132,13 @@ def parse_value(key: str, text: str) -> Any:
     if _takes_text(key):
         if text[0] in "'\"":
             try:
-                value = yaml.safe_load(text)
+                value = load_yaml(text)
             except yaml.YAMLError:
                 return text
             return value if isinstance(value, str) else text
         return text
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "unreadable"
         raise ConfigError(f"--set {key}={text}: not a YAML value ({problem})") from None
@@ -148,15 +155,21 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace, stored: list[str] | None = None) -> PipelineConfig:
+def config_from_args(
+    args: argparse.Namespace, stored: list[str] | None = None, cluster: bool = False
+) -> PipelineConfig:
     """The config the flags say; `stored`: a resumed run's settings, as `--set` values, under
-    its --config file and flags."""
+    its --config file and flags. `cluster`: for the specs and the cluster's commands, which
+    leave out the variables of this machine's store and tracking server (ENV_VARS): the pods
+    read their own, and `make compile` in a shell with MINIO_REGION set wrote it into every
+    spec, or failed on an MLFLOW_TRACKING_URI no pod would see."""
     overrides = parse_set(args.set)
     for name, value in vars(args).items():
         if name.startswith("cfg:") and value is not None:
             overrides[name[4:]] = value
+    environ = {k: v for k, v in os.environ.items() if k not in ENV_VARS} if cluster else None
     return load_config(
-        args.profile or "quick", args.config, overrides, stored=parse_set(stored or [])
+        args.profile or "quick", args.config, overrides, environ, parse_set(stored or [])
     )
 
 

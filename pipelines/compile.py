@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -10,6 +12,7 @@ from kfp import compiler
 
 from pipelines.argo import build, build_template
 from pipelines.config import PipelineConfig, config_overrides, for_cluster
+from pipelines.errors import ConfigError
 from pipelines.kfp_pipeline import image_classifier
 from pipelines.manifests import inference_service, pytorchjob, to_dict
 from training.resume import model_uri as run_model_uri
@@ -45,10 +48,16 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
         "inferenceservice.yaml": _yaml(to_dict(inference_service(cfg, model_uri))),
         "config.schema.json": json.dumps(PipelineConfig.model_json_schema(), indent=2) + "\n",
     }
-    paths = []
-    for name, text in files.items():
-        (out / name).write_text(text)
-        paths.append(out / name)
-    ir = out / "kfp-pipeline.yaml"
-    compiler.Compiler().compile(image_classifier, str(ir))
-    return [*paths, ir]
+    names = [*files, "kfp-pipeline.yaml"]
+    taken = [out / name for name in names if (out / name).is_dir()]
+    if taken:
+        raise ConfigError(f"--out: {taken[0]} is a folder; remove it, or pass another --out DIR")
+    # Written beside, then moved into place: a failure leaves the folder as it was, not half of
+    # a new set of specs beside half of the old one.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".compile-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        compiler.Compiler().compile(image_classifier, str(Path(tmp) / "kfp-pipeline.yaml"))
+        for name in names:
+            os.replace(Path(tmp) / name, out / name)
+    return [out / name for name in names]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -40,6 +41,9 @@ S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 HTTP_URL = r"^https?://\S+$"
 # MLflow's rule for a registry alias, which also keeps models:/NAME@ALIAS one URI.
 REGISTRY_ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
+# An S3 endpoint: scheme, host and port, no path (the client puts the bucket there).
+S3_ENDPOINT = r"^https?://[^/\s]+/?$"
+DATASET_ID = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 PATTERN_WORDS = {
     DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
     "starting and ending with a letter or digit",
@@ -47,6 +51,10 @@ PATTERN_WORDS = {
     "starting and ending with a letter or digit",
     REGISTRY_ALIAS: "an MLflow alias is expected: letters, digits, '_' and '-'",
     HTTP_URL: "the http:// or https:// URL of an MLflow tracking server is expected",
+    S3_ENDPOINT: "the http:// or https:// URL of an S3 server is expected, host and port "
+    "only (e.g. http://minio.mlops:9000)",
+    DATASET_ID: "1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or "
+    "digit, is expected",
 }
 ProfileName = Literal["smoke", "quick", "full"]  # the functions in PROFILES, below
 ServingBackend = Literal["onnxruntime", "torch"]
@@ -94,7 +102,7 @@ class DatasetConfig(_Section):
     )
     id: str | None = Field(
         None,
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        pattern=DATASET_ID,
         description="Object-store prefix under raw-data/ and processed-data/. Unset: the name.",
     )
     download: bool = Field(
@@ -166,7 +174,7 @@ class StorageConfig(_Section):
 
     endpoint: str | None = Field(
         None,
-        pattern=r"^https?://[^/\s]+/?$",
+        pattern=S3_ENDPOINT,
         description="S3 endpoint URL (env MINIO_ENDPOINT). Unset: start an embedded server on "
         "127.0.0.1 with random keys, storing under the state dir.",
     )
@@ -461,6 +469,14 @@ class PipelineConfig(_Section):
             raise ValueError("needs a pinned tag, not latest (e.g. mlops-pipeline:0.1.0)")
         return image
 
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, path: Any) -> Any:
+        # Path("") is the current folder: `--state-dir ''` spread the state over the checkout.
+        if isinstance(path, str) and not path.strip():
+            raise ValueError("is empty: pass a folder, e.g. --state-dir .mlops")
+        return path
+
     @field_validator("state_dir")
     @classmethod
     def _home(cls, path: Path) -> Path:
@@ -519,6 +535,34 @@ assert list(PROFILES) == list(get_args(ProfileName)), "ProfileName must list PRO
 # --- Loading ----------------------------------------------------------------------------------
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML, with YAML 1.2's numbers instead of PyYAML's 1.1 ones, where `epochs: 010` was 8
+    (octal), `1:30` 90 (base 60) and `0x50` 80: a value reads as the decimal number it shows,
+    as it does in a pod's `--set`, in kubectl and in Argo's form."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+ConfigLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def load_yaml(text: str) -> Any:
+    """A config file's or a `--set` value's YAML (ConfigLoader: numbers as YAML 1.2 reads them)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: plain data, no Python objects
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
@@ -527,7 +571,10 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{dotted}: {part} is a value, not a section")
         node = child
-    node[leaf] = value
+    # A section given whole (`--set 'train={epochs: 2}'`) is merged, as a --config file's is:
+    # assigned, it dropped the profile's other values of the section without a word.
+    both = isinstance(value, dict) and isinstance(node.get(leaf), dict)
+    node[leaf] = _merge(node[leaf], value) if both else value
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -559,7 +606,7 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     except RuntimeError as exc:  # ~user of no such user, or no home directory
         raise ConfigError(f"config file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -597,8 +644,10 @@ def read_yaml(path: Path, profile: str | None = None) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad field: its dotted name, the value given, and what is allowed."""
+def format_validation_error(exc: ValidationError, env: dict[str, str] | None = None) -> str:
+    """One line per bad field: its dotted name, the value given, and what is allowed. `env`:
+    the keys whose value came from an environment variable, with the variable's name."""
+    env = env or {}
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"])
@@ -616,7 +665,8 @@ def format_validation_error(exc: ValidationError) -> str:
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
         text = err["type"] == "string_type" and err.get("input") is not None
         quote = " (quote it in a YAML file)" if text else ""
-        lines.append(f"{field}={value}: {msg}{quote}")
+        origin = f" (from {env[field]})" if field in env else ""
+        lines.append(f"{field}={value}{origin}: {msg}{quote}")
     return "; ".join(lines)
 
 
@@ -646,15 +696,26 @@ def load_config(
     _set_all(tree, stored or {})
     if config_file is not None:
         tree = _merge(tree, read_yaml(config_file, profile))
-    env = os.environ if environ is None else environ
-    for var, dotted in ENV_VARS.items():
-        if env.get(var):
-            _set_path(tree, dotted, env[var])
+    from_env = _set_env(tree, os.environ if environ is None else environ)
     _set_all(tree, overrides or {})
+    return _validate(tree, {k: v for k, v in from_env.items() if k not in (overrides or {})})
+
+
+def _set_env(tree: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """ENV_VARS' values into the tree; returns the keys set, each with its variable."""
+    from_env = {}
+    for var, dotted in ENV_VARS.items():
+        if environ.get(var):
+            _set_path(tree, dotted, environ[var])
+            from_env[dotted] = var
+    return from_env
+
+
+def _validate(tree: dict[str, Any], from_env: dict[str, str]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, from_env)) from None
 
 
 def storage_env(storage: StorageConfig) -> dict[str, str]:
@@ -704,14 +765,7 @@ def config_from_json(text: str, environ: dict[str, str] | None = None) -> Pipeli
         tree = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config parameter is not JSON: {exc}") from None
-    env = os.environ if environ is None else environ
-    for var, dotted in ENV_VARS.items():
-        if env.get(var):
-            _set_path(tree, dotted, env[var])
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+    return _validate(tree, _set_env(tree, os.environ if environ is None else environ))
 
 
 def describe_fields(node: BaseModel | None = None, prefix: str = "") -> list[str]:

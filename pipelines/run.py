@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _argo(args: argparse.Namespace):
     from pipelines.submit import ArgoClient, ArgoTarget
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, cluster=True)
     return cfg, ArgoClient(
         ArgoTarget.resolve(
             args.argo_server,
@@ -165,18 +165,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from pipelines.kfp_pipeline import image_classifier
         from pipelines.submit import submit_kfp
 
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, cluster=True)
         with tempfile.TemporaryDirectory() as tmp:
             ir = Path(tmp) / "kfp-pipeline.yaml"
             compiler.Compiler().compile(image_classifier, str(ir))
             print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
         return 0
     cfg, client = _argo(args)
-    from pipelines.argo import PARAMETERS
+    from pipelines.argo import PARAMETERS, config_value
 
     # Config flags given on the command line become the workflow's UI parameters.
     parameters = {
-        name: str(getattr(args, f"cfg:{key}"))
+        # The checked value, not the text typed: `--epochs 010` is 10 here, as in the pods.
+        name: "" if (value := config_value(cfg, key)) is None else str(value)
         for name, key in PARAMETERS
         if getattr(args, f"cfg:{key}", None) is not None
     }
@@ -271,7 +272,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.cli import make_dir
     from pipelines.compile import write_all
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, cluster=True)
     make_dir(args.out, "--out", "pass --out DIR")  # a bad path: one line, before any work
     for path in write_all(cfg, args.out):
         print(path)

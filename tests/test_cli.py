@@ -111,6 +111,29 @@ def test_compile_refuses_an_out_path_it_cannot_write(tmp_path: Path) -> None:
     assert out.stderr == f"error: --out: {tmp_path}/file is a file, not a folder; pass --out DIR\n"
 
 
+def test_compile_writes_every_spec_or_none(tmp_path: Path) -> None:
+    """A spec's name taken by a folder was a traceback, after the specs before it were written."""
+    (tmp_path / "kfp-pipeline.yaml").mkdir()
+    out = run("pipelines/run.py", "compile", "--out", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr == (
+        f"error: --out: {tmp_path}/kfp-pipeline.yaml is a folder; remove it, or pass another "
+        "--out DIR\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["kfp-pipeline.yaml"]
+
+
+def test_compile_leaves_this_machines_store_and_tracking_variables_out(tmp_path: Path) -> None:
+    """MINIO_REGION went into every pod's arguments, so `make compile` in such a shell rewrote
+    the committed specs; an MLFLOW_TRACKING_URI no pod sees failed the command."""
+    env = {"MINIO_REGION": "eu-west-1", "MLFLOW_TRACKING_URI": "file:///tmp/mlruns"}
+    out = run("pipelines/run.py", "compile", "--out", str(tmp_path), env=env)
+    assert out.returncode == 0, out.stderr
+    golden = ROOT / "pipelines" / "compiled"
+    for path in sorted(golden.iterdir()):
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
+
+
 def driver_lines(output: str) -> str:
     """A run's output less its trainer's lines ([rank0] ...)."""
     return "\n".join(x for x in output.splitlines() if not x.lstrip().startswith("["))

@@ -206,6 +206,45 @@ def test_profile_is_chosen_only_with_the_flag(tmp_path: Path) -> None:
     assert not any(line.strip().startswith("profile ") for line in describe_fields())
 
 
+def test_numbers_read_as_the_decimals_they_show(tmp_path: Path) -> None:
+    """PyYAML reads YAML 1.1: `010` was 8 (octal), `1:30` 90 (base 60), `0x50` 80, in a flag,
+    a file and a pod's `--set` alike."""
+    assert parse_set(["train.epochs=010", "train.lr=1e-3", "train.seed=+7"]) == {
+        "train.epochs": 10,
+        "train.lr": 0.001,
+        "train.seed": 7,
+    }
+    for text in ("1:30", "0x50", "0b11", "0o7"):
+        with pytest.raises(ConfigError, match=f"train.epochs='{text}': Input should be a valid"):
+            load_config(overrides=parse_set([f"train.epochs={text}"]), environ={})
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  epochs: 010\n  flip_tta: off\n  lr: .5\n")
+    train = load_config(config_file=path, environ={}).train
+    assert (train.epochs, train.flip_tta, train.lr) == (10, False, 0.5)
+
+
+def test_a_section_given_whole_keeps_the_profiles_other_values() -> None:
+    """`--set 'train={epochs: 2}'` replaced the section: smoke's batch size and lr were lost."""
+    smoke = load_config("smoke", environ={}).train
+    cfg = load_config("smoke", overrides=parse_set(["train={epochs: 2}"]), environ={})
+    assert cfg.train == smoke.model_copy(update={"epochs": 2})
+
+
+def test_a_bad_value_from_the_environment_names_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"endpoint='minio:9000' \(from MINIO_ENDPOINT\): the "):
+        load_config(environ={"MINIO_ENDPOINT": "minio:9000"})
+    # Overridden by a flag, the variable is not what was wrong.
+    with pytest.raises(ConfigError, match=r"endpoint='x:1': the http"):
+        load_config(overrides={"storage.endpoint": "x:1"}, environ={"MINIO_ENDPOINT": "x:2"})
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_state_dir_is_refused_not_the_current_folder(empty: str) -> None:
+    """Path("") is ".": `--state-dir ''` spread the state over the current folder."""
+    with pytest.raises(ConfigError, match=r"state_dir='\s*': is empty: pass a folder"):
+        load_config(overrides={"state_dir": empty}, environ={})
+
+
 def test_state_dir_expands_the_home_folder() -> None:
     # `--state-dir=~/x` reaches us unexpanded: the shell expands ~ only at a word's start.
     cfg = load_config(overrides={"state_dir": "~/mlops-state"}, environ={})

@@ -205,7 +205,7 @@ def cli(*args: str, url: str, token: str = TOKEN) -> subprocess.CompletedProcess
 
 def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer) -> None:
     out = cli(
-        "submit", "--dataset", "mnist", "--epochs", "7", "--set", "dataset.id=digits",
+        "submit", "--dataset", "mnist", "--epochs", "007", "--set", "dataset.id=digits",
         url=argo.url,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -214,6 +214,7 @@ def test_submit_sends_the_compiled_workflow_with_parameters(argo: FakeArgoServer
     spec = argo.workflows[name]["spec"]
     assert spec["entrypoint"] == "pipeline"
     params = {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}
+    # The checked value: a pod reads the text it is sent, and read "007" was 7 (YAML 1.1: octal).
     assert params["dataset"] == "mnist" and params["epochs"] == "7"
     assert params["model-name"] == ""  # unset: each pod names it after the dataset
     assert params["precision"] == "auto"  # the others keep their defaults
