@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split, find_one
+from data.raw import IMAGE_SUFFIXES, Files, RawDataset, Split, find_one, tar_gz
 from pipelines.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -122,8 +122,7 @@ def write(raw: RawDataset, path: Path) -> Path:
     """Write raw (32x32 RGB) in the official layout, as the synthetic generator needs."""
     if raw.shape != SHAPE:
         raise DataError(f"CIFAR-10 format holds 32x32x3 images, not {raw.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
+    with tar_gz(path) as tar:
         _add(tar, META, pickle.dumps({"label_names": raw.classes}, protocol=2))
         train = raw.splits["train"]
         for i, idx in enumerate(np.array_split(np.arange(len(train)), len(TRAIN_BATCHES))):

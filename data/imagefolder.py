@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split, hidden
+from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split, hidden, tar_gz
 from pipelines.console import progress
 from pipelines.errors import DataError
 
@@ -260,8 +260,7 @@ def write(raw: RawDataset, path: Path, suffix: str = ".png") -> Path:
             Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, suffix[1:])
             encoded.append((f"{split}/{raw.classes[label]}/{n:05d}{suffix}", buf.getvalue()))
     if path.name.endswith(TAR_SUFFIXES):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(path, "w:gz") as tar:
+        with tar_gz(path) as tar:
             for name, payload in encoded:
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
@@ -271,7 +270,8 @@ def write(raw: RawDataset, path: Path, suffix: str = ".png") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(path, "w") as archive:  # stored: PNG and JPEG do not compress
             for name, payload in encoded:
-                archive.writestr(name, payload)
+                # The earliest time a zip holds, not now: the same images, the same bytes.
+                archive.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), payload)
         return path
     for name, payload in encoded:
         (path / name).parent.mkdir(parents=True, exist_ok=True)

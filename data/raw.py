@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -46,6 +50,20 @@ class RawDataset:
             per = np.bincount(split.labels, minlength=len(self.classes))
             counts[name] = {cls: int(n) for cls, n in zip(self.classes, per, strict=True)}
         return counts
+
+
+@contextmanager
+def tar_gz(path: Path) -> Iterator[tarfile.TarFile]:
+    """A .tar.gz to write whose bytes depend on its contents only: tarfile's "w:gz" stamps the
+    time into the gzip header, so the same generated dataset had another sha256, and so other
+    features, in each state dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(path, "wb") as file,
+        gzip.GzipFile(filename="", fileobj=file, mode="wb", mtime=0) as gz,  # no name either
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        yield tar
 
 
 def hidden(path: PurePath) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,27 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="output: a .tar.gz (cifar10, imagefolder), a .zip (imagefolder) or a folder",
     )
-    parser.add_argument("--per-class", type=int, default=200, help="train images per class")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--per-class", type=_at_least(1), default=200, help="train images per class"
+    )
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     args = parser.parse_args(argv)
-    print(write(args.format, args.out, args.per_class, args.seed))
+    try:
+        print(write(args.format, args.out, args.per_class, args.seed))
+    except OSError as exc:
+        parser.error(f"--out {args.out}: cannot write it ({exc.strerror or exc}: {exc.filename})")
     return 0
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)  # argparse names the option of a ValueError
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's word for the value in "invalid integer value"
+    return parse
 
 
 if __name__ == "__main__":

@@ -219,6 +219,8 @@ def check_result(path: Path) -> None:
     if path.is_dir():
         raise ConfigError(f"--result {path} is a folder: pass --result FILE")
     make_dir(path.parent, f"--result {path}", "pass --result FILE in a writable folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"--result {path} is not writable: pass --result FILE")
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -112,8 +113,13 @@ def require_free(port: int, setting: str, hint: str = "pass --port N") -> None:
     """A clear config error, before anything starts, when a fixed port is taken."""
     from pipelines.errors import ConfigError
 
-    if bind_error(port) is not None:
+    error = bind_error(port)
+    if error is None:
+        return
+    if error.errno == errno.EADDRINUSE:
         raise ConfigError(f"{setting}={port}: the port is in use; {hint}")
+    # Another cause said as it is: a port below 1024 without the right to bind it was "in use".
+    raise ConfigError(f"{setting}={port}: cannot listen on it ({error.strerror}); {hint}")
 
 
 def free_port() -> int:

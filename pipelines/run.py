@@ -90,7 +90,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = config_from_args(args)
-    text = yaml.safe_dump(cfg.public_dict(), sort_keys=False)
+    doc = cfg.public_dict()
+    # Null, not masked: a file made of this output reads back (read_yaml refuses credentials),
+    # and the keys stay where they came from, the environment.
+    doc["storage"].update(access_key=None, secret_key=None)
+    text = yaml.safe_dump(doc, sort_keys=False)
     # Unset, so a file made of this output follows its dataset; the comment says the name.
     unset = "\n  model_name: null\n"
     print(text.replace(unset, f"{unset[:-1]}  # unset: {cfg.model_name}\n"), end="")

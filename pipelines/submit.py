@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import urllib.parse
 import warnings
 from collections.abc import Iterator
@@ -31,16 +32,27 @@ def server_url(url: str, where: str, example: str) -> str:
     checked: a bad one is a usage error here, not a library's assertion or retry later."""
     if "://" not in url:
         url = f"https://{url}"
-    parts = urllib.parse.urlsplit(url)
     try:
+        parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises on a port that is no number)
-    except ValueError:
-        parts = parts._replace(netloc="")
+    except ValueError:  # that, or a bracket left open (http://[::1)
+        parts = urllib.parse.SplitResult("", "", "", "", "")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"{where}: {url} is not a server URL; expected http(s)://HOST[:PORT], e.g. {example}"
         )
     return url.rstrip("/")
+
+
+def server_said(exc: Exception) -> str:
+    """An API error in one line. Something else on the port (a proxy's login page, another
+    service) answers a whole HTML page, which the error printed as it came."""
+    text = str(exc).strip() or type(exc).__name__
+    page = re.search(r"<(!DOCTYPE|html)", text, re.IGNORECASE)
+    if page:
+        return text[: page.start()].rstrip(" :`'\"\n") + " (an HTML page, not the API's answer)"
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:300] + "..."
 
 
 @dataclass(frozen=True)
@@ -97,8 +109,9 @@ class ArgoClient:
                 f"the Argo Server at {self.target.url} timed out ({what})"
             ) from None
         except (HeraException, requests.exceptions.RequestException) as exc:
+            why = server_said(exc)
             raise PipelineError(
-                f"the Argo Server at {self.target.url} refused {what}: {exc}"
+                f"the Argo Server at {self.target.url} refused {what}: {why}"
             ) from None
 
     def submit(self, cfg: PipelineConfig, parameters: dict[str, str]) -> str:
@@ -217,6 +230,9 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
     # on every client that it needs KFP 2: the IR is KFP 2's.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", "This client only works", FutureWarning)
+    # kfp logs a traceback of each of its 5 health checks of a server that is not KFP's, on the
+    # root logger, before its own error: 226 lines for the one below.
+    logging.disable(logging.ERROR)
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
@@ -239,5 +255,8 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
             "and that the server is port-forwarded"
         ) from None
     except ApiException as exc:
-        raise PipelineError(f"the KFP API server at {host} refused the run: {exc}") from None
+        why = server_said(exc)
+        raise PipelineError(f"the KFP API server at {host} refused the run: {why}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return run.run_id

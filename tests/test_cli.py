@@ -37,10 +37,12 @@ COMMANDS = ("run", "config", "compile", "serve", "mlflow-ui", "submit", "list", 
 COMMANDS += ("stop", "template")
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_"))}
     return subprocess.run(
-        [sys.executable, *args],
+        [*prefix, sys.executable, *args],
         check=False,
         cwd=ROOT,
         env={**clean, **(env or {})},
@@ -74,13 +76,17 @@ def test_help_explains_every_option_with_its_default(command: list[str]) -> None
 
 def test_config_prints_a_file_that_reads_back(tmp_path: Path) -> None:
     """`config` prints the resolved tree; the model name stays unset (so a file made of it
-    follows a dataset changed in it), with the name it resolves to as a comment."""
-    out = run("pipelines/run.py", "config", "--dataset", "mnist", "--epochs", "3")
+    follows a dataset changed in it), with the name it resolves to as a comment. Keys in the
+    environment print as null: masked, they were credentials the file could not be read with."""
+    keys = {"MINIO_ACCESS_KEY": "the-access-key", "MINIO_SECRET_KEY": "the-secret-key"}
+    out = run("pipelines/run.py", "config", "--dataset", "mnist", "--epochs", "3", env=keys)
     assert out.returncode == 0, out.stderr
     assert "\n  model_name: null  # unset: mnist-resnet18\n" in out.stdout
+    assert "\n  access_key: null\n  secret_key: null\n" in out.stdout
+    assert "the-secret-key" not in out.stdout
     saved = tmp_path / "mine.yaml"
     saved.write_text(out.stdout.replace("name: mnist", "name: synthetic"))
-    again = run("pipelines/run.py", "config", "--config", str(saved))
+    again = run("pipelines/run.py", "config", "--config", str(saved), env=keys)
     assert again.returncode == 0, again.stderr
     assert "epochs: 3\n" in again.stdout
     assert "# unset: synthetic-resnet18" in again.stdout
@@ -217,6 +223,18 @@ def test_what_is_known_up_front_fails_before_any_work(
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert message.format(**fill) in out.stderr
     assert not (state / "s3").exists()  # no embedded store started, so no step either
+
+
+def test_a_port_it_may_not_bind_is_not_called_in_use(tmp_path: Path) -> None:
+    """Every bind failure was "the port is in use": a port below 1024 too, which this process
+    may not bind (root here, so run without that capability)."""
+    drop = ("setpriv", "--bounding-set", "-net_bind_service") if os.geteuid() == 0 else ()
+    out = run("pipelines/run.py", "--port", "1", "--state-dir", str(tmp_path / "s"), prefix=drop)
+    assert out.returncode == 2
+    assert (
+        out.stderr == "error: serving.port=1: cannot listen on it (Permission denied); pass "
+        "--port N\n"
+    )
 
 
 def test_a_state_dir_in_use_refuses_a_second_command_until_its_holder_dies(

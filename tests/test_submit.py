@@ -278,6 +278,26 @@ def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> 
     assert "Traceback" not in unreachable.stderr
 
 
+def test_a_server_that_answers_a_web_page_is_one_line(tmp_path: Path) -> None:
+    """Another server on the port (here Python's, whose 404 is a page): the error printed the
+    whole page, 14 lines of HTML."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = cli("list", url=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.endswith(
+        "refused list: Server returned status code 404 with message (an "
+        "HTML page, not the API's answer)\n"
+    )
+
+
 @pytest.mark.parametrize("backend", ["argo", "kfp"])
 def test_a_bad_or_unreachable_server_is_one_line(backend: str) -> None:
     """A URL that names no http(s) server is a usage error (exit 2) before any request; one
@@ -285,7 +305,7 @@ def test_a_bad_or_unreachable_server_is_one_line(backend: str) -> None:
     was a traceback."""
     flag = "--argo-server" if backend == "argo" else "--kfp-host"
     submit = ["submit", "--backend", backend]
-    for bad in ("ftp://host", "http://:2746", "localhost:port"):
+    for bad in ("ftp://host", "http://:2746", "localhost:port", "http://[::1"):
         out = cli(*submit, flag, bad, url="")
         assert out.returncode == 2, out.stderr
         assert out.stderr.endswith(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -17,6 +19,8 @@ from components.verify_data import verify_data
 from data import cifar10, synthetic
 from pipelines.errors import DataError, IntegrityError
 from pipelines.storage import ObjectStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_upload_then_rerun_uploads_nothing(make_cfg, store: ObjectStore) -> None:
@@ -435,3 +439,32 @@ def test_a_tar_reads_hard_links_and_keeps_the_last_copy_of_a_name(tmp_path: Path
     assert raw.classes == ["cat", "dog"]
     assert train.labels.tolist() == [0, 0, 1]
     assert [int(img[0, 0, 0]) for img in train.images] == [10, 30, 10]
+
+
+def test_generated_archives_depend_on_their_images_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tarfile's "w:gz" and zipfile stamped the time of writing: the same generated dataset
+    had another sha256, and so other features, in each state dir."""
+    import time
+
+    for name in ("c.tar.gz", "i.tar.gz", "i.zip"):
+        fmt = "cifar10" if name.startswith("c") else "imagefolder"
+        first = synthetic.write(fmt, tmp_path / "a" / name, per_class=3)
+        with monkeypatch.context() as later:
+            later.setattr(time, "time", lambda: 2e9)  # another day, as gzip and zipfile see it
+            second = synthetic.write(fmt, tmp_path / "b" / name, per_class=3)
+        assert first.read_bytes() == second.read_bytes(), name
+
+
+def test_the_generator_command_refuses_what_it_cannot_make(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    for args, message in [
+        (["--per-class", "0"], "argument --per-class: 0 is less than 1"),
+        (["--seed", "-1"], "argument --seed: -1 is less than 0"),
+        (["--out", str(tmp_path / "file/x.tar.gz")], f"cannot write it (File exists: {tmp_path}"),
+    ]:
+        argv = [sys.executable, "-m", "data.synthetic", "--out", str(tmp_path / "x.tar.gz"), *args]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
