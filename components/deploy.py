@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines import warm
-from pipelines.cli import step_main
+from pipelines.cli import s3_uri_arg, step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import PipelineError
 from pipelines.processes import (
@@ -217,6 +217,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-uri",
         required=True,
+        type=s3_uri_arg,
         metavar="URI",
         help="the verified model, s3://models/NAME/RUN/",
     )

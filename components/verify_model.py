@@ -16,7 +16,7 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipelines.cli import step_main
+from pipelines.cli import s3_uri_arg, step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.registry import MODEL_URI_TAG
@@ -193,7 +193,10 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
 def _add_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument(
-        "--model-uri", metavar="URI", help="the trained model, s3://models/NAME/RUN/"
+        "--model-uri",
+        type=s3_uri_arg,
+        metavar="URI",
+        help="the trained model, s3://models/NAME/RUN/",
     )
     model.add_argument(
         "--run-id",
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda cfg, store, args: verify_model(cfg, store, _model_uri(cfg, args)),
         "components.verify_model",
         __doc__,
-        [],
+        ["--state-dir"],
         argv,
         _add_args,
     )

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import typing
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +172,15 @@ def config_from_args(
     return load_config(
         args.profile or "quick", args.config, overrides, environ, parse_set(stored or [])
     )
+
+
+def s3_uri_arg(text: str) -> str:
+    """argparse's type for an s3://BUCKET/KEY/ option: another form is a usage error (exit 2)
+    that names the option, not a store error once the step has started."""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://BUCKET/KEY/ URI")
+    return text
 
 
 def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

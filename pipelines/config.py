@@ -432,7 +432,8 @@ class PipelineConfig(_Section):
         "never with --set or in a file.",
     )
     state_dir: Path = Field(
-        Path(".mlops"), description="Local state: embedded S3 data, MLflow db, caches."
+        Path(".mlops"),
+        description="Local state: embedded S3 data, MLflow db, caches (env MLOPS_STATE_DIR).",
     )
     runtime: Literal["local", "kubernetes"] = Field(
         "local",

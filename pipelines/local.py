@@ -59,6 +59,7 @@ class RunReport:
     exit_code: int = 0
     storage_endpoint: str = ""
     tracking_uri: str = ""
+    embedded_mlflow: bool = False  # the run's own server, which stops with it
     state_dir: str = ""  # as the command that resumes the run names it: empty for the default
     steps: list[StepReport] = field(default_factory=list)
     seconds: float = 0.0
@@ -117,6 +118,13 @@ def check_before_run(cfg: PipelineConfig) -> None:
         cfg.dataset.source_path()  # --data of no such path: before any service starts
         check_here(cfg.train.precision)
         require_free(cfg.serving.port, "serving.port")
+    elif not (cfg.storage.endpoint and cfg.mlflow.tracking_uri):
+        # It failed at train, after the data steps, and offered a --resume that could not help.
+        raise ConfigError(
+            "runtime=kubernetes trains and serves in the cluster, whose pods cannot reach this "
+            "run's embedded S3 and MLflow servers on 127.0.0.1: set MINIO_ENDPOINT and "
+            "MLFLOW_TRACKING_URI to servers the cluster reaches, or run it there with `submit`"
+        )
 
 
 class QuietKfp:
@@ -321,6 +329,7 @@ def run_pipeline(
                 # It needs ~5 s to become healthy: it starts now, beside the data steps, and
                 # the train step waits for it (mlflow.wait_s).
                 mlflow_server = LocalMlflow(live, local_workdir(live.state_dir)).start()
+                report.embedded_mlflow = True
                 stack.callback(mlflow_server.stop)
                 live = with_tracking(live, mlflow_server.uri)
                 state_lock.note(cfg.state_dir, mlflow=mlflow_server.uri)

@@ -17,6 +17,16 @@ def split_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in ranked)
 
 
+def browse_later(report: RunReport) -> str:
+    """How to open this run's MLflow UI once the run's own server has stopped."""
+    if report.tracking_uri and not report.embedded_mlflow:
+        return "on a tracking server that stays up"
+    if report.state_dir:  # `make mlflow-ui` opens the default state dir's
+        where = shlex.quote(report.state_dir)
+        return f"browse later with `python pipelines/run.py mlflow-ui --state-dir {where}`"
+    return "browse later with `make mlflow-ui`"
+
+
 def summary(report: RunReport) -> str:
     """The readable end of a run: step table, then what was produced."""
     lines = ["", f"{'step':<22}{'status':<11}{'seconds':>8}", "-" * 41]
@@ -49,7 +59,7 @@ def summary(report: RunReport) -> str:
             f"model       {trained['model_uri']}model.safetensors",
             f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
-            f"v{trained['version']}; browse later with `make mlflow-ui`)",
+            f"v{trained['version']}; {browse_later(report)})",
         ]
     verified = report.result("verify-model")
     if verified:

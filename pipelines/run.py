@@ -107,13 +107,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from components.deploy import start_server
     from pipelines import registry
-    from pipelines.cli import open_store
+    from pipelines.cli import check_state_dir, open_store
     from pipelines.errors import PipelineError
     from pipelines.processes import HOST, server_log
     from pipelines.storage import parse_s3_uri
     from serving.launch import download_model, local_model_dir, model_meta, served_as
 
     cfg = config_from_args(args)
+    check_state_dir(cfg)  # a file or a folder it cannot write: said as such, before the lookup
     uri = registry.champion_uri(cfg) if args.model_uri is None else args.model_uri
     registered = registry.MODELS_URI.fullmatch(uri) is not None
     if not registered:

@@ -159,6 +159,8 @@ def held_port() -> Iterator[int]:
         (["pipelines/run.py", "config", "--config", "{tmp}"], {}, "config file {tmp} is a folder"),
         (["pipelines/run.py", "config", "--config", "{tmp}/bin"], {}, "{tmp}/bin is not UTF-8"),
         (["pipelines/run.py", "--state-dir", "{tmp}/file"], {}, "state_dir: {tmp}/file is a file"),
+        # It looked for a registry there first: "no model registry in ...", exit 1.
+        (["pipelines/run.py", "serve", "--state-dir", "{tmp}/file"], {}, "{tmp}/file is a file"),
         (
             ["pipelines/run.py", "serve", "--model-uri", "not-a-uri"],
             {},
@@ -186,6 +188,11 @@ def held_port() -> Iterator[int]:
             "storage.endpoint=http://127.0.0.1:9 needs credentials: set MINIO_ACCESS_KEY",
         ),
         (["pipelines/run.py", "--set", "train.precision=fp16"], {}, "fp16 needs CUDA"),
+        (
+            ["pipelines/run.py", "--set", "runtime=kubernetes"],
+            {},
+            "runtime=kubernetes trains and serves in the cluster, whose pods cannot reach",
+        ),
         (
             ["pipelines/run.py", "--dataset", "imagefolder", "--data", "{tmp}/none.zip"],
             {},
@@ -223,6 +230,16 @@ def test_what_is_known_up_front_fails_before_any_work(
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert message.format(**fill) in out.stderr
     assert not (state / "s3").exists()  # no embedded store started, so no step either
+
+
+@pytest.mark.parametrize("step", ["components.deploy", "components.verify_model"])
+def test_a_model_uri_that_is_no_s3_uri_is_a_usage_error(step: str, tmp_path: Path) -> None:
+    """deploy failed at its first download (exit 1), naming 'foo/' and not the option."""
+    out = run("-m", step, "--model-uri", "foo", "--state-dir", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.endswith(
+        "error: argument --model-uri: 'foo' is not an s3://BUCKET/KEY/ URI\n"
+    )
 
 
 def test_a_port_it_may_not_bind_is_not_called_in_use(tmp_path: Path) -> None:
@@ -472,6 +489,20 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     assert statuses == ["succeeded", "succeeded", "interrupted", "skipped", "skipped"]
     assert (report.failed_step, report.error, report.exit_code) == ("train", "interrupted", 130)
     assert "--resume run-20260101-000000-abcd" in summary(report)
+
+
+def test_the_summary_says_how_to_open_this_runs_mlflow_ui_again() -> None:
+    """It said `make mlflow-ui`, which opens the default state dir's, for a run of another
+    state dir, and for a run logged to a tracking server of its own."""
+    from pipelines.local import RunReport
+    from pipelines.report import browse_later
+
+    assert browse_later(RunReport(embedded_mlflow=True)) == "browse later with `make mlflow-ui`"
+    assert browse_later(RunReport(embedded_mlflow=True, state_dir="/tmp/my runs")) == (
+        "browse later with `python pipelines/run.py mlflow-ui --state-dir '/tmp/my runs'`"
+    )
+    external = RunReport(tracking_uri="http://mlflow.example:5000", state_dir="/tmp/x")
+    assert browse_later(external) == "on a tracking server that stays up"
 
 
 def test_torchrun_workers_report_their_config_error(tmp_path: Path) -> None:
