@@ -239,9 +239,9 @@ class ImageClassifier(Model):
         for i, item in enumerate(self._tensor(tensor).reshape(-1)):
             where = f"{tensor.name}[{i}]"
             raw = item if isinstance(item, bytes) else str(item).encode()
-            # Over HTTP, base64 text, in JSON and with the binary extension alike (KServe 0.21
-            # reads BYTES as UTF-8 while it parses a request); an InferRequest built in-process
-            # may carry the image's own bytes.
+            # Over HTTP, base64 text, in JSON and with the binary extension alike (rest.py
+            # moves a binary body's elements into its header so); an InferRequest built
+            # in-process may carry the image's own bytes.
             if not raw.startswith((b"\x89PNG", b"\xff\xd8")):
                 raw = self._b64(raw, where)
             images.append(self._decode_image(raw, where))
@@ -307,7 +307,8 @@ class ImageClassifier(Model):
             out.set_data_from_numpy(array, binary_data=False)
             outputs.append(out)
         return InferResponse(
-            response_id=request.id or str(uuid.uuid4()),
+            # The protocol: an id given is returned, the empty one too.
+            response_id=str(uuid.uuid4()) if request.id is None else request.id,
             model_name=self.name,
             infer_outputs=outputs,
             use_binary_outputs=bool(request.use_binary_outputs),

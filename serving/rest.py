@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
+import math
 import re
 import socket
 import struct
@@ -17,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound, inference_error_handler
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
@@ -140,16 +142,6 @@ async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return await invalid_input(request, InvalidInput(describe(list(exc.errors()))))
 
 
-async def undecodable_bytes(request: Request, exc: Exception) -> JSONResponse:
-    # KServe 0.21 turns binary-extension BYTES into UTF-8 text while it parses the request and
-    # raises InferenceError, a 500, on raw image bytes. That is the request's fault: a 400 saying
-    # what to send. Other InferenceErrors (a failed forward pass) stay KServe's 500.
-    if str(exc).startswith("Failed to encode"):
-        hint = "V2 BYTES are read as text, with the binary extension too: send base64 of the image"
-        return await invalid_input(request, InvalidInput(hint))
-    return await inference_error_handler(request, exc)
-
-
 class BinaryInput(RequestInput):
     """An input of a binary-extension header: its data may follow the header instead."""
 
@@ -207,8 +199,45 @@ def checked_binary_body(body: bytes, headers: dict) -> tuple[bytes, dict]:
             f"the header declares {sum(sizes)} bytes of tensor data (binary_data_size), but "
             f"{len(body) - length} follow it"
         )
+    tail = body[length:]
+    if any(t.datatype == "BYTES" and t.data is None for t in header.inputs):
+        header, tail = _bytes_as_text(header, tail, sizes)
     text = header.model_dump_json(exclude_none=True).encode()
-    return text + body[length:], {**headers, INFERENCE_CONTENT_LENGTH_HEADER: str(len(text))}
+    return text + tail, {**headers, INFERENCE_CONTENT_LENGTH_HEADER: str(len(text))}
+
+
+# Base64 text, as a JSON request carries an image: a BYTES element that is not is its bytes.
+BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\s-]*")
+
+
+def _bytes_as_text(header: BinaryHeader, tail: bytes, sizes: list[int]) -> tuple[Any, bytes]:
+    """BYTES tensors of a binary body moved into the header as base64 text. The extension
+    sends each element as a uint32 length and its bytes, an image's own bytes as Triton's and
+    KServe's clients send them; KServe 0.21 decodes them as UTF-8 and refused every image.
+    Elements that are base64 text already pass as they are."""
+    kept, offset = [], 0
+    for i, (tensor, size) in enumerate(zip(header.inputs, sizes, strict=True)):
+        section = tail[offset : offset + size]
+        offset += size
+        if tensor.datatype != "BYTES" or tensor.data is not None:
+            kept.append(section)
+            continue
+        items, at = [], 0
+        while at < len(section):
+            if at + 4 > len(section):
+                raise InvalidInput(f"inputs[{i}]: a BYTES element's 4-byte length is cut short")
+            (n,) = struct.unpack_from("<I", section, at)
+            item = section[at + 4 : at + 4 + n]
+            if len(item) != n:
+                raise InvalidInput(f"inputs[{i}]: a BYTES element of {n} bytes is cut short")
+            at += 4 + n
+            text = BASE64_TEXT.fullmatch(item) is not None
+            items.append(item.decode() if text else base64.b64encode(item).decode())
+        if len(items) != math.prod(tensor.shape):
+            raise InvalidInput(f"inputs[{i}]: {len(items)} BYTES elements for shape {tensor.shape}")
+        params = {k: v for k, v in (tensor.parameters or {}).items() if k != "binary_data_size"}
+        header.inputs[i] = tensor.model_copy(update={"data": items, "parameters": params or None})
+    return header, b"".join(kept)
 
 
 def guard_binary_bodies() -> None:
@@ -340,7 +369,6 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
             # Under overload a line per refused request would add load where there is none to
             # spare: a sample of lines, and every refusal counted on /metrics (requests_shed).
             app.add_exception_handler(Overloaded, client_error(503, Throttle(SHED_LOG_EVERY_S)))
-            app.add_exception_handler(InferenceError, undecodable_bytes)
             app.add_exception_handler(RequestValidationError, invalid_request)
             app.add_exception_handler(BodyTooLarge, too_large)
             app.add_exception_handler(StarletteHTTPException, http_error)
