@@ -114,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import download_model, local_model_dir, model_meta, served_as
 
     cfg = config_from_args(args)
-    check_state_dir(cfg)  # a file or a folder it cannot write: said as such, before the lookup
+    if cfg.state_dir.exists() and not cfg.state_dir.is_dir():  # said so, before the lookup
+        check_state_dir(cfg)
     uri = registry.champion_uri(cfg) if args.model_uri is None else args.model_uri
     registered = registry.MODELS_URI.fullmatch(uri) is not None
     if not registered:
