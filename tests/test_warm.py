@@ -194,7 +194,7 @@ CLIENT = """
 import os, time
 from pipelines import kfp_task, warm
 child = warm.spawn("tests.warm_target:sleep", ["60"], dict(os.environ), ".")
-print(f"pid={child.pid}", flush=True)
+os.write(1, f"pid={child.pid}\\n".encode())  # one write: print's two could take the child's between
 time.sleep(60)
 """
 
