@@ -316,7 +316,10 @@ def run_pipeline(
         with contextlib.ExitStack() as stack:
             forks = stack.enter_context(contextlib.ExitStack())
             warm_env = start_fork_server(cfg, run_dir, forks)
-            save_settings(cfg, run_dir)
+            if not resume_id:
+                # As the run started: a resume's flags, refused or failed, rewrote them, and
+                # the resume the summary had printed was refused from then on.
+                save_settings(cfg, run_dir)
             live, store = stack.enter_context(open_store(cfg, "run"))
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()

@@ -31,6 +31,7 @@ from pipelines.local import (  # noqa: E402
 )
 from pipelines.processes import OWNER_ENV, require_free, serve_until_stopped  # noqa: E402
 from pipelines.report import as_json, summary  # noqa: E402
+from training.resume import model_uri  # noqa: E402
 
 # Each command and its one-line help, for its parser and the list in the default --help.
 COMMANDS = {
@@ -61,7 +62,19 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
         )
     given = argparse.Namespace(**vars(args))
     given.profile = stored["profile"]
-    return config_from_args(given, stored["set"])
+    resumed = config_from_args(given, stored["set"])
+    # The run's model and checkpoints are under its model name: settings that name another
+    # (serving.model_name, the dataset) found none there, and trained from the start inside
+    # the run's MLflow run, its checkpoints orphaned.
+    bare = argparse.Namespace(profile=stored["profile"], config=None, set=[])
+    started = model_uri(config_from_args(bare, stored["set"]), args.resume)
+    if model_uri(resumed, args.resume) != started:
+        raise ConfigError(
+            f"--resume {args.resume}: its model and checkpoints are under {started}, and the "
+            f"settings given now put them under {model_uri(resumed, args.resume)}: resume "
+            "without the settings that change the model name (serving.model_name, the dataset)"
+        )
+    return resumed
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -321,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_ID",
         help="continue an earlier run of this state dir that did not complete (its summary "
         "names it), from its last checkpoint, with its profile and settings (kept in "
-        "runs/RUN_ID/settings.json; a --config file and flags given now override them): the "
+        "runs/RUN_ID/settings.json as the run started; a --config file and flags given now "
+        "override them for this attempt): the "
         "data steps find their outputs, training goes on in the same MLflow run (default: a "
         "new run)",
     )

@@ -742,6 +742,17 @@ def test_resume_restores_what_flags_and_files_chose_and_no_more(
     more.config = tmp_path / "now.yaml"
     filed = resumed_config(more, again)
     assert (filed.train.lr, filed.train.epochs, filed.dataset.name) == (0.02, 7, "imagefolder")
+    # Another model name finds none of the run's checkpoints: it trained from the start, inside
+    # the run's MLflow run.
+    for change in (["serving.model_name=pets"], ["dataset.name=synthetic"]):
+        other = build_parser().parse_args(["run", "--resume", run_id, "--state-dir", str(state)])
+        other.set = change
+        with pytest.raises(
+            ConfigError,
+            match=f"--resume {run_id}: its model and checkpoints are "
+            f"under s3://models/imagefolder-resnet18/{run_id}/, and the settings",
+        ):
+            resumed_config(other, again)
 
     (run_dir / SETTINGS).write_text("[1]")
     with pytest.raises(ConfigError, match=f"{SETTINGS} is not a run's settings file"):
@@ -781,6 +792,17 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     # Python's 'Exception ignored' report of a signal that landed in a finalizer.)
     assert "Traceback" not in driver_lines(err)
     assert f"resume      python pipelines/run.py --resume {run_id} --state-dir {state} (" in err
+
+    # A resume refused for its flags (another epoch count, which the checkpoint was not
+    # trained for) leaves the run's settings as they were: they were rewritten with its flags,
+    # and the command below refused from then on.
+    settings = state / "runs" / run_id / "settings.json"
+    kept = settings.read_text()
+    refused = run(
+        "pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--epochs", "5"
+    )
+    assert refused.returncode == 2 and "another config" in refused.stderr, refused.stderr
+    assert settings.read_text() == kept
 
     # That line is the whole command: the run's profile and settings are restored (before,
     # it ran the defaults, cifar10 and quick, unless every flag was given again).
