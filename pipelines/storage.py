@@ -46,7 +46,21 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def _short_read(exc: BaseException) -> urllib3.exceptions.IncompleteRead | None:
+    """The short read behind a download's error (urllib3 wraps it in a ProtocolError)."""
+    for cause in (exc, *getattr(exc, "args", ())):
+        if isinstance(cause, urllib3.exceptions.IncompleteRead):
+            return cause
+    return None
+
+
 class _NullSink:
+    def seek(self, offset: int) -> None:
+        pass
+
+    def truncate(self) -> None:
+        pass
+
     def write(self, block: bytes) -> None:
         pass
 
@@ -188,27 +202,40 @@ class ObjectStore:
         return digest
 
     def _stream(self, bucket: str, key: str, sink: Any, expected_sha256: str | None) -> str:
-        digest = hashlib.sha256()
-        response = None
-        try:
-            response = self.client.get_object(bucket, key)
-            for block in response.stream(CHUNK):
-                digest.update(block)
-                sink.write(block)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                raise IntegrityError(f"{s3_uri(bucket, key)} is missing from the store") from None
-            raise self._fail(f"download {s3_uri(bucket, key)}", exc) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._fail(f"download {s3_uri(bucket, key)}", exc) from None
-        finally:
-            if response is not None:
-                response.close()
-                response.release_conn()
+        uri = s3_uri(bucket, key)
+        for attempt in (1, 2):
+            digest, response = hashlib.sha256(), None
+            try:
+                response = self.client.get_object(bucket, key)
+                for block in response.stream(CHUNK):
+                    digest.update(block)
+                    sink.write(block)
+                break
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    raise IntegrityError(f"{uri} is missing from the store") from None
+                raise self._fail(f"download {uri}", exc) from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                short = _short_read(exc)
+                if short is None:
+                    raise self._fail(f"download {uri}", exc) from None
+                if attempt == 2:
+                    # Twice cut short: the stored bytes end there. (A file truncated under
+                    # the embedded store was "cannot reach the S3 store", on every run.)
+                    raise IntegrityError(
+                        f"{uri}: the store sends {short.partial} of its "
+                        f"{short.partial + (short.expected or 0)} bytes: the object is truncated"
+                    ) from None
+                sink.seek(0)  # once more from the start: a connection may break mid-way
+                sink.truncate()
+            finally:
+                if response is not None:
+                    response.close()
+                    response.release_conn()
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256:
             raise IntegrityError(
-                f"{s3_uri(bucket, key)}: sha256 mismatch (recorded {expected_sha256[:12]}…, "
+                f"{uri}: sha256 mismatch (recorded {expected_sha256[:12]}…, "
                 f"stored object has {actual[:12]}…): the object is corrupt or was replaced"
             )
         return actual

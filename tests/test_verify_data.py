@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
 import subprocess
@@ -95,6 +96,23 @@ def test_corrupted_object_is_named(make_cfg, store: ObjectStore, tmp_path: Path)
     assert store.stat("raw-data", "imagefolder/images.tar.gz").sha256 == recorded
     again = verify_data(make_cfg(dataset__name="imagefolder", dataset__source=str(archive)), store)
     assert again.uploaded == 1
+    verify_data(make_cfg(dataset__name="imagefolder"), store)
+
+
+def test_a_stored_object_cut_short_is_named_and_repaired(make_cfg, store, s3, tmp_path) -> None:
+    """A file truncated under the embedded store (a full disk, a crash) was "cannot reach the
+    S3 store" on every run: the server declares its recorded size, then sends fewer bytes."""
+    archive = synthetic.write("imagefolder", tmp_path / "images.tar.gz", per_class=12)
+    source = make_cfg(dataset__name="imagefolder", dataset__source=str(archive))
+    verify_data(source, store)
+    os.truncate(s3.data_dir / "raw-data/imagefolder/images.tar.gz", 1000)
+    with pytest.raises(
+        IntegrityError,
+        match=r"images\.tar\.gz: the store sends 1000 of its \d+ "
+        "bytes: the object is truncated",
+    ):
+        verify_data(make_cfg(dataset__name="imagefolder"), store)
+    assert verify_data(source, store).uploaded == 1  # with the source at hand, uploaded again
     verify_data(make_cfg(dataset__name="imagefolder"), store)
 
 
