@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import get_args
+import time
+from typing import Any, get_args
 
 import pytest
 import torch
@@ -224,6 +225,25 @@ def test_checkpoints_upload_in_order_as_they_were_when_saved(store: ObjectStore)
     assert latest is not None and latest.epoch == 2
     assert latest.state["history"] == [2]
     assert torch.equal(latest.tensors["model.w"], torch.arange(6, dtype=torch.float32) + 100)
+
+
+def test_a_trainers_end_lets_the_checkpoint_on_its_way_finish(store: ObjectStore) -> None:
+    """A stop just after an epoch ended the process while that epoch's checkpoint uploaded:
+    the resume trained the epoch again. The store here is slow as a remote one can be."""
+    store.ensure_buckets()
+    bucket, prefix = store.buckets.models, "m/run/checkpoints/"
+    put = store.put_bytes
+
+    def slow_put(*args: Any, **kwargs: Any) -> str:
+        time.sleep(0.3)
+        return put(*args, **kwargs)
+
+    store.put_bytes = slow_put  # type: ignore[method-assign]
+    saver = checkpoint.Saver(store, bucket, prefix)
+    saver.save(checkpoint.Checkpoint(1, {"model.w": torch.zeros(3)}, {"history": [1]}))
+    checkpoint.settle_uploads()  # the upload takes 0.9 s at least: three objects
+    latest = checkpoint.load_latest(store, bucket, prefix)
+    assert latest is not None and latest.epoch == 1
 
 
 def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:

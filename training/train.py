@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         # A signal now (a Ctrl-C, then the launcher's SIGTERM) would cut the closing short.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        checkpoint.settle_uploads()
         tracking.end(status)
         if dist.is_initialized():
             dist.destroy_process_group()
