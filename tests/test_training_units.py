@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -244,6 +245,29 @@ def test_a_trainers_end_lets_the_checkpoint_on_its_way_finish(store: ObjectStore
     checkpoint.settle_uploads()  # the upload takes 0.9 s at least: three objects
     latest = checkpoint.load_latest(store, bucket, prefix)
     assert latest is not None and latest.epoch == 1
+
+
+def test_a_resumed_run_finds_the_version_it_registered_before_it_was_stopped(
+    tmp_path: Path,
+) -> None:
+    """A stop between the registration and model.json: the resume registered the same run's
+    weights a second time. MLflow's own sqlite store."""
+    import mlflow
+
+    from pipelines.mlflow_server import create_database
+    from training.tracking import registered_version
+
+    create_database(tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+    client.create_registered_model("pets")
+    assert registered_version(client, "pets", runs[0]) is None
+    for run in (runs[1], runs[0], runs[0]):
+        client.create_model_version("pets", f"runs:/{run}/model", run_id=run)
+    assert registered_version(client, "pets", runs[0]) == "3"
+    assert registered_version(client, "pets", runs[1]) == "1"
 
 
 def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:

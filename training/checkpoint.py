@@ -100,7 +100,6 @@ class Saver:
             pending, self.pending = self.pending, None
             pending.result()
 
-
     def settle(self, timeout_s: float) -> None:
         """Let an upload in flight finish, for at most timeout_s; its failure is logged."""
         pending, self.pending = self.pending, None

@@ -115,6 +115,18 @@ class Tracker:
         model_uri: str,
     ) -> str:
         """Final metrics, plots, and the model, registered as a new version. Returns it."""
+        client = mlflow.MlflowClient()
+        before = registered_version(client, self.registered_name, self.run_id)
+        if before is not None:
+            # Registered by this run before it was stopped (a resume from the last epoch):
+            # once more would make a second version of the same weights, the first orphaned.
+            log.info(
+                "%s v%s is this run's, registered before it was stopped",
+                self.registered_name,
+                before,
+            )
+            client.set_model_version_tag(self.registered_name, before, MODEL_URI_TAG, model_uri)
+            return before
         mlflow.set_tag("mlops.model_sha256", sha256)
         mlflow.log_figure(_curves(history), "plots/training_curves.png")
         mlflow.log_figure(_confusion(confusion, classes), "plots/confusion_matrix.png")
@@ -143,10 +155,14 @@ class Tracker:
         mlflow.log_metrics(final, step=len(history), model_id=info.model_id)
         version = str(info.registered_model_version)
         # verify-model finds a champion's weights (and the server its model) through this tag.
-        mlflow.MlflowClient().set_model_version_tag(
-            self.registered_name, version, MODEL_URI_TAG, model_uri
-        )
+        client.set_model_version_tag(self.registered_name, version, MODEL_URI_TAG, model_uri)
         return version
+
+
+def registered_version(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
+    """The version of `name` that MLflow run `run_id` registered, if it did (the latest)."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(max(int(v.version) for v in found)) if found else None
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
