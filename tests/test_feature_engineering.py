@@ -13,7 +13,7 @@ from safetensors.numpy import load as load_safetensors
 from components.feature_engineering import engineer_features
 from components.verify_data import verify_data
 from data import cifar10, synthetic
-from pipelines.errors import DataError
+from pipelines.errors import DataError, IntegrityError
 from pipelines.storage import ObjectStore
 
 
@@ -95,6 +95,36 @@ def test_missing_or_replaced_shard_is_recomputed_not_skipped(make_cfg, store) ->
     store.client.put_object("processed-data", key, io.BytesIO(bytes(damaged)), len(damaged))
     assert not engineer_features(cfg, store).skipped
     assert store.get_bytes("processed-data", key) == good
+
+
+def test_a_shard_damaged_under_its_recorded_sha256_names_the_way_out(make_cfg, store) -> None:
+    """Bit rot, or a copy that kept the metadata: reused as unchanged, then refused by every
+    training, with no word on how to get past it."""
+    from training.data import load_processed
+
+    cfg = make_cfg(dataset__name="synthetic")
+    verify_data(cfg, store)
+    uri = engineer_features(cfg, store).processed_uri
+    prefix = uri.removeprefix("s3://processed-data/")
+    key = prefix + "train-00000.safetensors"
+    good = store.get_bytes("processed-data", key)
+    damaged = bytearray(good)
+    damaged[-1] ^= 0xFF
+    recorded = store.stat("processed-data", key).sha256
+    store.client.put_object(
+        "processed-data",
+        key,
+        io.BytesIO(bytes(damaged)),
+        len(damaged),
+        metadata={"sha256": recorded},
+    )
+    assert engineer_features(cfg, store).skipped  # complete, as far as the metadata says
+    with pytest.raises(IntegrityError, match=f"Remove {uri}metadata.json and run again"):
+        load_processed(store, uri)
+    store.remove("processed-data", prefix + "metadata.json")
+    assert not engineer_features(cfg, store).skipped
+    assert store.get_bytes("processed-data", key) == good
+    load_processed(store, uri)
 
 
 def test_test_split_is_carved_when_the_source_has_none(make_cfg, store, tmp_path: Path) -> None:

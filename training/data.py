@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipelines.config import UNMIRRORED_DATASETS
-from pipelines.errors import ConfigError, DataError
+from pipelines.errors import ConfigError, DataError, IntegrityError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 
 
@@ -45,7 +45,15 @@ def load_processed(
             continue
         images, labels = [], []
         for shard in shards:
-            payload = store.get_bytes(bucket, prefix + shard["key"], shard["sha256"])
+            try:
+                payload = store.get_bytes(bucket, prefix + shard["key"], shard["sha256"])
+            except IntegrityError as exc:
+                # feature-engineering finds its output complete from the objects' metadata: the
+                # next run reused the damaged shard as "unchanged", and failed here again.
+                raise IntegrityError(
+                    f"{exc}. Remove {s3_uri(bucket, prefix + 'metadata.json')} and run again: "
+                    "feature-engineering then writes the features anew"
+                ) from None
             tensors = load_safetensors(payload)
             if len(tensors["labels"]) != shard["count"]:
                 raise DataError(f"{s3_uri(bucket, prefix + shard['key'])}: wrong image count")
