@@ -287,10 +287,15 @@ def check_resume(cfg: PipelineConfig, run_id: str) -> None:
 
 
 def refuse_completed(cfg: PipelineConfig, store: ObjectStore, run_id: str) -> None:
-    """A run whose model is complete has nothing to resume: training it again would register
-    the same run twice and rewrite files a server may be serving."""
+    """A run that deployed its model has nothing to resume. One stopped after its model was
+    complete, before deploy, goes on from its gate: the train step reuses the model. (It was
+    refused, its model never gated nor deployed, and no command went on with it.)"""
     bucket, prefix, _ = resume.location(cfg, run_id)
-    if store.stat(bucket, prefix + MODEL_JSON) is not None:
+    run_dir = cfg.state_dir / "runs" / run_id
+    deploy = record_path(run_dir, "deploy")
+    deployed = deploy.exists() and json.loads(deploy.read_text()).get("status") == "succeeded"
+    stopped = record_path(run_dir, "train").exists() and not deployed
+    if not stopped and store.stat(bucket, prefix + MODEL_JSON) is not None:
         raise ConfigError(
             f"--resume {run_id}: that run completed, its model is {s3_uri(bucket, prefix)}; "
             "nothing to resume (drop --resume for a new run)"

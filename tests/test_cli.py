@@ -829,6 +829,17 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     assert refused.returncode == 2, refused.stderr
     assert f"--profile quick: {run_id} is a smoke run, and --resume goes on" in refused.stderr
 
+    # Stopped once its model was complete, before deploy (as if its record were never written):
+    # the resume goes on from the gate with that model. It was refused as completed, and the
+    # model was never gated nor deployed.
+    (state / "runs" / run_id / "steps" / "deploy.json").unlink()
+    after = run("pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--json")
+    assert after.returncode == 0, after.stderr
+    final = json.loads(after.stdout.strip().splitlines()[-1])
+    assert final["status"] == "succeeded" and final["deploy"] is not None
+    assert f"run {run_id} trained its model before it was stopped" in after.stderr
+    assert (final["model_uri"], final["train"]) == (again["model_uri"], again["train"])
+
 
 def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) stops a run as Ctrl-C does: every process it started ends, the trainer
