@@ -270,6 +270,36 @@ def test_a_resumed_run_finds_the_version_it_registered_before_it_was_stopped(
     assert registered_version(client, "pets", runs[1]) == "1"
 
 
+PINNED = """
+import os, threading, time
+from training.dist import Dist, pin_rank
+cores = sorted(os.sched_getaffinity(0))
+early = threading.Thread(target=time.sleep, args=(2,))  # a thread started before
+early.start()
+pin_rank(Dist(rank=1, world=2, local_rank=LOCAL, local_world=WORLD))
+print(sorted(os.sched_getaffinity(0)) == cores, sorted(os.sched_getaffinity(early.native_id)))
+"""
+
+
+def test_ranks_take_a_core_each_only_where_the_cores_are_theirs() -> None:
+    import os
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))
+    root = Path(__file__).resolve().parent.parent
+    pinned = f"False [{cores[-1]}]" if len(cores) > 1 else f"True {cores}"  # one rank: never
+    for local, world, expected in [
+        (len(cores) - 1, len(cores), pinned),  # one core a rank: that core
+        (0, len(cores) + 1, f"True {cores}"),  # more ranks than cores: left to the scheduler
+    ]:
+        code = PINNED.replace("LOCAL", str(local)).replace("WORLD", str(world))
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == expected, (local, world, out.stdout)
+
+
 def test_momentum_zero_is_plain_sgd_not_a_crash() -> None:
     from pipelines.config import load_config
     from training.loop import optimisation

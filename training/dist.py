@@ -46,6 +46,20 @@ def usable_cores() -> int:
     return cores
 
 
+def pin_rank(d: Dist) -> None:
+    """Each local rank, all its threads, on a core of its own, where this process may use
+    exactly one CPU per local rank (this 2-core machine; a pod with a cpuset). There, two
+    ranks of one thread each ran about 4% faster pinned (docs/BENCHMARKS.md, levers), and
+    steadier: the scheduler moved them, and gloo's threads, between the cores. Not where more
+    CPUs are visible than there are ranks (a pod under a CPU quota sees the node's cores):
+    every such pod would crowd onto the first ones."""
+    cores = sorted(os.sched_getaffinity(0))
+    if d.local_world < 2 or len(cores) != d.local_world:
+        return
+    for task in os.listdir("/proc/self/task"):  # threads started already (torch's, ours)
+        os.sched_setaffinity(int(task), {cores[d.local_rank]})
+
+
 def init_process_group(d: Dist, backend: str, timeout_s: float = 600.0) -> None:
     """Join the group through a store prefixed by the torchrun restart count.
 
