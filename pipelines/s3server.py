@@ -14,6 +14,7 @@ from pathlib import Path
 from pipelines.config import PipelineConfig, StorageConfig
 from pipelines.errors import StorageError
 from pipelines.processes import HOST, die_with_parent, free_port, terminate
+from pipelines.storage import EMBEDDED_ENV
 
 log = logging.getLogger("mlops.s3")
 
@@ -71,6 +72,7 @@ class EmbeddedS3:
                 stdin=subprocess.DEVNULL,
             )
         self._wait_ready(log_path)
+        os.environ[EMBEDDED_ENV] = f"{self.endpoint} {log_path}"
         log.info("embedded S3 server on %s (data in %s)", self.endpoint, self.data_dir)
         return self
 
@@ -94,6 +96,8 @@ class EmbeddedS3:
     def stop(self) -> None:
         terminate(self.proc)
         self.proc = None
+        if os.environ.get(EMBEDDED_ENV, "").startswith(f"{self.endpoint} "):
+            del os.environ[EMBEDDED_ENV]
 
     def __enter__(self) -> EmbeddedS3:
         return self.start()

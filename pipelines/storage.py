@@ -73,6 +73,11 @@ class ObjectInfo:
     sha256: str | None  # from our metadata; None when something else wrote the object
 
 
+# "ENDPOINT LOG" of the embedded S3 server, set where it runs and inherited by the steps and
+# the trainer: an error that cannot reach it then names its log.
+EMBEDDED_ENV = "MLOPS_EMBEDDED_S3"
+
+
 class ObjectStore:
     """One S3 endpoint. Every store error surfaces as StorageError naming the endpoint and the
     object; a missing endpoint or missing keys is a ConfigError."""
@@ -109,9 +114,15 @@ class ObjectStore:
     def _fail(self, what: str, exc: Exception) -> StorageError:
         if isinstance(exc, S3Error):
             return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}")
+        # A run's own server that died was blamed on a MINIO_ENDPOINT nobody had set.
+        embedded, _, server_log = os.environ.get(EMBEDDED_ENV, "").partition(" ")
+        hint = (
+            f"The run's embedded S3 server stopped answering: see {server_log}"
+            if embedded == self.endpoint
+            else "Check MINIO_ENDPOINT, or unset it to use the embedded server"
+        )
         return StorageError(
-            f"cannot reach the S3 store at {self.endpoint} ({what}): {type(exc).__name__}. "
-            "Check MINIO_ENDPOINT, or unset it to use the embedded server"
+            f"cannot reach the S3 store at {self.endpoint} ({what}): {type(exc).__name__}. {hint}"
         )
 
     # --- buckets ----------------------------------------------------------------------------

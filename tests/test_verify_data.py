@@ -116,6 +116,20 @@ def test_a_stored_object_cut_short_is_named_and_repaired(make_cfg, store, s3, tm
     verify_data(make_cfg(dataset__name="imagefolder"), store)
 
 
+def test_an_embedded_store_that_died_is_named_with_its_log(s3, store) -> None:
+    """It said "Check MINIO_ENDPOINT, or unset it", to a run that had set none."""
+    from pipelines.errors import StorageError
+
+    s3.proc.kill()
+    s3.proc.wait()
+    with pytest.raises(
+        StorageError,
+        match="The run's embedded S3 server stopped answering: see "
+        f"{s3.data_dir.parent}/s3server.log",
+    ):
+        store.stat("raw-data", "x")
+
+
 def test_truncated_archive_fails_and_writes_no_manifest(make_cfg, store, tmp_path) -> None:
     archive = synthetic.write("cifar10", tmp_path / "full" / cifar10.ARCHIVE, per_class=20)
     cut = tmp_path / "cut" / cifar10.ARCHIVE
