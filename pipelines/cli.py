@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import typing
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,13 +31,14 @@ from pipelines.console import setup_logging
 from pipelines.errors import (
     ConfigError,
     PipelineError,
+    StorageError,
     raise_on_sigterm,
     redeliver_interrupts,
     report,
     stopped_by,
 )
 from pipelines.s3server import EmbeddedS3, with_embedded_store
-from pipelines.storage import ObjectStore
+from pipelines.storage import ObjectStore, parse_s3_uri
 
 log = logging.getLogger("mlops")
 
@@ -177,9 +177,10 @@ def config_from_args(
 def s3_uri_arg(text: str) -> str:
     """argparse's type for an s3://BUCKET/KEY/ option: another form is a usage error (exit 2)
     that names the option, not a store error once the step has started."""
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://BUCKET/KEY/ URI")
+    try:
+        parse_s3_uri(text)
+    except StorageError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://BUCKET/KEY/ URI") from None
     return text
 
 

@@ -286,12 +286,11 @@ def check_resume(cfg: PipelineConfig, run_id: str) -> None:
         raise ConfigError(f"--resume {run_id}: no such run in {runs}{latest}")
 
 
-def refuse_completed(cfg: PipelineConfig, store: ObjectStore, run_id: str) -> None:
+def refuse_completed(cfg: PipelineConfig, store: ObjectStore, run_id: str, run_dir: Path) -> None:
     """A run that deployed its model has nothing to resume. One stopped after its model was
     complete, before deploy, goes on from its gate: the train step reuses the model. (It was
     refused, its model never gated nor deployed, and no command went on with it.)"""
     bucket, prefix, _ = resume.location(cfg, run_id)
-    run_dir = cfg.state_dir / "runs" / run_id
     deploy = record_path(run_dir, "deploy")
     deployed = deploy.exists() and json.loads(deploy.read_text()).get("status") == "succeeded"
     stopped = record_path(run_dir, "train").exists() and not deployed
@@ -329,7 +328,7 @@ def run_pipeline(
             report.storage_endpoint = store.endpoint
             store.ensure_buckets()
             if resume_id:
-                refuse_completed(live, store, resume_id)
+                refuse_completed(live, store, resume_id, run_dir)
                 # The earlier attempt's step records: a step this one does not reach must not
                 # show that attempt's outcome.
                 shutil.rmtree(run_dir / "steps", ignore_errors=True)
