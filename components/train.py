@@ -15,7 +15,14 @@ import yaml
 from pipelines import warm
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
-from pipelines.errors import REPORT_ENV, ConfigError, DataError, PipelineError, reported
+from pipelines.errors import (
+    REPORT_ENV,
+    ConfigError,
+    DataError,
+    PipelineError,
+    exit_words,
+    reported,
+)
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_runs import fail_abandoned
 from pipelines.mlflow_server import LOCAL_SERVER_ENV, wait_healthy
@@ -198,7 +205,7 @@ def train_model(
         tries = f"up to {cfg.train.max_restarts} restart(s)"
     if code != 0 or not result_file.exists():
         fail_abandoned(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_id)
-        where = f"training exit code {code}, after {tries}; logs in {logs}"
+        where = f"training {exit_words(code)}, after {tries}; logs in {logs}"
         error = reported(error_report)
         if error is not None:
             raise type(error)(f"{error} ({where})")

@@ -74,6 +74,21 @@ def redeliver_interrupts() -> None:
     sys.unraisablehook = hook
 
 
+def exit_words(code: int) -> str:
+    """An exit code as a person reads it. A negative one (Popen's, for a process that a signal
+    ended) names the signal: a SIGKILL that nobody sent by hand is most often the kernel's,
+    out of memory, and such a process prints nothing of it."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        words = f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        words = f"killed by signal {-code}"
+    if -code == signal.SIGKILL:
+        words += " (out of memory is the usual cause: see `dmesg`, or the pod's events)"
+    return words
+
+
 class PipelineError(Exception):
     """A failure the user can act on. The message names the problem and what to do."""
 

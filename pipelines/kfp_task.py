@@ -7,7 +7,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 from pipelines import warm
@@ -55,14 +54,22 @@ def main(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def forked_tasks() -> Iterator[None]:
+def forked_tasks() -> Iterator[list[int]]:
     """kfp.local runs its tasks through run_task for the block (kfp is pinned: its handler
-    calls this module-level function; a command of another shape still runs as kfp runs it)."""
+    calls this module-level function; a command of another shape still runs as kfp runs it).
+    Yields the tasks' exit codes as they end: a step killed before it could write its record
+    is known by its code alone."""
     from kfp.local import subprocess_task_handler as handler
 
     fresh = handler.run_local_subprocess
-    handler.run_local_subprocess = partial(run_task, fresh=fresh)
+    codes: list[int] = []
+
+    def run(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        codes.append(run_task(full_command, env_vars, fresh=fresh))
+        return codes[-1]
+
+    handler.run_local_subprocess = run
     try:
-        yield
+        yield codes
     finally:
         handler.run_local_subprocess = fresh

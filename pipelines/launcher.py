@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipelines import warm
-from pipelines.errors import REPORT_ENV
+from pipelines.errors import REPORT_ENV, exit_words
 from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.train_step")
@@ -111,8 +111,8 @@ def run_single(
         if code in (0, USAGE_EXIT) or attempts > max_restarts:
             break
         log.warning(
-            "the trainer exited with code %d: restart %d of %d, from its last checkpoint",
-            code,
+            "the trainer ended (%s): restart %d of %d, from its last checkpoint",
+            exit_words(code),
             attempts,
             max_restarts,
         )

@@ -26,7 +26,7 @@ from pipelines.config import (
     public_json,
     storage_env,
 )
-from pipelines.errors import STOPPED, ConfigError, PipelineError, stopped_by
+from pipelines.errors import STOPPED, ConfigError, PipelineError, exit_words, stopped_by
 from pipelines.kfp_task import forked_tasks
 from pipelines.mlflow_server import LocalMlflow, local_workdir, with_tracking
 from pipelines.processes import require_free
@@ -184,8 +184,9 @@ class QuietKfp:
         self.flush()
 
 
-def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) -> None:
-    """Execute the KFP pipeline with kfp.local's subprocess runner; it writes in the state dir."""
+def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) -> list[int]:
+    """Execute the KFP pipeline with kfp.local's subprocess runner; it writes in the state dir.
+    Returns the steps' exit codes, in the order they ended."""
     from kfp import local
 
     from pipelines.kfp_pipeline import image_classifier
@@ -201,19 +202,20 @@ def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) 
         workspace_root=str(kfp_dir / "workspace"),
         raise_on_error=False,  # the step records say what failed; the report says it once
     )
-    with forked_tasks():  # each step's process forks from the fork server, where there is one
+    with forked_tasks() as codes:  # each step's process forks from the fork server, if any
         image_classifier(config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve)
+    return codes
 
 
-def collect(report: RunReport, run_dir: Path) -> None:
-    """Fill the report from the steps' records."""
+def collect(report: RunReport, run_dir: Path, last_code: int | None = None) -> None:
+    """Fill the report from the steps' records; last_code: the exit code of the last step."""
     for rep in report.steps:
         path = record_path(run_dir, rep.name)
         if not path.exists():
             if report.failed_step is None and report.exit_code == 0:
                 # No record: the step died before writing one (a crash, not a checked error).
                 rep.status, report.failed_step, report.exit_code = "failed", rep.name, 1
-                report.error = f"{rep.name} crashed; its log above says why"
+                report.error = crashed(rep.name, last_code)
             continue
         record = json.loads(path.read_text())
         rep.status, rep.seconds = record["status"], record["seconds"]
@@ -223,6 +225,15 @@ def collect(report: RunReport, run_dir: Path) -> None:
         if rep.status in ("failed", "interrupted"):
             report.failed_step, report.error = rep.name, record["error"]
             report.exit_code = record["exit_code"]
+
+
+def crashed(step: str, code: int | None) -> str:
+    """A step that ended without its record: its own log says why, unless a signal killed it
+    (a SIGKILL prints nothing), and then the signal is all there is to say."""
+    if code is not None and code < 0:
+        return f"{step} was {exit_words(code)}"
+    how = f" ({exit_words(code)})" if code is not None else ""
+    return f"{step} crashed{how}; its log above says why"
 
 
 def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.ExitStack) -> dict:
@@ -347,8 +358,8 @@ def run_pipeline(
             quiet = QuietKfp(sys.stderr)
             values = step_values(live) | warm_env
             with step_environment(values), quiet, contextlib.redirect_stdout(quiet):
-                run_kfp_local(live, run_dir, report.run_id, serve)
-            collect(report, run_dir)
+                codes = run_kfp_local(live, run_dir, report.run_id, serve)
+            collect(report, run_dir, codes[-1] if codes else None)
     except PipelineError as exc:  # a service failed to start
         report.error, report.exit_code = str(exc), exc.exit_code
     except KeyboardInterrupt as exc:

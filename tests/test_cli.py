@@ -872,19 +872,41 @@ def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
                 assert db.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
 
 
+def train_processes(driver: subprocess.Popen[str]) -> tuple[psutil.Process, psutil.Process]:
+    """The train step and its trainer, a run's driver's fork server's two children in training:
+    the step forked first, then its trainer."""
+    warm = next(
+        p for p in psutil.Process(driver.pid).children() if "pipelines.warm_server" in p.cmdline()
+    )
+    step, trainer = sorted(warm.children(), key=lambda p: p.create_time())
+    return step, trainer
+
+
+def test_a_step_killed_outright_is_named_with_its_signal(tmp_path: Path) -> None:
+    """A step SIGKILLed writes no record and prints nothing: the summary said "train crashed;
+    its log above says why", and no log did. It names the signal now, and the trainer goes
+    with its step."""
+    driver, lines = driver_until(smoke_args(tmp_path / "state"))
+    step, trainer = train_processes(driver)
+    step.kill()
+    out = "".join(lines) + driver.communicate(timeout=120)[0]
+    assert driver.returncode == 1, out
+    assert "FAILED at train: train was killed by SIGKILL (out of memory" in out, out
+    _, alive = psutil.wait_procs([trainer], timeout=60)  # a bound, not a timing
+    assert not alive
+
+
 def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) -> None:
     """A trainer SIGKILLed (as the OOM killer does) cannot end its MLflow run, which read
     RUNNING in the UI forever: the train step, once its restarts are spent, marks it FAILED."""
     state = tmp_path / "state"
     driver, lines = driver_until([*smoke_args(state), "--set", "train.max_restarts=0"])
-    # The fork server's youngest child: the train step forked first, then its trainer.
-    warm = next(
-        p for p in psutil.Process(driver.pid).children() if "pipelines.warm_server" in p.cmdline()
-    )
-    max(warm.children(), key=lambda p: p.create_time()).kill()
+    _, trainer = train_processes(driver)
+    trainer.kill()
     out = "".join(lines) + driver.communicate(timeout=120)[0]
     assert driver.returncode == 1, out
-    assert "FAILED at train: training failed (training exit code -9" in out, out
+    # A process killed outright prints nothing: the signal is named, and its usual sender.
+    assert "FAILED at train: training failed (training killed by SIGKILL (out of memory" in out
     assert "marked FAILED: its trainer ended without closing it" in out, out
     with contextlib.closing(sqlite3.connect(local_db(state))) as db:
         rows = db.execute("SELECT status, end_time IS NOT NULL FROM runs").fetchall()
