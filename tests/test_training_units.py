@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -240,8 +241,15 @@ def test_a_trainers_end_lets_the_checkpoint_on_its_way_finish(store: ObjectStore
         return put(*args, **kwargs)
 
     store.put_bytes = slow_put  # type: ignore[method-assign]
-    saver = checkpoint.Saver(store, bucket, prefix)
-    saver.save(checkpoint.Checkpoint(1, {"model.w": torch.zeros(3)}, {"history": [1]}))
+
+    def train() -> None:  # as the trainer's loop: its Saver is a local, unwound by the stop
+        saver = checkpoint.Saver(store, bucket, prefix)
+        saver.save(checkpoint.Checkpoint(1, {"model.w": torch.zeros(3)}, {"history": [1]}))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    gc.collect()  # the Saver is gone, as it was when the trainer's end waited for it
     checkpoint.settle_uploads()  # the upload takes 0.9 s at least: three objects
     latest = checkpoint.load_latest(store, bucket, prefix)
     assert latest is not None and latest.epoch == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import weakref
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,38 +87,36 @@ class Saver:
         self.store, self.bucket, self.prefix = store, bucket, prefix
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.pending: Future[None] | None = None
-        _LIVE.add(self)
 
     def save(self, ckpt: Checkpoint) -> None:
         encoded = encode(ckpt)
         self.wait()
         self.pending = self.pool.submit(upload, self.store, self.bucket, self.prefix, encoded)
+        _IN_FLIGHT.add(self.pending)
+        self.pending.add_done_callback(_IN_FLIGHT.discard)
 
     def wait(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.result()
 
-    def settle(self, timeout_s: float) -> None:
-        """Let an upload in flight finish, for at most timeout_s; its failure is logged."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        done, _ = futures.wait([pending], timeout=timeout_s)
-        error = pending.exception() if done else TimeoutError(f"not done in {timeout_s:.0f} s")
-        if error is not None:
-            log.warning("the last checkpoint was not uploaded (%s): a resume starts before", error)
 
-
-_LIVE: weakref.WeakSet[Saver] = weakref.WeakSet()
+# Uploads in flight, held here rather than through their Saver: a stop's exception unwinds
+# the trainer's frames, and the Saver goes with them before settle_uploads runs (a weak set
+# of Savers was empty by then, and the upload was cut off).
+_IN_FLIGHT: set[Future[None]] = set()
 
 
 def settle_uploads(timeout_s: float = 30.0) -> None:
     """At a trainer's end, however it ends: a stop just after an epoch (a SIGTERM) ended the
     process while that epoch's checkpoint was on its way, under a second here. MLflow had its
-    metrics, the store the checkpoint before, and a resume trained the epoch again."""
-    for saver in list(_LIVE):
-        saver.settle(timeout_s)
+    metrics, the store the checkpoint before, and a resume trained the epoch again. Waits for
+    at most timeout_s; a failed upload is logged."""
+    for pending in list(_IN_FLIGHT):
+        done, _ = futures.wait([pending], timeout=timeout_s)
+        error = pending.exception() if done else TimeoutError(f"not done in {timeout_s:.0f} s")
+        if error is not None:
+            log.warning("the last checkpoint was not uploaded (%s): a resume starts before", error)
 
 
 def load_latest(store: ObjectStore, bucket: str, prefix: str) -> Checkpoint | None:
