@@ -7,12 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import DNS_LABEL, PipelineConfig, ServingConfig
-from pipelines.errors import PipelineError
+from pipelines.errors import DataError, PipelineError
 from pipelines.storage import ObjectStore, parse_s3_uri
 
 # This module imports neither torch nor kserve: a launcher that starts the server first and
 # imports torch afterwards overlaps the two imports (about 4 s each on 2 cores).
 MODEL_JSON = "model.json"
+# model.json's `weights`: a file in the model's own folder. The download writes it there by this
+# name, so a path (`../x`, `/home/u/.local/lib/python3.11/site-packages/x.pth`) in a record
+# that someone changed would write outside the folder: a .pth file there runs at Python's start.
+WEIGHTS_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 # The server's settings from the config tree, passed as flags of the same names: the server's
 # parser takes each flag's type, default and help from the field.
 CONFIG_FLAGS = (
@@ -44,6 +48,12 @@ def model_meta(store: ObjectStore, model_uri: str) -> dict[str, Any]:
             f"{model_uri} has no {MODEL_JSON}: no trained model is there (a wrong URI, or a "
             "training that did not complete)"
         )
+    weights = meta.get("weights")
+    if not isinstance(weights, str) or not re.fullmatch(WEIGHTS_NAME, weights):
+        raise DataError(
+            f"{model_uri.rstrip('/')}/{MODEL_JSON}: its weights, {weights!r}, are not a file "
+            "name in the model's folder; train the model again or restore the record"
+        )
     return meta
 
 
@@ -61,9 +71,9 @@ def served_as(cfg: PipelineConfig, meta: dict[str, Any]) -> PipelineConfig:
 def download_model(
     store: ObjectStore, model_uri: str, dest: Path, meta: dict[str, Any] | None = None
 ) -> Path:
-    """Fetch model.json (unless the caller read it: `meta`), then the weights it names,
-    checked against its sha256 (as KServe's storage initializer fetches a model into the
-    predictor's model dir)."""
+    """Fetch model.json (unless the caller read it with model_meta: `meta`), then the weights
+    it names, checked against its sha256 (as KServe's storage initializer fetches a model into
+    the predictor's model dir)."""
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
     meta = meta or model_meta(store, model_uri)
     store.get_file(bucket, prefix + meta["weights"], dest / meta["weights"], meta["sha256"])

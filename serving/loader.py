@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from pipelines.errors import DataError, IntegrityError
-from serving.launch import MODEL_JSON
+from serving.launch import MODEL_JSON, WEIGHTS_NAME
 from training.model import build_classifier
 
 FIX = "train the model again or restore the file"
@@ -38,7 +38,7 @@ class ModelRecord(_Strict):
     """The fields of model.json that loading and serving read; train.py writes more (metrics,
     lineage), which are not checked here."""
 
-    weights: str
+    weights: str = Field(pattern=f"^{WEIGHTS_NAME}$")
     sha256: str
     classes: list[str]
     num_classes: PositiveInt

@@ -36,7 +36,9 @@ from data.imagefolder import fit_image
 from pipelines.config import ServingConfig, load_config
 from pipelines.errors import DataError, PipelineError
 from pipelines.processes import free_port, terminate
+from pipelines.storage import ObjectStore
 from serving.batcher import MicroBatcher
+from serving.launch import download_model
 from serving.loader import load_model
 from serving.model import ImageClassifier
 from serving.untrained import write_untrained_model
@@ -783,6 +785,7 @@ def test_a_model_that_does_not_load_is_one_line_and_exit_1(
         # Every request would have been a 500 (an IndexError naming a class).
         (change(classes=CLASSES[:4]), "names 4 classes but num_classes is 5"),
         (change(stem="zzz"), "cannot build the network it describes from model.safetensors "),
+        (change(weights="../model.safetensors"), "weights: String should match pattern"),
         (change(num_classes=7, classes=[*CLASSES, "x", "y"]), "(size mismatch for "),
     ],
     ids=[
@@ -795,6 +798,7 @@ def test_a_model_that_does_not_load_is_one_line_and_exit_1(
         "classes",
         "stem",
         "width",
+        "path",
     ],
 )
 def test_a_bad_model_record_is_a_data_error(
@@ -806,6 +810,22 @@ def test_a_bad_model_record_is_a_data_error(
         load_model(model_dir)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert str(err.value).startswith(f"{model_dir / 'model.json'}")
+
+
+@pytest.mark.parametrize("weights", ["../model.safetensors", "/tmp/x/evil.pth", "a/b", ".."])
+def test_a_model_record_naming_a_path_is_refused_before_any_download(
+    store: ObjectStore, tmp_path: Path, weights: str
+) -> None:
+    """model.json names the weights' file, which the download writes in the model dir under
+    that name: a path there wrote outside it (for verify-model, deploy and `serve` alike)."""
+    store.ensure_buckets()
+    record = json.loads((write_model_dir(tmp_path / "model") / "model.json").read_text())
+    store.write_json(store.buckets.models, "m/run/model.json", {**record, "weights": weights})
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DataError, match="are not a file name in the model's folder"):
+        download_model(store, f"s3://{store.buckets.models}/m/run/", dest)
+    assert not any(dest.iterdir())
 
 
 # --- the micro-batcher alone ------------------------------------------------------------------
