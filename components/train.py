@@ -25,8 +25,7 @@ from pipelines.errors import (
 )
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_runs import fail_abandoned
-from pipelines.mlflow_server import LOCAL_SERVER_ENV, wait_healthy
-from pipelines.processes import process_ended
+from pipelines.mlflow_server import ServerPid, local_server, wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
 from serving.launch import MODEL_JSON
 from training import resume
@@ -111,16 +110,12 @@ def tracking_ready(uri: str, wait_s: float) -> Ready:
     the launcher waits for it while the trainer imports torch and loads the data, not before.
     The trainer's exit ends the wait too: its exit code then says why, where a config error
     would otherwise wait wait_s and be blamed on the tracking server."""
-
-    # The run's own server: its exit ends the wait too, and its log is what to read.
-    local = os.environ.get(LOCAL_SERVER_ENV, "")
-    pid, _, server_log = local.partition(":")
-    hint = {"hint": f"see {server_log}"} if local else {}
+    local = local_server()  # the run's own: its exit ends the wait too, and its log is named
 
     def ready(trainer: warm.Process) -> None:
-        watched = EitherExit(trainer, int(pid)) if local else trainer
+        watched, hint = (EitherExit(trainer, local[0]), local[1:]) if local else (trainer, ())
         try:
-            wait_healthy(uri, wait_s, watched, **hint)  # type: ignore[arg-type]
+            wait_healthy(uri, wait_s, watched, *hint)  # type: ignore[arg-type]
         except PipelineError:
             if trainer.poll() is None:  # the server's failure, not the trainer's
                 raise
@@ -130,17 +125,16 @@ def tracking_ready(uri: str, wait_s: float) -> Ready:
 
 class EitherExit:
     """A trainer and the run's MLflow server, polled as one process that exits when either
-    does. The server is the driver's child, not this step's: its exit code is not ours to read
-    (returncode says "?")."""
+    does."""
 
-    def __init__(self, trainer: warm.Process, server_pid: int):
-        self.trainer, self.server_pid = trainer, server_pid
+    def __init__(self, trainer: warm.Process, server: ServerPid):
+        self.trainer, self.server = trainer, server
         self.returncode: int | str | None = None
 
     def poll(self) -> int | str | None:
         self.returncode = self.trainer.poll()
-        if self.returncode is None and process_ended(self.server_pid):
-            self.returncode = "?"
+        if self.returncode is None:
+            self.returncode = self.server.poll()
         return self.returncode
 
 

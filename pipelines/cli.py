@@ -37,6 +37,7 @@ from pipelines.errors import (
     report,
     stopped_by,
 )
+from pipelines.mlflow_server import bound_retries
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore, parse_s3_uri
 
@@ -261,6 +262,7 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
     """Run a command body: expected errors become one line on stderr and an exit code."""
     setup_logging(verbose)
     redeliver_interrupts()
+    bound_retries()
     try:
         body()
     except PipelineError as exc:

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, mlflow_env
-from pipelines.processes import HOST, die_with_parent, free_port, terminate, wait_http_ok
+from pipelines.processes import (
+    HOST,
+    die_with_parent,
+    free_port,
+    process_ended,
+    terminate,
+    wait_http_ok,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +39,47 @@ def wait_healthy(
     wait_http_ok(
         f"{uri.rstrip('/')}/health", timeout_s, proc, f"the MLflow server at {uri}", hint, "healthy"
     )
+
+
+class ServerPid:
+    """The run's own MLflow server, polled as a process by a step or a trainer that did not
+    start it: it exits, or not. Its exit code is the driver's to read (returncode says "?")."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: str | None = None
+
+    def poll(self) -> str | None:
+        if self.returncode is None and process_ended(self.pid):
+            self.returncode = "?"
+        return self.returncode
+
+
+def local_server() -> tuple[ServerPid, str] | None:
+    """The run's own server, as LOCAL_SERVER_ENV names it to the steps and the trainer: the
+    process to watch, and what to read when it has gone (its log). None for another server."""
+    pid, _, log_path = os.environ.get(LOCAL_SERVER_ENV, "").partition(":")
+    return (ServerPid(int(pid)), f"see {log_path}") if pid.isdigit() else None
+
+
+def wait_tracking(uri: str, timeout_s: float) -> None:
+    """wait_healthy, in a step or the trainer: the run's own server's exit ends the wait at
+    once, and its log is named; a restarted trainer waited wait_s for a server that had died."""
+    local = local_server()
+    wait_healthy(uri, timeout_s, *(local or ()))  # type: ignore[arg-type]
+
+
+# MLflow's client retries a refused connection 7 times, backing off to 2 minutes: about 4
+# minutes a call, and a trainer makes several. A server that has gone fails a step in seconds.
+# Set as a command starts (cli.run_main), not at an import: a step or trainer forked from the
+# fork server gets its environment after its imports, and one set then was lost.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def bound_retries() -> None:
+    """CLIENT_ENV in this process's environment, where it does not set its own values."""
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def create_database(db: Path) -> None:

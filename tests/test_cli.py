@@ -913,6 +913,26 @@ def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) 
     assert rows == [("FAILED", 1)]
 
 
+def test_a_run_whose_mlflow_server_dies_in_training_fails_at_once_naming_its_log(
+    tmp_path: Path,
+) -> None:
+    """The trainer's MLflow client retried a refused connection for about 4 minutes a call
+    (the bound on its retries was set at an import, in the fork server, and lost in the fork),
+    then failed with a traceback of five chained exceptions; its restart waited 90 s more."""
+    driver, lines = driver_until(smoke_args(tmp_path / "state"))
+    [server] = [
+        p for p in psutil.Process(driver.pid).children() if "pipelines.mlflow_serve" in p.cmdline()
+    ]
+    server.kill()
+    # A bound, not a timing: the old code took some 10 minutes.
+    out = "".join(lines) + driver.communicate(timeout=240)[0]
+    assert driver.returncode == 1, out
+    log = tmp_path / "state" / "mlflow" / "server.log"
+    assert "FAILED at train: the MLflow server at http://127.0.0.1:" in out, out
+    assert f"exited: see {log}" in out, out
+    assert "Traceback" not in out, out
+
+
 def test_an_mlflow_server_out_of_reach_leaves_the_failing_step_as_it_was(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

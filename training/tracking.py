@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import os
+from collections.abc import Iterator
 from typing import Any
 
 import matplotlib
@@ -19,14 +20,10 @@ from torch import nn
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.mlflow_runs import RUN_TAG
-from pipelines.mlflow_server import wait_healthy
+from pipelines.mlflow_server import local_server, wait_tracking
 from pipelines.registry import MODEL_URI_TAG
 
 log = logging.getLogger("mlops.tracking")
-
-# MLflow's client retries for minutes by default; a dead server should fail a step in seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,7 +56,7 @@ class Tracker:
         uri = cfg.mlflow.tracking_uri
         if not uri:
             raise ConfigError("mlflow.tracking_uri is unset: set MLFLOW_TRACKING_URI")
-        wait_healthy(uri, cfg.mlflow.wait_s)
+        wait_tracking(uri, cfg.mlflow.wait_s)
         mlflow.set_tracking_uri(uri)
         try:
             mlflow.set_experiment(cfg.mlflow.experiment)
@@ -89,19 +86,36 @@ class Tracker:
         log.info("MLflow run %s at %s", run.info.run_id, uri)
         return cls(uri, run.info.run_id, run.info.experiment_id, cfg.model_name)
 
+    @contextlib.contextmanager
+    def calls(self) -> Iterator[None]:
+        """MLflow's failure in training as one line (its retries spent): it was a traceback of
+        five chained exceptions. Where the run's own server has gone, that is what it says."""
+        try:
+            yield
+        except mlflow.MlflowException as exc:
+            local = local_server()
+            if local is not None and local[0].poll() is not None:
+                raise PipelineError(
+                    f"the run's MLflow server at {self.uri} exited: {local[1]}"
+                ) from None
+            raise PipelineError(f"MLflow at {self.uri} failed: {exc.message}") from None
+
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a resume, log the epochs the checkpoint has but MLflow missed."""
         if not history:
             return
         client = mlflow.MlflowClient()
         # train_loss, not val: every epoch has it, whatever train.eval_every skips.
-        logged = {m.step for m in client.get_metric_history(self.run_id, "train_loss")}
+        with self.calls():
+            logged = {m.step for m in client.get_metric_history(self.run_id, "train_loss")}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_epoch(row)
 
     def log_epoch(self, row: dict[str, float]) -> None:
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        metrics = {k: v for k, v in row.items() if k != "epoch"}
+        with self.calls():
+            mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
     def finish(
         self,
@@ -197,6 +211,12 @@ def _confusion(confusion: torch.Tensor, classes: list[str]) -> plt.Figure:
 
 
 def end(status: str) -> None:
-    """End the active run, if any, with FINISHED or FAILED."""
-    if mlflow.active_run() is not None:
+    """End the active run, if any, with FINISHED or FAILED. A server that cannot be reached
+    (its retries spent) is a warning: this runs as the trainer ends, however it ends, and the
+    error that ends it is already said; a failed train step marks the run FAILED itself."""
+    if mlflow.active_run() is None:
+        return
+    try:
         mlflow.end_run(status)
+    except mlflow.MlflowException as exc:
+        log.warning("could not end MLflow run as %s: %s", status, exc.message)

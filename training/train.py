@@ -256,9 +256,10 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     # The last checkpoint uploaded during the evaluations above; it is whole in S3 before the
     # model is registered or complete, so a failure from here on resumes without training.
     saver.wait()
-    version = tracker.finish(
-        model, example, metrics, history, confusion, classes, sha, s3_uri(bucket, prefix)
-    )
+    with tracker.calls():
+        version = tracker.finish(
+            model, example, metrics, history, confusion, classes, sha, s3_uri(bucket, prefix)
+        )
     model_json = {
         "format": "mlops.model/v1",
         "name": cfg.model_name,
