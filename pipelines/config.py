@@ -37,12 +37,14 @@ IMAGE_UID = 1000  # the image's non-root user and group (infrastructure/Dockerfi
 # request, as the server's bare "Bad request".
 S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 # A tracking server's URL: the steps log through its REST API and its artifact proxy. Another
-# scheme (a typo, a file store) was waited on as a server for mlflow.wait_s, then refused.
-HTTP_URL = r"^https?://\S+$"
+# scheme (a typo, a file store) was waited on as a server for mlflow.wait_s, then refused. No
+# user or password in it: the URL is printed, stored and logged as a param, and the steps'
+# health check took `user:password@host` for a host name and waited mlflow.wait_s in vain.
+HTTP_URL = r"^https?://[^/@\s]+(/\S*)?$"
 # MLflow's rule for a registry alias, which also keeps models:/NAME@ALIAS one URI.
 REGISTRY_ALIAS = r"^[A-Za-z0-9_-]{1,255}$"
 # An S3 endpoint: scheme, host and port, no path (the client puts the bucket there).
-S3_ENDPOINT = r"^https?://[^/\s]+/?$"
+S3_ENDPOINT = r"^https?://[^/@\s]+/?$"
 DATASET_ID = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 PATTERN_WORDS = {
     DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
@@ -50,9 +52,12 @@ PATTERN_WORDS = {
     S3_BUCKET: "an S3 bucket name is expected: 3-63 lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit",
     REGISTRY_ALIAS: "an MLflow alias is expected: letters, digits, '_' and '-'",
-    HTTP_URL: "the http:// or https:// URL of an MLflow tracking server is expected",
+    HTTP_URL: "the http:// or https:// URL of an MLflow tracking server is expected, with no "
+    "user or password in it (MLflow reads those from MLFLOW_TRACKING_USERNAME and "
+    "MLFLOW_TRACKING_PASSWORD)",
     S3_ENDPOINT: "the http:// or https:// URL of an S3 server is expected, host and port "
-    "only (e.g. http://minio.mlops:9000)",
+    "only (e.g. http://minio.mlops:9000; the keys come from MINIO_ACCESS_KEY and "
+    "MINIO_SECRET_KEY)",
     DATASET_ID: "1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or "
     "digit, is expected",
 }
@@ -663,6 +668,7 @@ def format_validation_error(exc: ValidationError, env: dict[str, str] | None = N
             lines.append(f"{field}.{msg}")
             continue
         value = "***" if field in SECRET_FIELDS else repr(err.get("input"))
+        value = re.sub(r"//[^/@\s]*@", "//***@", value)  # a URL's user and password
         # YAML reads 2024, 0.5 or on as a number or a boolean, and such a field wants text.
         text = err["type"] == "string_type" and err.get("input") is not None
         quote = " (quote it in a YAML file)" if text else ""

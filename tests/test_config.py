@@ -78,6 +78,25 @@ def test_bad_values_name_field_value_and_rule(overrides, message) -> None:
         load_config(overrides=overrides, environ={})
 
 
+@pytest.mark.parametrize(
+    ("variable", "field", "rule"),
+    [
+        ("MLFLOW_TRACKING_URI", "mlflow.tracking_uri", "with no user or password in it"),
+        ("MINIO_ENDPOINT", "storage.endpoint", "host and port only"),
+    ],
+)
+def test_a_url_holding_a_password_is_refused_without_showing_it(
+    variable: str, field: str, rule: str
+) -> None:
+    """A password in the tracking URL was printed in the failure, written to the run's files
+    and the --json report, and would have been logged as an MLflow param; the steps' health
+    check took `user:password@host` for a host name and waited 90 s."""
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={variable: "http://alice:hunter2pw@127.0.0.1:5000"})
+    assert f"{field}='http://***@127.0.0.1:5000' (from {variable})" in str(err.value)
+    assert rule in str(err.value) and "hunter2pw" not in str(err.value)
+
+
 def test_credentials_never_come_from_files_or_flags(tmp_path: Path) -> None:
     leaky = tmp_path / "leaky.yaml"
     leaky.write_text("storage:\n  secret_key: hunter2\n")
