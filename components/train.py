@@ -57,6 +57,13 @@ def check_ranks(cfg: PipelineConfig) -> int:
             f"take an equal share of the batch: set train.batch_size to {sizes}, or train on a "
             "number of ranks that divides it"
         )
+    if tc.batch_size // ranks < 2:
+        # BatchNorm has no spread to normalise by in one image whose last feature map is 1x1
+        # (32 px input, the imagenet stem): the trainer failed mid-run, on each restart.
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} gives each of {ranks} rank(s) one image a step, "
+            f"and BatchNorm needs at least 2: set train.batch_size to {2 * ranks} or more"
+        )
     return ranks
 
 

@@ -514,7 +514,8 @@ def smoke() -> dict[str, Any]:
     """minutes on a laptop, proves the plumbing, not the model"""
     return {
         "dataset": {"synthetic_per_class": 60},
-        # Small batches give the few images enough steps; the lr scales down with the batch.
+        # Small batches give the few images enough steps, at a lower lr chosen for them (train.lr
+        # is the schedule's peak as given: nothing rescales it with the batch size).
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.01, "stem": "s2"},
         "gate": {"min_accuracy": 0.2},
     }

@@ -204,6 +204,13 @@ def held_port() -> Iterator[int]:
             "batch_size=256 must be a multiple of 3 ranks, which each take an equal share of the "
             "batch: set train.batch_size to 255 or 258, or train on a number of ranks that divides",
         ),
+        # A BatchNorm error mid-run, once per restart, with a traceback each time.
+        (
+            ["pipelines/run.py", "--workers", "2", "--set", "train.batch_size=2"],
+            {},
+            "train.batch_size=2 gives each of 2 rank(s) one image a step, and BatchNorm needs at "
+            "least 2: set train.batch_size to 4 or more",
+        ),
         (["pipelines/run.py", "--port", "{port}"], {}, "serving.port={port}: the port is in use"),
         (
             ["pipelines/run.py", "mlflow-ui", "--set", "mlflow.ui_port={port}"],
