@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -435,6 +436,12 @@ def test_dockerfile_is_pinned_non_root_and_secret_free() -> None:
     assert {"components", "data", "pipelines", "serving", "training"} <= copied
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".mlops"} <= set(ignored)
+    # No key file goes to the build's context (only s3.env did: the database's and MLflow's
+    # passwords went to the Docker daemon).
+    for overlay in keys.OVERLAYS.iterdir():
+        for name in keys.env_files(overlay):
+            path = (overlay / name).relative_to(ROOT).as_posix()
+            assert any(fnmatch.fnmatch(path, pattern) for pattern in ignored), path
 
 
 def test_a_cpu_image_installs_the_locked_torch_pair_and_nothing_of_cuda(tmp_path: Path) -> None:
