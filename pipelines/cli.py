@@ -199,11 +199,12 @@ def step_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def make_dir(path: Path, setting: str, hint: str) -> None:
-    """Create the folder `setting` names, if need be, and check this process can write in
-    it: a bad path is a config error before any work, not an OSError after it."""
+def make_dir(path: Path, setting: str, hint: str, mode: int = 0o777) -> None:
+    """Create the folder `setting` names, if need be (`mode`, less the umask, for the folder
+    itself), and check this process can write in it: a bad path is a config error before any
+    work, not an OSError after it."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
     except FileExistsError:
         raise ConfigError(f"{setting}: {path} is a file, not a folder; {hint}") from None
     except OSError as exc:
@@ -213,7 +214,10 @@ def make_dir(path: Path, setting: str, hint: str) -> None:
 
 
 def check_state_dir(cfg: PipelineConfig) -> None:
-    make_dir(cfg.state_dir, "state_dir", "pass --state-dir DIR")
+    # Its owner's only, when made here: it holds the embedded store's objects and MLflow's
+    # database, which the servers on 127.0.0.1 guard with per-run keys, and which other users
+    # of the machine could read, as files, beside them. A folder that exists keeps its mode.
+    make_dir(cfg.state_dir, "state_dir", "pass --state-dir DIR", mode=0o700)
 
 
 def check_storage(cfg: PipelineConfig) -> None:

@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ import pytest
 
 from components.train import tracking_ready
 from data import synthetic
-from pipelines.config import TrainConfig
+from pipelines.cli import check_state_dir
+from pipelines.config import TrainConfig, load_config
 from pipelines.errors import REPORT_ENV, ConfigError, reported
 from pipelines.launcher import run_single, run_torchrun
 from pipelines.local import QuietKfp
@@ -259,6 +261,19 @@ def test_a_port_it_may_not_bind_is_not_called_in_use(tmp_path: Path) -> None:
         out.stderr == "error: serving.port=1: cannot listen on it (Permission denied); pass "
         "--port N\n"
     )
+
+
+def test_a_new_state_dir_is_its_owners_only(tmp_path: Path) -> None:
+    """It holds the embedded store's objects and MLflow's database as files: 0755, as the
+    umask left it, let every user of the machine read the datasets, models and runs that the
+    servers guard with per-run keys. A folder that exists is left as it is."""
+    os.umask(old := os.umask(0o022))
+    new, existing = tmp_path / "a" / "state", tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    for path in (new, existing):
+        check_state_dir(load_config(environ={"MLOPS_STATE_DIR": str(path)}))
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700 & ~old
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o755 & ~old
 
 
 def test_a_state_dir_in_use_refuses_a_second_command_until_its_holder_dies(
