@@ -221,6 +221,9 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceSe
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 service_account_name=cl.serving_service_account,
+                # The model server calls no Kubernetes API, and KServe's webhook puts the S3
+                # keys the account names into the storage initializer's env: no token in the pod.
+                automount_service_account_token=False,
                 security_context=pod_security(),
                 volumes=volumes,
                 containers=[

@@ -242,6 +242,9 @@ def test_pytorchjob_and_inferenceservice_parse_through_the_sdk_models(
     assert _sdk_round_trip(KServeApiClient(), isvc, "V1beta1InferenceService") == isvc
     env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"]["value"].startswith("s3://models/")
+    # Neither the trainer nor the model server calls the Kubernetes API: no token in their pods.
+    pods = [pod for doc in (job, isvc) for _, pod in _pods(doc)]
+    assert all(pod["automountServiceAccountToken"] is False for pod in pods)
 
 
 def test_workers_shape_the_replicas(tmp_path: Path) -> None:
