@@ -169,8 +169,12 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         entrypoint="pipeline",
         on_exit="exit-handler",
         service_account_name=cfg.cluster.service_account,
-        # The executor needs it for the train resource template, deploy's KServeClient too.
-        automount_service_account_token=True,
+        # No step's own container gets a token, but deploy's (below): with one account for all,
+        # any step (verify-data, which decodes what users upload) could create a PyTorchJob,
+        # whose pods may mount any Secret of the namespace. Argo's executor (task results, the
+        # train step's job) acts with an account of its own.
+        automount_service_account_token=False,
+        executor=m.ExecutorConfig(service_account_name=cfg.cluster.executor_service_account),
         security_context=_k8s(m.PodSecurityContext, pod_security()),
         active_deadline_seconds=cfg.cluster.active_deadline_s,
         arguments=workflow_parameters(cfg),
@@ -215,6 +219,9 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
             ["--model-uri", "{{inputs.parameters.serving-uri}}"],
             inputs=[Parameter(name="serving-uri")],
         )
+        # KServeClient reads its pod's token: an account that may apply InferenceServices only.
+        deploy.service_account_name = cfg.cluster.deploy_service_account
+        deploy.automount_service_account_token = True
         report = Container(
             name="report",
             image=cfg.image,

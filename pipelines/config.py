@@ -378,7 +378,18 @@ class ClusterConfig(_Section):
         description="Kubernetes namespace of the workflows, jobs and services.",
     )
     service_account: str = Field(
-        "mlops-pipeline", description="ServiceAccount of the workflow and training pods."
+        "mlops-pipeline",
+        description="ServiceAccount of the training pods (which mount no token) and of a KFP "
+        "run's pods, which share one account for all they call.",
+    )
+    executor_service_account: str = Field(
+        "mlops-executor",
+        description="ServiceAccount of Argo's executor in each step pod (task results; the "
+        "train step's PyTorchJob). The steps' own containers mount no token.",
+    )
+    deploy_service_account: str = Field(
+        "mlops-deployer",
+        description="ServiceAccount of the Argo deploy step's container: InferenceServices.",
     )
     serving_service_account: str = Field(
         "mlops-kserve", description="ServiceAccount of the predictor (its S3 Secret)."

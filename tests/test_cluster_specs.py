@@ -122,10 +122,14 @@ def test_workflow_key_fields(compiled: Path) -> None:
         "name": "serving-uri",
         "value": "{{=jsonpath(tasks['verify-model'].outputs.parameters.result, '$.serving_uri')}}",
     }
-    # KServeClient reads the pod's account token: no template may turn its mount off.
-    assert spec["automountServiceAccountToken"] is True
-    assert "automountServiceAccountToken" not in deploy
-    assert "serviceAccountName" not in deploy
+    # No step's container gets a token but deploy's, whose KServeClient reads it, under an
+    # account that may apply InferenceServices only; Argo's executor has its own.
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["executor"] == {"serviceAccountName": cluster.executor_service_account}
+    assert deploy["automountServiceAccountToken"] is True
+    assert deploy["serviceAccountName"] == cluster.deploy_service_account
+    accounts = {"automountServiceAccountToken", "serviceAccountName"}
+    assert not any(accounts & t.keys() for t in templates.values() if t is not deploy)
 
     # A config error (exit 2) fails the same way again, as does an error the step marks final
     # in its termination message (a gate missed): only other failures are retried.

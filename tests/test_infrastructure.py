@@ -73,7 +73,9 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     kinds = {d["kind"] for d in rendered}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
     roles = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Role"}
-    assert set(roles) == {"mlops-pipeline", "mlops-submitter"}
+    cluster = PipelineConfig().cluster
+    executor, deployer = cluster.executor_service_account, cluster.deploy_service_account
+    assert set(roles) == {"mlops-pipeline", "mlops-submitter", executor, deployer}
 
     def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
         for rule in role["rules"]:
@@ -88,6 +90,19 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         }
 
     pipeline, submitter = granted(roles["mlops-pipeline"]), granted(roles["mlops-submitter"])
+    # On Argo: the executor records results and runs the train job; deploy's container applies
+    # the InferenceService; no step's own container may create a PyTorchJob (whose pods could
+    # mount any Secret), nor read a Secret, a ConfigMap or another pod's log.
+    assert granted(roles[executor]) == {
+        ("argoproj.io", "workflowtaskresults", "create"),
+        ("argoproj.io", "workflowtaskresults", "patch"),
+        ("kubeflow.org", "pytorchjobs", "create"),
+        ("kubeflow.org", "pytorchjobs", "get"),
+        ("kubeflow.org", "pytorchjobs", "delete"),
+    }
+    assert granted(roles[deployer]) == {
+        ("serving.kserve.io", "inferenceservices", v) for v in ("create", "get", "update")
+    }
     # Exactly the verbs the pods' API calls use (see the Role's comments for which call).
     assert {v for g, r, v in pipeline if r == "pytorchjobs"} == {"create", "get", "delete"}
     assert {v for g, r, v in pipeline if r == "inferenceservices"} == {
@@ -148,7 +163,19 @@ def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:
         cluster.namespace
     }
     accounts = {d["metadata"]["name"] for d in rendered if d["kind"] == "ServiceAccount"}
-    assert accounts == {cluster.service_account, cluster.serving_service_account, "mlops-submitter"}
+    assert accounts == {
+        cluster.service_account,
+        cluster.executor_service_account,
+        cluster.deploy_service_account,
+        cluster.serving_service_account,
+        "mlops-submitter",
+    }
+    # Argo mounts its executor's token from the Secret of this name (Kubernetes makes none for
+    # an account since 1.24).
+    executor = cluster.executor_service_account
+    token = one(rendered, "Secret", f"{executor}.service-account-token")
+    assert token["type"] == "kubernetes.io/service-account-token" and "data" not in token
+    assert token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == executor
     secret = one(rendered, "Secret", cluster.s3_secret)
     assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     annotations = secret["metadata"]["annotations"]
