@@ -37,11 +37,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    def __init__(self, uri: str, run_id: str, experiment_id: str, registered_name: str):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        experiment_id: str,
+        registered_name: str,
+        label_smoothing: float = 0.0,
+    ):
         self.uri = uri
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.registered_name = registered_name
+        self.label_smoothing = label_smoothing
 
     @classmethod
     def start(
@@ -84,7 +92,13 @@ class Tracker:
         except mlflow.MlflowException as exc:
             raise PipelineError(f"MLflow at {uri} refused the run: {exc.message}") from None
         log.info("MLflow run %s at %s", run.info.run_id, uri)
-        return cls(uri, run.info.run_id, run.info.experiment_id, cfg.model_name)
+        return cls(
+            uri,
+            run.info.run_id,
+            run.info.experiment_id,
+            cfg.model_name,
+            cfg.train.label_smoothing,
+        )
 
     @contextlib.contextmanager
     def calls(self) -> Iterator[None]:
@@ -142,7 +156,8 @@ class Tracker:
             client.set_model_version_tag(self.registered_name, before, MODEL_URI_TAG, model_uri)
             return before
         mlflow.set_tag("mlops.model_sha256", sha256)
-        mlflow.log_figure(_curves(history), "plots/training_curves.png")
+        curves = _curves(history, self.label_smoothing)
+        mlflow.log_figure(curves, "plots/training_curves.png")
         mlflow.log_figure(_confusion(confusion, classes), "plots/confusion_matrix.png")
         plt.close("all")
         cpu = _cpu_copy(model)
@@ -184,11 +199,16 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     return cpu.eval()
 
 
-def _curves(history: list[dict[str, float]]) -> plt.Figure:
+def _curves(history: list[dict[str, float]], label_smoothing: float = 0.0) -> plt.Figure:
+    """Loss and accuracy against the epoch, train and val. The train loss is the one trained
+    on, with label smoothing; val's is plain cross-entropy: the legend says so, since a smoothed
+    loss cannot fall near zero and read beside val's it looked like underfitting."""
     validated = [r for r in history if "val_accuracy" in r]  # train.eval_every may skip some
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 4))
+    smoothed = f" (label smoothing {label_smoothing:g})" if label_smoothing else ""
     for ax, name in ((loss, "loss"), (acc, "accuracy")):
-        ax.plot([r["epoch"] for r in history], [r[f"train_{name}"] for r in history], label="train")
+        train = "train" + (smoothed if name == "loss" else "")
+        ax.plot([r["epoch"] for r in history], [r[f"train_{name}"] for r in history], label=train)
         ax.plot([r["epoch"] for r in validated], [r[f"val_{name}"] for r in validated], label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
