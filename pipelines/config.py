@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -574,6 +574,26 @@ ConfigLoader.add_implicit_resolver(
     list("-+0123456789."),
 )
 ConfigLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def _unique_keys(loader: ConfigLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """A mapping that names a key once: PyYAML keeps the last of two silently, so a file that
+    set `epochs` twice trained with whichever came last, the first looking in force."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            break  # construct_mapping says so, in its own words
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                problem=f"{key!r} is set twice in one section: keep one",
+                problem_mark=key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:map", _unique_keys)
 
 
 def load_yaml(text: str) -> Any:

@@ -106,6 +106,20 @@ def test_credentials_never_come_from_files_or_flags(tmp_path: Path) -> None:
         load_config(overrides={"storage.access_key": "x"}, environ={})
 
 
+def test_a_key_set_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two keys silently: `epochs: 3` above `epochs: 5` looked in force."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as failed:
+        load_config(config_file=twice, environ={})
+    assert str(failed.value) == (
+        f"config file {twice} is not valid YAML at line 4, column 3: 'epochs' is set twice in "
+        "one section: keep one"
+    )
+    with pytest.raises(ConfigError, match="'epochs' is set twice"):
+        parse_set(["train={epochs: 2, epochs: 3}"])
+
+
 def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
