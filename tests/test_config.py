@@ -106,32 +106,32 @@ def test_credentials_never_come_from_files_or_flags(tmp_path: Path) -> None:
         load_config(overrides={"storage.access_key": "x"}, environ={})
 
 
-def test_a_key_set_twice_is_refused(tmp_path: Path) -> None:
-    """PyYAML keeps the last of two keys silently: `epochs: 3` above `epochs: 5` looked in force."""
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")
-    with pytest.raises(ConfigError) as failed:
-        load_config(config_file=twice, environ={})
-    assert str(failed.value) == (
-        f"config file {twice} is not valid YAML at line 4, column 3: 'epochs' is set twice in "
-        "one section: keep one"
-    )
-    with pytest.raises(ConfigError, match="'epochs' is set twice"):
-        parse_set(["train={epochs: 2, epochs: 3}"])
-
-
-def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "where_and_why"),
+    [
+        ("train: [unclosed\n", "line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        # PyYAML kept the last of two keys silently: `epochs: 3` above looked in force.
+        (
+            "train:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n",
+            "line 4, column 3: 'epochs' is set twice in one section: keep one",
+        ),
+    ],
+    ids=["unclosed", "key-twice"],
+)
+def test_bad_yaml_is_one_line_naming_where(tmp_path: Path, text: str, where_and_why: str) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [unclosed\n")
+    bad.write_text(text)
     with pytest.raises(ConfigError) as failed:
         load_config(config_file=bad, environ={})
     # One line: where and what, not PyYAML's eight with carets.
-    assert str(failed.value) == (
-        f"config file {bad} is not valid YAML at line 2, column 1: expected ',' or ']', but got "
-        "'<stream end>'"
-    )
+    assert str(failed.value) == f"config file {bad} is not valid YAML at {where_and_why}"
+
+
+def test_a_missing_file_a_key_set_twice_and_an_unknown_profile(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(config_file=tmp_path / "nope.yaml", environ={})
+    with pytest.raises(ConfigError, match="'epochs' is set twice"):
+        parse_set(["train={epochs: 2, epochs: 3}"])
     with pytest.raises(ConfigError, match="profile='huge': choose one of smoke, quick, full"):
         load_config("huge", environ={})
 
