@@ -509,9 +509,13 @@ class PipelineConfig(_Section):
         CIFAR-10 default met that champion at the gate, which refuses another task."""
         if self.serving.model_name:
             return self.serving.model_name
-        name = f"{self.dataset.key}-{self.train.arch}"
-        # dataset.id may hold '.', '_' or 63 characters, which a DNS label may not
-        return name if re.fullmatch(DNS_LABEL, name) else f"{self.dataset.name}-{self.train.arch}"
+        # dataset.id may hold '.' and '_', which a DNS label may not, and 63 characters: they
+        # become '-', and the id is cut to fit. (It fell back to FORMAT-ARCH, so `my_pets` and
+        # `pets.v2` shared one model, its versions and its champion.)
+        arch = self.train.arch
+        label = re.sub(r"[._]", "-", self.dataset.key)[: 62 - len(arch)].strip("-")
+        name = f"{label}-{arch}"
+        return name if re.fullmatch(DNS_LABEL, name) else f"{self.dataset.name}-{arch}"
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, credentials masked (for logs and MLflow params)."""

@@ -189,9 +189,16 @@ def test_the_model_name_follows_the_dataset_unless_set() -> None:
     assert name() == "cifar10-resnet18"
     assert name(**{"dataset.name": "mnist"}) == "mnist-resnet18"
     assert name(**{"dataset.name": "imagefolder", "dataset.id": "flowers"}) == "flowers-resnet18"
-    # An id that is no DNS label (an underscore, or too long with the suffix): the format's name
-    for bad in ("my_photos", "x" * 60):
-        assert name(**{"dataset.name": "imagefolder", "dataset.id": bad}) == "imagefolder-resnet18"
+    # An id that is no DNS label: '.' and '_' become '-', and a long one is cut to fit. They
+    # fell back to the format's name, which every such dataset then shared, with its champion.
+    names = {
+        "my_photos": "my-photos-resnet18",
+        "pets.v2": "pets-v2-resnet18",
+        "x" * 60: "x" * 54 + "-resnet18",  # 63 characters
+        "a_" + "y" * 60: "a-" + "y" * 52 + "-resnet18",
+    }
+    for dataset_id, expected in names.items():
+        assert name(**{"dataset.name": "imagefolder", "dataset.id": dataset_id}) == expected
     assert name(**{"dataset.name": "mnist", "serving.model_name": "digits"}) == "digits"
     unset = parse_set(["serving.model_name="])
     assert name(**unset, **{"dataset.name": "mnist"}) == "mnist-resnet18"
