@@ -346,7 +346,8 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = Field(
         None,
         pattern=HTTP_URL,
-        description="Tracking server (env MLFLOW_TRACKING_URI). Unset: start a local server.",
+        description="Tracking server (env MLFLOW_TRACKING_URI). Unset: `run.py` starts a local "
+        "one for its run; the train and verify-model steps run alone need it set.",
     )
     experiment: str = Field("image-classifier", description="Experiment name.")
     ui_port: int = Field(5000, ge=1, le=65535, description="Port of `make mlflow-ui`.")

@@ -53,9 +53,11 @@ def summary(report: RunReport) -> str:
         start = trained.get("resumed_from_epoch", 0)
         resumed = f", resumed after epoch {start}" if start else ""
         lines += [
+            # The trainer's figures, in its precision (bf16 on most CPUs here); the gate's are
+            # the served model's, in fp32, and may differ a little: each says which it is.
             f"accuracy    test {trained['test_accuracy']:.4f}, val {trained['val_accuracy']:.4f}"
-            f" ({trained['epochs']} epochs{resumed}, {trained['world_size']} process(es),"
-            f" {trained['precision']})",
+            f" in training ({trained['epochs']} epochs{resumed}, {trained['world_size']}"
+            f" process(es), {trained['precision']})",
             f"model       {trained['model_uri']}model.safetensors",
             f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
@@ -69,7 +71,7 @@ def summary(report: RunReport) -> str:
             else f"{verified['alias']} stays v{verified['champion_version']} and is deployed"
         )
         lines.append(
-            f"gate        test {verified['test_accuracy']:.4f} >= "
+            f"gate        test {verified['test_accuracy']:.4f} as served >= "
             f"{verified['min_accuracy']:.4f}: v{verified['version']} {champion}"
         )
     deployed = report.result("deploy")

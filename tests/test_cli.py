@@ -836,7 +836,7 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     assert [h["epoch"] for h in again["train"]["history"]] == [1, 2, 3, 4]
     start = again["train"]["resumed_from_epoch"]
     assert f"resuming {run_id} from epoch {start} of 4" in resumed.stderr
-    assert f"(4 epochs, resumed after epoch {start}, 1 process(es)" in resumed.stderr
+    assert f"in training (4 epochs, resumed after epoch {start}, 1 process(es)" in resumed.stderr
     assert mlflow_run is not None and again["mlflow"]["run_id"] == mlflow_run[1]
 
     for resume, message in (
