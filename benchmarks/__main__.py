@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         code = importlib.import_module(module).main(extra)
         if code:
             return code
-    return importlib.import_module("benchmarks.report").main()
+    return importlib.import_module("benchmarks.report").main([])
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def resolve(ref: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.ab",
+        prog=f"python -m {__spec__.name}",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

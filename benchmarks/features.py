@@ -24,7 +24,9 @@ from pipelines.storage import ObjectStore, parse_s3_uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed rebuilds (3)")
     args = parser.parse_args(argv)
     if not SHARED_CIFAR.exists():

@@ -169,7 +169,7 @@ def search(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_time_to_accuracy",
+        prog=f"python -m {__spec__.name}",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

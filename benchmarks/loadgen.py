@@ -134,7 +134,9 @@ async def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--port", type=int, required=True, help="model server port on 127.0.0.1")
     parser.add_argument("--model", required=True, help="model name")
@@ -142,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1, help="concurrent clients (default: 1)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per round (default: 2)")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds (default: 1)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="untimed seconds first")
     parser.add_argument(
-        "--shape", type=int, nargs=3, default=[32, 32, 3], metavar=("H", "W", "C"), help="image"
+        "--warmup", type=float, default=0.5, help="untimed seconds first (default: 0.5)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[32, 32, 3],
+        metavar=("H", "W", "C"),
+        help="image shape (default: 32 32 3)",
     )
     args = parser.parse_args(argv)
     try:

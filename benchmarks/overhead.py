@@ -51,7 +51,9 @@ def service_startups(state: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--runs", type=int, default=3, help="warm runs after the cold one (3)")
     args = parser.parse_args(argv)
     rows, startups = [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -185,7 +186,10 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__).parse_args(
+        argv
+    )  # no options: --help says what it does, and a stray argument is refused
     docs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     summary = "## Targets\n\n" + table(targets({d["name"]: d for d in docs})) + "\n"

@@ -243,7 +243,9 @@ def report(by_backend: dict, batched: dict, unbatched: dict, summary: dict) -> N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--seconds", type=float, default=1.5, help="per round and setting (default: 1.5)"

@@ -58,7 +58,9 @@ def plot(curves: dict[str, list[tuple[float, float]]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--profiles", default="quick,full", help="comma-separated (quick,full)")
     args = parser.parse_args(argv)
     if not SHARED_CIFAR.exists():

@@ -4,7 +4,8 @@
 
 Each configuration runs the training program's own step (augmentation, forward, backward, SGD)
 on uint8 CIFAR-shaped batches at the default global batch size; image content does not change
-the speed. The 2-process case runs under torchrun with gloo, as `make run --workers 2` does.
+the speed. The 2-process case runs under torchrun with gloo, as `make run ARGS="--workers 2"`
+does.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def measure(stem: str, precision: str, procs: int, steps: int, warmup: int) -> f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=12, help="timed steps (default: 12)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
