@@ -59,6 +59,19 @@ def write(fmt: str, out: Path, per_class: int = 200, seed: int = 0) -> Path:
     return imagefolder.write(generate(per_class, seed=seed), out)
 
 
+OUTPUTS = {
+    "cifar10": "a .tar.gz file",
+    "mnist": "a folder (the four IDX files)",
+    "imagefolder": "a .tar.gz, a .zip or a folder",
+}
+
+
+def _fits(fmt: str, out: Path) -> bool:
+    """Whether `out`'s name says what `fmt` writes there."""
+    archive = out.name.endswith((".tar.gz", ".zip"))
+    return {"cifar10": out.name.endswith(".tar.gz"), "mnist": not archive}.get(fmt, True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.synthetic",
@@ -75,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         required=True,
-        help="output: a .tar.gz (cifar10, imagefolder), a .zip (imagefolder) or a folder",
+        help="output: " + "; ".join(f"{f} writes {what}" for f, what in OUTPUTS.items()),
     )
     parser.add_argument(
         "--per-class", type=_at_least(1), default=200, help="train images per class"
     )
     parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     args = parser.parse_args(argv)
+    if not _fits(args.format, args.out):
+        # It wrote what the format writes under any name: a folder named mn.tar.gz, or a
+        # tarball named like a folder.
+        parser.error(f"--out {args.out}: {args.format} writes {OUTPUTS[args.format]}")
     try:
         print(write(args.format, args.out, args.per_class, args.seed))
     except OSError as exc:

@@ -495,6 +495,9 @@ def test_the_generator_command_refuses_what_it_cannot_make(tmp_path: Path) -> No
         (["--per-class", "0"], "argument --per-class: 0 is less than 1"),
         (["--seed", "-1"], "argument --seed: -1 is less than 0"),
         (["--out", str(tmp_path / "file/x.tar.gz")], f"cannot write it (File exists: {tmp_path}"),
+        # Each format wrote what it writes under any name: a folder called mn.tar.gz.
+        (["--format", "mnist"], "x.tar.gz: mnist writes a folder (the four IDX files)"),
+        (["--out", str(tmp_path / "c10")], "c10: cifar10 writes a .tar.gz file"),
     ]:
         argv = [sys.executable, "-m", "data.synthetic", "--out", str(tmp_path / "x.tar.gz"), *args]
         out = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
