@@ -28,6 +28,23 @@ from serving.model import ImageClassifier
 from serving.rest import check_listen, install_rest_server
 
 DEFAULTS = ServingConfig()
+# KServe's flags that do nothing here (a transformer's, gRPC's) or that main() refuses: still
+# parsed, as KServe's own server takes them, but out of --help, which listed them with defaults.
+HIDDEN = {
+    "grpc_port",
+    "max_threads",
+    "enable_grpc",
+    "workers",
+    "predictor_host",
+    "protocol",
+    "predictor_protocol",
+    "predictor_use_ssl",
+    "predictor_request_timeout_seconds",
+    "predictor_request_retries",
+    "enable_predictor_health_check",
+    "grpc_max_send_message_length",
+    "grpc_max_receive_message_length",
+}
 
 
 class ModelServer(kserve.ModelServer):
@@ -61,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     # KServe's defaults where this server differs: REST only (its gRPC server would listen on
     # every address, whatever --bind_host says), and the config tree's model name.
     parser.set_defaults(enable_grpc=False, model_name=PipelineConfig().model_name)
+    for action in parser._actions:  # argparse offers no public way to hide an inherited flag
+        if action.dest in HIDDEN:
+            action.help = argparse.SUPPRESS
     for name in CONFIG_FLAGS:
         field = ServingConfig.model_fields[name]
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
