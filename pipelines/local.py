@@ -60,6 +60,7 @@ class RunReport:
     storage_endpoint: str = ""
     tracking_uri: str = ""
     embedded_mlflow: bool = False  # the run's own server, which stops with it
+    embedded_s3: bool = False  # likewise, on a port and with keys of this run only
     state_dir: str = ""  # as the command that resumes the run names it: empty for the default
     steps: list[StepReport] = field(default_factory=list)
     seconds: float = 0.0
@@ -337,6 +338,7 @@ def run_pipeline(
                 save_settings(cfg, run_dir)
             live, store = stack.enter_context(open_store(cfg, "run"))
             report.storage_endpoint = store.endpoint
+            report.embedded_s3 = not cfg.storage.endpoint
             store.ensure_buckets()
             if resume_id:
                 refuse_completed(live, store, resume_id, run_dir)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
+from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError
 from pipelines.local import RunReport
 
@@ -81,7 +83,11 @@ def summary(report: RunReport) -> str:
             f"endpoint    {deployed['endpoint_v1']}  [{state}]",
             f"            {deployed['endpoint_v2']}",
         ]
-    if report.storage_endpoint:
+    if report.embedded_s3:  # its URL and keys died with it: where its objects stay is news
+        state_dir = report.state_dir or PipelineConfig.model_fields["state_dir"].default
+        where = shlex.quote(str(Path(state_dir) / "s3"))
+        lines.append(f"S3 store    embedded, stopped; its objects stay in {where}")
+    elif report.storage_endpoint:
         lines.append(f"S3 store    {report.storage_endpoint}")
     if report.error:
         lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]

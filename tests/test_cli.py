@@ -651,6 +651,8 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     # The readable summary, the splits in one order on both runs (the second's, read back
     # from the stored JSON, came alphabetical).
     assert "(unchanged, reused): train 540, val 60, test 120" in second.stderr
+    # The embedded store's URL and keys were the run's: it says where the objects stay.
+    assert f"S3 store    embedded, stopped; its objects stay in {state}/s3\n" in first.stderr
     assert (
         "classes, train 600, test 120" in first.stderr
         and "classes, train 600, test" in second.stderr
