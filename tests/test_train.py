@@ -286,7 +286,7 @@ def test_config_the_data_cannot_satisfy(env: SimpleNamespace) -> None:
     with pytest.raises(ConfigError, match="must be a multiple of 3 ranks"):
         train_model(_cfg(env, workers=3, batch_size=32), env.store, env.processed)
     with pytest.raises(ConfigError, match=r"the val split holds 60 image\(s\), fewer than the 64"):
-        train_model(_cfg(env, workers=64, batch_size=64), env.store, env.processed)
+        train_model(_cfg(env, workers=64, batch_size=128), env.store, env.processed)
 
 
 def test_unreachable_mlflow_fails_within_a_bounded_wait(env) -> None:
