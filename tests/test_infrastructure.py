@@ -130,6 +130,27 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         assert [s["name"] for s in binding["subjects"]] == [binding["roleRef"]["name"]]
 
 
+def test_every_store_answers_only_this_namespace(rendered: list[dict[str, Any]]) -> None:
+    """With no NetworkPolicy, MinIO (one key for all its data) and MLflow (no login in the local
+    overlay) answered every pod of the cluster. Each Service's pods now take connections on its
+    ports (MinIO's console's not) from this namespace's pods, or Argo's, whose server reads
+    archived logs and artifacts from MinIO."""
+    install = (ROOT / "infrastructure/upstream/install.sh").read_text()
+    argo = {"matchLabels": {"kubernetes.io/metadata.name": re.findall(r"-n (\w+) ", install)[0]}}
+    policies = [d["spec"] for d in rendered if d["kind"] == "NetworkPolicy"]
+    services = [d for d in rendered if d["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} >= {"minio", "mlflow"}
+    for service in services:
+        selector = service["spec"]["selector"]
+        (policy,) = [p for p in policies if p["podSelector"]["matchLabels"] == selector]
+        assert policy["policyTypes"] == ["Ingress"]
+        peers = [peer for rule in policy["ingress"] for peer in rule["from"]]
+        assert all(peer.get("namespaceSelector", argo) == argo for peer in peers), peers
+        opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+        ports = service["spec"]["ports"]
+        assert opened == {p["port"] for p in ports if p["name"] != "console"}, selector
+
+
 def test_pods_are_restricted_resourced_and_pinned(rendered: list[dict[str, Any]]) -> None:
     pods = [
         d["spec"]["template"]["spec"]
