@@ -243,7 +243,6 @@ def start_fork_server(cfg: PipelineConfig, run_dir: Path, stack: contextlib.Exit
     variable that points the steps at it, or none where `fork_server` is off."""
     if not cfg.fork_server:
         return {}
-    run_dir.mkdir(parents=True, exist_ok=True)
     # Imports read a few variables (MLflow's telemetry switch, matplotlib's cache dir): the
     # server imports under those the steps get. It holds no store keys: each child gets its
     # step's environment with its request.
@@ -330,6 +329,9 @@ def run_pipeline(
         # trainer stopped mid-way) end their MLflow run and their writes while both servers are
         # up, then MLflow, then S3.
         with contextlib.ExitStack() as stack:
+            # Made here, whether or not a fork server keeps its log in it: with fork_server
+            # off, the settings below had no folder, and every new run was a traceback.
+            run_dir.mkdir(parents=True, exist_ok=True)
             forks = stack.enter_context(contextlib.ExitStack())
             warm_env = start_fork_server(cfg, run_dir, forks)
             if not resume_id:

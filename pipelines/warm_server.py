@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,24 @@ from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 log = logging.getLogger("mlops.warm")
 TITLE_MAX = 300  # a step's arguments hold its whole config
 STOP_GRACE_S = 5.0  # within the 10 s the driver gives this server before its SIGKILL
+
+
+def _end_with_client(conn: socket.socket, ending: threading.Event) -> None:
+    """A child ends with its client (the step or driver that asked for it), as a child of a
+    killed process would: the client sends nothing after its request, so its end turning
+    readable is its exit. The server sees to that (client_gone) while it lives; a child whose
+    server had died (killed: it is the largest process here, the OOM killer's pick) trained on,
+    orphaned, after a stopped run, restarted its trainer and rewrote its step's record.
+    `ending` is set before the exit code is sent, after which the client closes."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1):
+                pass
+        if not ending.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="client-watch", daemon=True).start()
 
 
 @dataclass
@@ -131,7 +151,7 @@ class Server:
         """In the forked child: the client's streams, environment, directory and arguments,
         then the target; never returns to the server loop."""
         req, fds, conn = request.body, request.fds, request.conn
-        code = 1
+        code, ending = 1, threading.Event()
         try:
             # A fresh process's signal handling before its pid leaves: the client may signal
             # it at once, and the server's SIGTERM handler (sys.exit(0)) would end it with 0.
@@ -158,13 +178,21 @@ class Server:
             log.propagate = True
             for target_fd, fd in enumerate(fds):
                 os.dup2(fd, target_fd)
+            for fd in set(fds) - {0, 1, 2}:  # a second copy kept a reader from seeing its EOF
+                os.close(fd)
+            module, name = req["target"].split(":")
+            # What `ps` would show for a fresh process. Before the environment is replaced:
+            # setproctitle then found no room to write, and every child showed the server's
+            # own command line.
+            setproctitle(shlex.join([sys.executable, "-m", module, *req["args"]])[:TITLE_MAX])
+            # sys.argv[0] as `python -m` sets it, the module's file: MLflow names a run's
+            # source, and finds its git commit, from it.
+            spec = importlib.util.find_spec(module)
+            sys.argv = [spec.origin if spec and spec.origin else module, *req["args"]]
             os.chdir(req["cwd"])
             os.environ.clear()
             os.environ.update(req["env"])
-            module, name = req["target"].split(":")
-            sys.argv = [module, *req["args"]]
-            # What `ps` would show for a fresh process (the server's own command line, else).
-            setproctitle(shlex.join([sys.executable, "-m", module, *req["args"]])[:TITLE_MAX])
+            _end_with_client(conn, ending)
             # As a fresh interpreter would: line-buffered, or unbuffered under PYTHONUNBUFFERED.
             unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
             sys.stdout.reconfigure(line_buffering=True, write_through=unbuffered)
@@ -182,6 +210,7 @@ class Server:
 
             traceback.print_exc()
         finally:
+            ending.set()  # its client closes once it has the exit code below: no SIGTERM then
             # As the trainer and the model server end (processes.exit_now): what the target
             # opened is closed; the interpreter's teardown is skipped.
             code = (code if isinstance(code, int) else 1) & 0xFF  # as the exit status holds it

@@ -934,7 +934,43 @@ def test_a_trainer_killed_outright_leaves_its_mlflow_run_failed(tmp_path: Path) 
     assert "marked FAILED: its trainer ended without closing it" in out, out
     with contextlib.closing(sqlite3.connect(local_db(state))) as db:
         rows = db.execute("SELECT status, end_time IS NOT NULL FROM runs").fetchall()
+        source = db.execute("SELECT value FROM tags WHERE key = 'mlflow.source.name'").fetchall()
     assert rows == [("FAILED", 1)]
+    # The forked trainer's source is its file, as for a fresh one: it was `training.train`,
+    # and MLflow, which finds the git commit from it, recorded none.
+    assert source == [(str(ROOT / "training" / "train.py"),)]
+
+
+def test_a_run_whose_fork_server_dies_leaves_no_process_when_stopped(tmp_path: Path) -> None:
+    """A forked step and trainer outlived a fork server killed under them (the OOM killer's
+    likely pick, at about 1 GB) and a stopped driver: orphans, they trained on, restarted the
+    trainer and rewrote the step's record. A child now ends with its client, server or not."""
+    from pipelines.steps import record_path
+
+    state = tmp_path / "state"
+    driver, lines = driver_until(smoke_args(state))
+    step, trainer = train_processes(driver)
+    step.parent().kill()  # the fork server
+    time.sleep(1)
+    driver.send_signal(signal.SIGTERM)
+    out = "".join(lines) + driver.communicate(timeout=120)[0]
+    assert driver.returncode == 143, out
+    _, alive = psutil.wait_procs([step, trainer], timeout=60)  # a bound, not a timing
+    assert not alive, [p.pid for p in alive]
+    # Stopped with the run: no second attempt, and the step's record is the stop's.
+    (run_dir,) = (state / "runs").iterdir()
+    assert [p.name for p in run_dir.glob("train-logs/*/*.log")] == ["attempt-0.log"]
+    record = json.loads(record_path(run_dir, "train").read_text())
+    assert record["exit_code"] == 143, record
+
+
+def test_a_run_with_the_fork_server_off_starts_each_process_fresh(tmp_path: Path) -> None:
+    """The setting that starts every step and the trainer as a fresh interpreter was a
+    traceback before any step: its run folder was made only for the fork server's log."""
+    state = tmp_path / "state"
+    out = run(*smoke_args(state), "--set", "fork_server=false")
+    assert out.returncode == 0, out.stderr
+    assert not list((state / "runs").glob("*/fork-server.log"))
 
 
 def test_a_run_whose_mlflow_server_dies_in_training_fails_at_once_naming_its_log(

@@ -12,7 +12,9 @@ from pathlib import Path
 
 def report(argv: list[str]) -> int:
     """Print what the child was given, then exit with the code in argv[0]."""
-    print(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": os.environ.get("WARM_TEST")}))
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    seen = {"argv": argv, "cwd": os.getcwd(), "env": os.environ.get("WARM_TEST")}
+    print(json.dumps(seen | {"argv0": sys.argv[0], "fds": fds}))
     print("to stderr", file=sys.stderr)
     print(sys.stdin.read(), end="")
     return int(argv[0])
