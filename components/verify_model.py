@@ -18,10 +18,10 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.cli import s3_uri_arg, step_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, IntegrityError, PipelineError
+from pipelines.errors import ConfigError, IntegrityError, PipelineError, StorageError
 from pipelines.registry import MODEL_URI_TAG
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
-from serving.launch import download_model
+from serving.launch import download_model, model_meta
 from serving.loader import load_model
 from training import resume
 from training.data import Tensors, load_processed
@@ -90,6 +90,22 @@ def _score_champion(
     return test_accuracy(model, test, meta["num_classes"])
 
 
+def unservable(store: ObjectStore, model_uri: str) -> str | None:
+    """Why the model at model_uri can no longer be served, if so: its record or its weights
+    gone or changed in the store. (A champion in that state was kept on its recorded score,
+    and deploy then failed on it in every run that did not beat that score; scoring it again
+    failed before gate.force_promote was read.) A store that cannot be reached is raised."""
+    bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
+    try:
+        meta = model_meta(store, model_uri)
+        store.check(bucket, prefix + meta["weights"], meta["sha256"])
+    except StorageError:
+        raise
+    except (PipelineError, KeyError, TypeError) as exc:
+        return str(exc) if isinstance(exc, PipelineError) else f"its record lacks {exc}"
+    return None
+
+
 def recorded_score(store: ObjectStore, model_uri: str, processed_uri: str) -> float | None:
     """The test accuracy this step recorded for model_uri when it verified it, if that was on
     the same processed data: the same test images, so the same score, without downloading and
@@ -129,6 +145,15 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
         champion_acc, champion_uri = None, None
         if champion is not None and champion.version != version:
             champion_uri = champion.tags.get(MODEL_URI_TAG)
+            broken = unservable(store, champion_uri) if champion_uri else None
+            if broken:
+                log.warning(
+                    "champion v%s cannot be served any more (%s): a model that passes the "
+                    "gate replaces it",
+                    champion.version,
+                    broken,
+                )
+                champion_uri = None
             if champion_uri:
                 champion_acc = recorded_score(store, champion_uri, lineage["processed_uri"])
                 how = "as recorded when it was verified on"

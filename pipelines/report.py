@@ -65,18 +65,19 @@ def summary(report: RunReport) -> str:
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
             f"v{trained['version']}; {browse_later(report)})",
         ]
-    verified = report.result("verify-model")
+    verified, deployed = report.result("verify-model"), report.result("deploy")
     if verified:
         champion = (
             f"promoted to {verified['alias']}"
             if verified["promoted"]
-            else f"{verified['alias']} stays v{verified['champion_version']} and is deployed"
+            else f"{verified['alias']} stays v{verified['champion_version']}"
         )
+        if not verified["promoted"] and deployed:  # said only once deploy did it
+            champion += ", which is deployed"
         lines.append(
             f"gate        test {verified['test_accuracy']:.4f} as served >= "
             f"{verified['min_accuracy']:.4f}: v{verified['version']} {champion}"
         )
-    deployed = report.result("deploy")
     if deployed:
         state = "serving (Ctrl-C to stop)" if deployed["serving"] else "smoke-tested, stopped"
         lines += [

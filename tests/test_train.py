@@ -443,6 +443,43 @@ def test_a_champion_of_another_task_is_replaced_only_when_asked(
         client.set_registered_model_alias(name, "champion", trained.version)
 
 
+def test_a_champion_that_cannot_be_served_is_replaced_by_a_model_that_passes(
+    env, trained, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A champion whose weights changed or went from the store was kept on its recorded
+    score, and deploy then failed on it in every run that did not beat that score; scored
+    again, it failed before gate.force_promote was read."""
+    from components.verify_model import verify_model
+
+    client = mlflow.MlflowClient(env.cfg.mlflow.tracking_uri)
+    name = trained.registered_model
+    client.set_registered_model_alias(name, "champion", trained.version)
+    other = train_model(_cfg(env, workers=1, epochs=1), env.store, env.processed, "challenger")
+    lenient = env.cfg.model_copy(
+        update={"gate": env.cfg.gate.model_copy(update={"min_accuracy": 0})}
+    )
+    bucket, prefix = parse_s3_uri(trained.model_uri)
+    key = prefix + "model.safetensors"
+    original = env.store.get_bytes(bucket, key)
+    changed = bytearray(original)
+    changed[len(changed) // 2] ^= 0xFF
+    try:
+        for spoil in ("changed", "gone"):
+            if spoil == "changed":
+                env.store.client.put_object(bucket, key, io.BytesIO(bytes(changed)), len(changed))
+            else:
+                env.store.remove(bucket, key)
+            client.set_registered_model_alias(name, "champion", trained.version)
+            caplog.clear()
+            result = verify_model(lenient, env.store, other.model_uri)
+            assert result.promoted and result.serving_uri == other.model_uri, spoil
+            assert result.champion_accuracy is None  # not compared: it cannot be served
+            assert f"champion v{trained.version} cannot be served any more" in caplog.text
+    finally:
+        env.store.put_bytes(bucket, key, original)
+        client.set_registered_model_alias(name, "champion", trained.version)
+
+
 def test_a_run_id_of_another_config_is_refused_before_training_starts(
     env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
