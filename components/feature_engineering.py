@@ -140,7 +140,12 @@ def _result(key: str, uri: str, fhash: str, skipped: bool, meta: dict[str, Any])
 def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult:
     """Turn the verified raw dataset into processed shards plus metadata.json (written last)."""
     ds, buckets = cfg.dataset, cfg.storage.buckets
-    manifest = store.read_json(buckets.raw, f"{ds.key}/{mf.MANIFEST}")
+    manifest, damage = mf.read(store, buckets.raw, f"{ds.key}/")
+    if damage:
+        raise DataError(
+            f"{s3_uri(buckets.raw, ds.key + '/' + mf.MANIFEST)} is damaged ({damage}): run "
+            "verify-data with --data pointing at the original source to write it again"
+        )
     if manifest is None:
         raise DataError(
             f"{s3_uri(buckets.raw, ds.key + '/')} has no manifest: run verify-data first"

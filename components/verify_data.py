@@ -114,13 +114,23 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
     prefix, cache = f"{ds.key}/", cfg.state_dir / "cache"
     manifest_uri = s3_uri(bucket, prefix + mf.MANIFEST)
     store.ensure_buckets()
-    manifest = store.read_json(bucket, prefix + mf.MANIFEST)
+    source = local_source(ds, cache)
+    manifest, damage = mf.read(store, bucket, prefix)
+    if damage:
+        # Written last, as the upload's commit marker: rebuilt from a source, as a missing
+        # one is. It was a traceback, or "not valid JSON" on every run, with no way out.
+        if source is None:
+            raise DataError(
+                f"{manifest_uri} is damaged ({damage}): re-run with --data pointing at the "
+                "original source to check the stored objects and write it again"
+            )
+        log.warning("%s is damaged (%s): it is written again from the source", manifest_uri, damage)
+        manifest = None
     if manifest is not None and manifest.get("dataset") != ds.name:
         raise DataError(
             f"{manifest_uri} describes a {manifest.get('dataset')} dataset, not {ds.name}: "
             "set dataset.id to store them apart"
         )
-    source = local_source(ds, cache)
     if source is None and manifest is None:
         source = download_source(ds, cache)
 

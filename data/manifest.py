@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.raw import RawDataset
+from pipelines.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from pipelines.storage import ObjectStore
 
 MANIFEST = "manifest.json"
 FORMAT = "mlops.raw-manifest/v1"
@@ -16,6 +20,30 @@ FORMAT = "mlops.raw-manifest/v1"
 def content_hash(objects: dict[str, str]) -> str:
     """The identity of a dataset's content: sha256 over its sorted (key, sha256) pairs."""
     return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
+
+
+def problem(manifest: Any) -> str | None:
+    """What makes a stored manifest unusable, if anything: it is read for its objects' sha256
+    and sizes, its dataset, content hash and counts (a key renamed in it was a KeyError and a
+    traceback in verify-data and feature-engineering)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for field, kind in (("dataset", str), ("content_sha256", str), ("objects", dict)):
+        if not isinstance(manifest.get(field), kind):
+            return f"no {field} ({kind.__name__})"
+    for key, obj in manifest["objects"].items():
+        if not isinstance(obj, dict) or not isinstance(obj.get("sha256"), str):
+            return f"object {key!r} has no sha256"
+    return None
+
+
+def read(store: ObjectStore, bucket: str, prefix: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The stored manifest under prefix (None: there is none), and what damages it, if any."""
+    try:
+        manifest = store.read_json(bucket, prefix + MANIFEST)
+    except IntegrityError as exc:  # not JSON
+        return None, str(exc)
+    return manifest, problem(manifest) if manifest is not None else None
 
 
 def object_hashes(manifest: dict[str, Any]) -> dict[str, str]:

@@ -51,6 +51,36 @@ def test_folder_source_uploads_only_what_changed(make_cfg, store, tmp_path: Path
     )
 
 
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (b"X not json", "is not valid JSON"),
+        (b'{"dataset": "imagefolder", "content_sha256": "x", "objectz": {}}', "no objects"),
+        (b'["a list"]', "not a JSON object"),
+    ],
+)
+def test_a_damaged_manifest_is_written_again_from_the_source(
+    make_cfg, store, tmp_path: Path, damage: bytes, problem: str
+) -> None:
+    """The manifest, the upload's commit marker, damaged in the store: a key renamed in it
+    was a KeyError and a traceback; not JSON, it failed every run, even with the source at
+    hand. With a source it is written again; without, the error says how."""
+    from components.feature_engineering import engineer_features
+
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=12)
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    first = verify_data(cfg, store)
+    store.put_bytes("raw-data", "imagefolder/manifest.json", damage)
+    stored = make_cfg(dataset__name="imagefolder")  # no source given
+    for step in (verify_data, engineer_features):
+        with pytest.raises(DataError, match=problem) as refused:
+            step(stored, store)
+        assert "--data pointing at the original source" in str(refused.value)
+    again = verify_data(cfg, store)
+    assert again.uploaded == 0 and again.content_sha256 == first.content_sha256
+    assert verify_data(stored, store).objects == 140  # whole again
+
+
 def test_file_names_as_saved_from_urls_upload_and_verify(make_cfg, store, tmp_path) -> None:
     """The embedded S3 server (nanio 0.1.7) checked the signature of a key holding `%41` as if it
     held `A`, so every such upload was refused (SignatureDoesNotMatch)."""
