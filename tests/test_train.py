@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import mlflow
 import psutil
@@ -344,6 +345,7 @@ def test_eval_every_skips_validation_and_changes_no_weight(env, trained) -> None
 
 
 def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None:
+    from components import verify_model as verify_model_module
     from components.verify_model import GateError, recorded_score, verify_model
 
     first = verify_model(env.cfg, env.store, trained.model_uri)
@@ -397,6 +399,17 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
         env.store.write_json(bucket, prefix + "verification.json", other_split)
         rescored = verify_model(lenient, env.store, weak.model_uri).champion_accuracy
         assert rescored == first.test_accuracy
+        # Unless this test split is carved out of the training images, where another split's
+        # may hold images the champion trained on: then its own split's record stands.
+        with pytest.MonkeyPatch.context() as carved:
+            real = verify_model_module.load_processed
+
+            def carved_split(*args: Any, **kwargs: Any) -> Any:
+                meta, splits = real(*args, **kwargs)
+                return meta | {"transform": {"test_source": "carved"}}, splits
+
+            carved.setattr(verify_model_module, "load_processed", carved_split)
+            assert verify_model(lenient, env.store, weak.model_uri).champion_accuracy == 0.5
         # A record that is not JSON, or not an object, is no reason to fail: it is scored again.
         key = prefix + "verification.json"
         a_flag = json.dumps({"test_split": env.processed, "test_accuracy": True}).encode()
