@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.cli import s3_uri_arg, step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError, StorageError
-from pipelines.registry import MODEL_URI_TAG
+from pipelines.registry import ACCURACY_TAG, GATE_TAG, MODEL_URI_TAG
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 from serving.launch import download_model, model_meta
 from serving.loader import load_model
@@ -201,6 +201,9 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
     client.log_metric(lineage["mlflow_run_id"], "verify_test_accuracy", accuracy)
     client.log_metric(lineage["mlflow_run_id"], "verify_promoted", float(promoted))
     client.set_tag(lineage["mlflow_run_id"], "mlops.verified", "passed" if passed else "failed")
+    # On the version too, where the registry's readers look: a failed one was like any other.
+    client.set_model_version_tag(name, version, GATE_TAG, "passed" if passed else "failed")
+    client.set_model_version_tag(name, version, ACCURACY_TAG, f"{accuracy:.4f}")
     doc = {
         **asdict(result),
         "test_split": lineage["processed_uri"],  # what test_accuracy was measured on

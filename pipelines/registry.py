@@ -3,6 +3,7 @@ the s3:// folder that version's training wrote."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -10,9 +11,13 @@ from pipelines.config import REGISTRY_ALIAS, PipelineConfig
 from pipelines.errors import PipelineError
 from pipelines.mlflow_server import local_db, wait_healthy
 
+log = logging.getLogger("mlops.registry")
+
 # The tag training sets on every version it registers: where its weights and model.json are.
 # MLflow's own `source` points at the logged MLflow model, which the server does not read.
 MODEL_URI_TAG = "mlops.model_uri"
+# The tags verify-model sets on the version it gated: "passed" or "failed", and the score.
+GATE_TAG, ACCURACY_TAG = "mlops.gate", "mlops.test_accuracy"
 # MLflow's forms, less the deprecated stages (models:/NAME/Production).
 ALIAS = REGISTRY_ALIAS.strip("^$")  # gate.alias's rule, unanchored
 MODELS_URI = re.compile(
@@ -64,6 +69,13 @@ def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
         raise PipelineError(
             f"{uri}: v{found.version} of {name} has no {MODEL_URI_TAG} tag (it was not "
             "registered by this pipeline's trainer); pass --model-uri s3://models/NAME/RUN/"
+        )
+    if found.tags.get(GATE_TAG) == "failed":  # served as asked, but not without a word
+        log.warning(
+            "%s v%s failed the quality gate (test accuracy %s): serving it as asked",
+            name,
+            found.version,
+            found.tags.get(ACCURACY_TAG, "?"),
         )
     return s3, f"{name} v{found.version}"
 

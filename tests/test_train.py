@@ -6,6 +6,7 @@ import gc
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -344,9 +345,12 @@ def test_eval_every_skips_validation_and_changes_no_weight(env, trained) -> None
     assert steps(trained.mlflow_run_id, "val_accuracy") == [1, 2]
 
 
-def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None:
+def test_gate_promotes_then_refuses_and_keeps_the_champion(
+    env, trained, caplog: pytest.LogCaptureFixture
+) -> None:
     from components import verify_model as verify_model_module
     from components.verify_model import GateError, recorded_score, verify_model
+    from pipelines.registry import resolve
 
     first = verify_model(env.cfg, env.store, trained.model_uri)
     assert first.passed and first.promoted and first.test_accuracy > 0.2
@@ -372,6 +376,13 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(env, trained) -> None
         verify_model(strict, env.store, weak.model_uri)
     champion = client.get_model_version_by_alias(trained.registered_model, "champion")
     assert champion.version == trained.version  # unchanged
+    # The versions say how they fared, and serving a failed one says so.
+    failed = client.get_model_version(weak.registered_model, weak.version).tags
+    assert failed["mlops.gate"] == "failed" and float(failed["mlops.test_accuracy"]) < 0.999
+    assert champion.tags["mlops.gate"] == "passed"
+    with caplog.at_level(logging.WARNING, logger="mlops.registry"):
+        resolve(strict, f"models:/{weak.registered_model}/{weak.version}")
+    assert f"v{weak.version} failed the quality gate (test accuracy 0." in caplog.text
     record = env.store.read_json(bucket, prefix + "verification.json")
     assert record["passed"] is False and record["promoted"] is False
     assert record["serving_uri"] == trained.model_uri  # the champion stays in service
