@@ -132,7 +132,17 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
             "set dataset.id to store them apart"
         )
     if source is None and manifest is None:
-        source = download_source(ds, cache)
+        try:
+            source = download_source(ds, cache)
+        except DataError:
+            if next(iter(store.list(bucket, prefix)), None) is None:
+                raise
+            # It said the data was "neither in the store nor given", beside all its objects.
+            raise DataError(
+                f"{s3_uri(bucket, prefix)} holds objects but no {mf.MANIFEST}, which an upload "
+                "writes last (one cut short, or the file removed): re-run with --data "
+                "pointing at the original source to check them and write it"
+            ) from None
 
     uploaded: list[str] = []
     decoded = False

@@ -79,6 +79,10 @@ def test_a_damaged_manifest_is_written_again_from_the_source(
     again = verify_data(cfg, store)
     assert again.uploaded == 0 and again.content_sha256 == first.content_sha256
     assert verify_data(stored, store).objects == 140  # whole again
+    # Removed, its objects left: it said the data was "neither in the store nor given".
+    store.remove("raw-data", "imagefolder/manifest.json")
+    with pytest.raises(DataError, match=r"holds objects but no manifest\.json, which an upload"):
+        verify_data(stored, store)
 
 
 def test_file_names_as_saved_from_urls_upload_and_verify(make_cfg, store, tmp_path) -> None:
