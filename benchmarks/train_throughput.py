@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks.common import ROOT, median, write_result
 from pipelines.config import PipelineConfig
 from training.data import augment, epoch_flips
-from training.dist import detect_dist, init_process_group, pin_rank, usable_cores, wrap_ddp
+from training.dist import detect_dist, init_process_group, place_rank, usable_cores, wrap_ddp
 from training.evaluate import make_autocast
 from training.loop import param_groups, train_step
 from training.model import STEMS, build_classifier
@@ -35,9 +35,7 @@ LAYOUTS = {"1 proc x 2 threads": 1, "2 procs x 1 thread": 2}
 def worker(stem: str, precision: str, steps: int, warmup: int) -> None:
     """Inside one rank: time `steps` training steps after `warmup`; rank 0 prints images/s."""
     d = detect_dist()
-    threads = max(1, usable_cores() // d.local_world)
-    pin_rank(d)  # as training does
-    torch.set_num_threads(threads)
+    place_rank(d)  # as training does
     if d.world > 1:
         init_process_group(d, "gloo")
     tc = PipelineConfig().train

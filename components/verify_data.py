@@ -135,7 +135,7 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
         try:
             source = download_source(ds, cache)
         except DataError:
-            if next(iter(store.list(bucket, prefix)), None) is None:
+            if next(store.list(bucket, prefix), None) is None:
                 raise
             # It said the data was "neither in the store nor given", beside all its objects.
             raise DataError(

@@ -60,6 +60,16 @@ def pin_rank(d: Dist) -> None:
         os.sched_setaffinity(int(task), {cores[d.local_rank]})
 
 
+def place_rank(d: Dist) -> None:
+    """A rank's CPU threads, as training and its throughput benchmark set them: its share of
+    the cores this process may use, on a core of its own where pin_rank finds one per rank."""
+    import torch
+
+    threads = max(1, usable_cores() // d.local_world)  # before pinning narrows the affinity
+    pin_rank(d)
+    torch.set_num_threads(threads)
+
+
 def init_process_group(d: Dist, backend: str, timeout_s: float = 600.0) -> None:
     """Join the group through a store prefixed by the torchrun restart count.
 

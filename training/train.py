@@ -39,14 +39,7 @@ from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
 from training import checkpoint, resume, tracking
 from training.data import epoch_flips, load_processed, rank_batches, resolve_hflip
-from training.dist import (
-    Dist,
-    detect_dist,
-    init_process_group,
-    pin_rank,
-    usable_cores,
-    wrap_ddp,
-)
+from training.dist import Dist, detect_dist, init_process_group, place_rank, wrap_ddp
 from training.evaluate import evaluate, make_autocast
 from training.loop import epoch_generator, optimisation, run_epoch
 from training.model import build_classifier
@@ -101,9 +94,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
         # Fixed batch shapes: time cuDNN's kernels once and keep the fastest. The choice may
         # differ between runs, so a resumed run is close to, not bitwise, an unbroken one.
         torch.backends.cudnn.benchmark = True
-    threads = max(1, usable_cores() // d.local_world)
-    pin_rank(d)
-    torch.set_num_threads(threads)
+    place_rank(d)
     if d.world > 1:
         init_process_group(d, "nccl" if cuda else "gloo")
     autocast = make_autocast(device, precision)
