@@ -127,10 +127,22 @@ def _complete(store: ObjectStore, bucket: str, prefix: str, meta: dict[str, Any]
     infos = parallel_map(lambda s: store.stat(bucket, prefix + s["key"]), shards, "checking shards")
     # The sha256 is the one put_bytes stored with the shard, read without a download: an object
     # replaced since (same size or not) is written again, not found corrupt by every reader.
-    return all(
+    if not all(
         i is not None and i.size == s["size"] and i.sha256 == s["sha256"]
         for i, s in zip(infos, shards, strict=True)
-    )
+    ):
+        return False
+    # Then read through, as verify-data reads the raw objects: bit rot, or a copy that kept the
+    # metadata, passes the check above, and every training refused the reused shard.
+    damaged = sorted(store.failures(bucket, prefix, {s["key"]: s["sha256"] for s in shards}))
+    if damaged:
+        log.warning(
+            "%d shard(s) of %s do not match their sha256 (%s): writing the features again",
+            len(damaged),
+            s3_uri(bucket, prefix),
+            ", ".join(damaged[:3]),
+        )
+    return not damaged
 
 
 def _result(key: str, uri: str, fhash: str, skipped: bool, meta: dict[str, Any]) -> FeaturesResult:

@@ -31,28 +31,10 @@ class VerifyDataResult:
     counts: dict[str, int]
 
 
-def _failures(
-    store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str]
-) -> dict[str, str]:
-    """Read every object back and compare its sha256 (S3 itself gives no such guarantee); the
-    keys that differ, with why."""
-
-    def check(key: str) -> str | None:
-        try:
-            store.check(bucket, prefix + key, expected[key])
-        except IntegrityError as exc:
-            return str(exc)
-        return None
-
-    keys = sorted(expected)
-    found = parallel_map(check, keys, "verifying stored objects")
-    return {k: why for k, why in zip(keys, found, strict=True) if why}
-
-
 def _check_store(
     store: ObjectStore, bucket: str, prefix: str, expected: dict[str, str], hint: str
 ) -> None:
-    failures = list(_failures(store, bucket, prefix, expected).values())
+    failures = list(store.failures(bucket, prefix, expected).values())
     if failures:
         more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
         raise IntegrityError(
@@ -99,7 +81,7 @@ def _store_intact(
     """Read everything back; what differs from the source is uploaded again and checked once
     more (bit rot, or a copy that kept the metadata, looks current to _upload). Returns those
     keys."""
-    damaged = sorted(_failures(store, bucket, prefix, hashes))
+    damaged = sorted(store.failures(bucket, prefix, hashes))
     if damaged:
         log.warning("%d stored object(s) differ from the source: uploading again", len(damaged))
         _put(store, bucket, prefix, files, hashes, damaged)

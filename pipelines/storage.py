@@ -19,6 +19,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from pipelines.config import StorageConfig
+from pipelines.console import parallel_map
 from pipelines.errors import ConfigError, IntegrityError, StorageError
 
 log = logging.getLogger("mlops.storage")
@@ -193,6 +194,21 @@ class ObjectStore:
     def check(self, bucket: str, key: str, expected_sha256: str) -> None:
         """Read an object through and raise IntegrityError unless its sha256 is as recorded."""
         self._stream(bucket, key, _NullSink(), expected_sha256)
+
+    def failures(self, bucket: str, prefix: str, expected: dict[str, str]) -> dict[str, str]:
+        """Read every object under prefix back against its sha256 (S3 itself gives no such
+        guarantee); the keys that differ, with why."""
+
+        def failed(key: str) -> str | None:
+            try:
+                self.check(bucket, prefix + key, expected[key])
+            except IntegrityError as exc:
+                return str(exc)
+            return None
+
+        keys = sorted(expected)
+        found = parallel_map(failed, keys, "verifying stored objects")
+        return {k: why for k, why in zip(keys, found, strict=True) if why}
 
     def get_file(
         self, bucket: str, key: str, path: Path, expected_sha256: str | None = None

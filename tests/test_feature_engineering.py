@@ -97,9 +97,11 @@ def test_missing_or_replaced_shard_is_recomputed_not_skipped(make_cfg, store) ->
     assert store.get_bytes("processed-data", key) == good
 
 
-def test_a_shard_damaged_under_its_recorded_sha256_names_the_way_out(make_cfg, store) -> None:
-    """Bit rot, or a copy that kept the metadata: reused as unchanged, then refused by every
-    training, with no word on how to get past it."""
+def test_a_shard_damaged_under_its_recorded_sha256_is_written_again(
+    make_cfg, store, caplog
+) -> None:
+    """Bit rot, or a copy that kept the metadata: it was reused as unchanged, then refused by
+    every training. The reuse check reads the shards through, as verify-data does raw data."""
     from training.data import load_processed
 
     cfg = make_cfg(dataset__name="synthetic")
@@ -118,13 +120,15 @@ def test_a_shard_damaged_under_its_recorded_sha256_names_the_way_out(make_cfg, s
         len(damaged),
         metadata={"sha256": recorded},
     )
-    assert engineer_features(cfg, store).skipped  # complete, as far as the metadata says
-    with pytest.raises(IntegrityError, match=f"Remove {uri}metadata.json and run again"):
+    assert store.stat("processed-data", key).sha256 == recorded  # complete, by its metadata
+    # Damaged after feature-engineering ran: training names the way out.
+    with pytest.raises(IntegrityError, match="Run the pipeline again: feature-engineering"):
         load_processed(store, uri)
-    store.remove("processed-data", prefix + "metadata.json")
     assert not engineer_features(cfg, store).skipped
+    assert "1 shard(s) of" in caplog.text and "train-00000.safetensors" in caplog.text
     assert store.get_bytes("processed-data", key) == good
     load_processed(store, uri)
+    assert engineer_features(cfg, store).skipped  # intact now: reused
 
 
 def test_test_split_is_carved_when_the_source_has_none(make_cfg, store, tmp_path: Path) -> None:

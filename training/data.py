@@ -48,11 +48,11 @@ def load_processed(
             try:
                 payload = store.get_bytes(bucket, prefix + shard["key"], shard["sha256"])
             except IntegrityError as exc:
-                # feature-engineering finds its output complete from the objects' metadata: the
-                # next run reused the damaged shard as "unchanged", and failed here again.
+                # Damaged since feature-engineering read it through: a new run does so again,
+                # and writes the features anew.
                 raise IntegrityError(
-                    f"{exc}. Remove {s3_uri(bucket, prefix + 'metadata.json')} and run again: "
-                    "feature-engineering then writes the features anew"
+                    f"{exc}. Run the pipeline again: feature-engineering reads its shards "
+                    "through and writes damaged ones anew"
                 ) from None
             tensors = load_safetensors(payload)
             if len(tensors["labels"]) != shard["count"]:
