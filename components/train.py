@@ -209,7 +209,9 @@ def train_model(
         where = f"training {exit_words(code)}, after {tries}; logs in {logs}"
         error = reported(error_report)
         if error is not None:
-            raise type(error)(f"{error} ({where})")
+            failed = type(error)(f"{error} ({where})")
+            failed.final = error.final  # on a cluster, Argo's retry reads it (errors.FINAL_MARK)
+            raise failed
         raise PipelineError(f"training failed ({where}); the rank logs above say why")
     return TrainResult(**json.loads(result_file.read_text()))
 

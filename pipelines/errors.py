@@ -147,7 +147,8 @@ def report(exc: PipelineError) -> None:
         # Written whole, then renamed: ranks that fail together leave one complete report.
         part = Path(f"{path}.{os.getpid()}.part")
         with contextlib.suppress(OSError):  # the message is on stderr either way
-            part.write_text(json.dumps({"exit_code": exc.exit_code, "error": str(exc)}))
+            doc = {"exit_code": exc.exit_code, "error": str(exc), "final": exc.final}
+            part.write_text(json.dumps(doc))
             part.replace(path)
 
 
@@ -158,4 +159,6 @@ def reported(path: Path) -> PipelineError | None:
     except (OSError, ValueError):
         return None
     kind = ConfigError if doc.get("exit_code") == ConfigError.exit_code else PipelineError
-    return kind(str(doc.get("error", "")))
+    error = kind(str(doc.get("error", "")))
+    error.final = bool(doc.get("final", kind.final))
+    return error

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipelines import warm
-from pipelines.errors import REPORT_ENV, exit_words
+from pipelines.errors import REPORT_ENV, exit_words, reported
 from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.train_step")
@@ -76,6 +76,13 @@ def _start(program: list[str], env: dict[str, str]) -> tuple[warm.Process, TextI
     return started
 
 
+def _final(env: dict[str, str]) -> bool:
+    """Whether the worker reported an error that a restart meets again: a shard that does not
+    match its sha256 was read, and refused, once per restart."""
+    error = reported(Path(env[REPORT_ENV])) if env.get(REPORT_ENV) else None
+    return error is not None and error.final
+
+
 def run_single(
     program: list[str],
     env: dict[str, str],
@@ -87,8 +94,9 @@ def run_single(
     imports torch before it starts its worker, about 4 s on the critical path here, and for one
     rank it has no peers to rendezvous or restart together. What it does for one rank is kept:
     up to max_restarts restarts (each resumes from the last checkpoint; none after a config
-    error), rank-prefixed lines on stderr, and each attempt's log in a folder of log_dir per
-    launch, as torchrun keeps them. Returns the exit code and the number of attempts."""
+    error, or another error that a restart meets again), rank-prefixed lines on stderr, and each
+    attempt's log in a folder of log_dir per launch, as torchrun keeps them. Returns the exit
+    code and the number of attempts."""
     log_dir = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True)
     env = dict(env, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -108,7 +116,7 @@ def run_single(
             tee.join(timeout=10)  # the pipe closes once the process has gone
             if tee.is_alive():  # something the worker started holds it open
                 log.warning("%s may miss the end of the worker's output", path)
-        if code in (0, USAGE_EXIT) or attempts > max_restarts:
+        if code in (0, USAGE_EXIT) or attempts > max_restarts or _final(env):
             break
         log.warning(
             "the trainer ended (%s): restart %d of %d, from its last checkpoint",

@@ -529,6 +529,24 @@ def test_a_run_id_of_another_config_is_refused_before_training_starts(
     assert "holds a checkpoint of another config" in (launch / "attempt-0.log").read_text()
 
 
+def test_a_damaged_shard_fails_training_once_without_a_restart(env: SimpleNamespace) -> None:
+    """Each restart read the shard again and refused it again; the error says what to do."""
+    bucket, prefix = parse_s3_uri(env.processed)
+    key = prefix + "val-00000.safetensors"
+    original = env.store.get_bytes(bucket, key)
+    damaged = bytearray(original)
+    damaged[-1] ^= 0xFF
+    env.store.client.put_object(bucket, key, io.BytesIO(bytes(damaged)), len(damaged))
+    try:
+        with pytest.raises(PipelineError, match=r"sha256 mismatch.*Run the pipeline again") as e:
+            train_model(_cfg(env, workers=1), env.store, env.processed, "damaged-shard")
+        assert e.value.final and e.value.exit_code == 1
+    finally:
+        env.store.put_bytes(bucket, key, original)
+    (launch,) = (env.cfg.state_dir / "runs" / "damaged-shard" / "train-logs").iterdir()
+    assert [p.name for p in launch.iterdir()] == ["attempt-0.log"]
+
+
 def test_tampered_model_fails_verification(env, trained) -> None:
     from components.verify_model import verify_model
     from pipelines.errors import IntegrityError
