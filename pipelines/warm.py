@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from pipelines.errors import exit_words
 from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.warm")
@@ -207,6 +208,15 @@ def fork_server(
         _wait_listening(path, proc)
         yield {SOCKET_ENV: path}
     finally:
+        if (code := proc.poll()) is not None:
+            # Only "fork server unavailable" lines showed it: the steps after its end started
+            # as fresh processes, each its imports (seconds) slower.
+            log.warning(
+                "the fork server ended during the run (%s): the steps after that started as "
+                "fresh processes; see %s",
+                exit_words(code),
+                log_path,
+            )
         terminate(proc)
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from pipelines import kfp_task, warm
@@ -238,6 +239,26 @@ def test_the_launcher_forks_each_attempt_of_one_worker(server: Path, tmp_path: P
     pids = [log.read_text().split()[4] for log in logs]
     text = server.read_text()
     assert all(f"forked tests.warm_target:main as pid {pid}" in text for pid in pids)
+
+
+def test_a_server_that_died_during_the_run_is_named_at_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "fork-server.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    with warm.fork_server(env, log, preload=["json"], targets=TARGETS):
+        (child,) = psutil.Process().children()
+        child.kill()
+        # Not child.wait(): it reaps the process, and Popen would read exit code 0.
+        deadline = time.monotonic() + 10
+        while child.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "the fork server ended during the run (killed by SIGKILL" in caplog.text
+    assert str(log) in caplog.text
+    caplog.clear()
+    with warm.fork_server(env, log, preload=["json"], targets=TARGETS):
+        pass
+    assert "fork server ended" not in caplog.text  # one stopped at the end is no news
 
 
 def test_the_server_ends_when_its_parent_does(tmp_path: Path) -> None:
