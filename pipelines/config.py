@@ -122,7 +122,11 @@ class DatasetConfig(_Section):
         lt=0.5,
         description="Share of train carved out as test, only when the source has no test split.",
     )
-    seed: int = Field(0, ge=0, description="Seed of the train/val/test split.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the train/val/test split; for `synthetic`, of the images too.",
+    )
     image_size: int | None = Field(
         None,
         ge=8,
