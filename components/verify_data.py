@@ -95,7 +95,8 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
     ds, bucket = cfg.dataset, cfg.storage.buckets.raw
     prefix, cache = f"{ds.key}/", cfg.state_dir / "cache"
     manifest_uri = s3_uri(bucket, prefix + mf.MANIFEST)
-    store.ensure_buckets()
+    # Not MLflow's bucket: on a cluster the pipeline's MinIO user may not see it.
+    store.ensure_buckets(cfg.storage.buckets.pipeline())
     source = local_source(ds, cache)
     manifest, damage = mf.read(store, bucket, prefix)
     if damage:

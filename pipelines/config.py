@@ -177,6 +177,10 @@ class Buckets(_Section):
         "mlflow", pattern=S3_BUCKET, description="Bucket of the MLflow artifact store."
     )
 
+    def pipeline(self) -> list[str]:
+        """The buckets the steps read and write themselves; MLflow's goes through its server."""
+        return [self.raw, self.processed, self.models]
+
 
 class StorageConfig(_Section):
     """The S3 / MinIO object store."""

@@ -19,14 +19,25 @@ import yaml
 OVERLAYS = Path(__file__).resolve().parent.parent / "infrastructure" / "overlays"
 
 
+def _s3_user(role: str) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": f"{role}-{token_hex(8)}",
+        "AWS_SECRET_ACCESS_KEY": token_urlsafe(32),
+    }
+
+
 def generators(shared: dict[str, str]) -> dict[str, Callable[[], dict[str, str]]]:
     """Each env file's keys. `shared` holds values two files must agree on."""
     admin = shared.setdefault("admin", token_urlsafe(24))
     return {
-        "s3.env": lambda: {
-            "AWS_ACCESS_KEY_ID": f"mlops-{token_hex(8)}",
-            "AWS_SECRET_ACCESS_KEY": token_urlsafe(32),
+        "s3-root.env": lambda: {
+            "MINIO_ROOT_USER": f"root-{token_hex(8)}",
+            "MINIO_ROOT_PASSWORD": token_urlsafe(32),
         },
+        # One MinIO user per role (infrastructure/base/minio-setup.yaml creates them).
+        "s3.env": lambda: _s3_user("pipeline"),
+        "s3-mlflow.env": lambda: _s3_user("mlflow"),
+        "s3-serving.env": lambda: _s3_user("serving"),
         # Hex: the password goes into a postgresql:// URL, where it must need no escaping.
         "postgres.env": lambda: {
             "POSTGRES_USER": "mlflow",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -131,8 +132,8 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_every_store_answers_only_this_namespace(rendered: list[dict[str, Any]]) -> None:
-    """With no NetworkPolicy, MinIO (one key for all its data) and MLflow (no login in the local
-    overlay) answered every pod of the cluster. Each Service's pods now take connections on its
+    """With no NetworkPolicy, MinIO and MLflow (no login in the local overlay) answered every
+    pod of the cluster. Each Service's pods now take connections on its
     ports (MinIO's console's not) from this namespace's pods, or Argo's, whose server reads
     archived logs and artifacts from MinIO."""
     install = (ROOT / "infrastructure/upstream/install.sh").read_text()
@@ -199,6 +200,10 @@ def test_names_agree_with_the_config(rendered: list[dict[str, Any]]) -> None:
     assert token["metadata"]["annotations"]["kubernetes.io/service-account.name"] == executor
     secret = one(rendered, "Secret", cluster.s3_secret)
     assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    # The predictor's account names its own Secret, where KServe reads the endpoint.
+    (serving,) = one(rendered, "ServiceAccount", cluster.serving_service_account)["secrets"]
+    secret = one(rendered, "Secret", serving["name"])
+    assert set(secret["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     annotations = secret["metadata"]["annotations"]
     assert annotations["serving.kserve.io/s3-endpoint"] in cluster.s3_endpoint
     assert {"serving.kserve.io/s3-usehttps", "serving.kserve.io/s3-region"} <= set(annotations)
@@ -246,7 +251,7 @@ def test_manifests_repeat_the_config(rendered: list[dict[str, Any]]) -> None:
     assert ports("mlflow")["http"] == tracker.port and ports("minio")["s3"] == s3.port
     assert s3.hostname.startswith("minio.") and tracker.hostname.startswith("mlflow.")
 
-    mc = _container(rendered, "Job", "minio-buckets")
+    mc = _container(rendered, "Job", "minio-setup")
     script = mc["args"][0]
     assert f"http://minio:{s3.port} " in script
     made = script.split(" for b in ", 1)[1].split(";", 1)[0].split()
@@ -255,6 +260,157 @@ def test_manifests_repeat_the_config(rendered: list[dict[str, Any]]) -> None:
     argo = yaml.safe_load(one(rendered, "ConfigMap", "artifact-repositories")["data"]["minio"])
     assert argo["s3"]["bucket"] == buckets.mlflow
     assert argo["s3"]["endpoint"] == f"minio:{s3.port}"
+
+
+def _secret_refs(pod: dict[str, Any]) -> dict[str, str]:
+    """A pod's environment variables that come from a Secret: name -> the Secret's name."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for c in pod["containers"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def _granted(policy: dict[str, Any]) -> dict[str, set[str]]:
+    """A MinIO policy as resource -> actions; every statement an Allow without wildcards."""
+    grants: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow", statement
+        for action in statement["Action"]:
+            assert "*" not in action, statement
+        for resource in statement["Resource"]:
+            assert resource.startswith("arn:aws:s3:::") and resource != "arn:aws:s3:::*"
+            grants.setdefault(resource.removeprefix("arn:aws:s3:::"), set()).update(
+                statement["Action"]
+            )
+    return grants
+
+
+def test_minio_users_are_held_to_their_buckets(rendered: list[dict[str, Any]]) -> None:
+    """MinIO's root key was every client's: a step that decodes user uploads, MLflow and the
+    predictor could each delete every bucket. Now only MinIO and its set-up Job hold it, and
+    each client has a user whose policy names the buckets (and prefixes) it uses."""
+    cfg = PipelineConfig()
+    buckets, cluster = cfg.storage.buckets, cfg.cluster
+    pods = {
+        (d["kind"], d["metadata"]["name"]): d["spec"]["template"]["spec"]
+        for d in rendered
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    minio = _secret_refs(pods[("StatefulSet", "minio")])
+    root = minio["MINIO_ROOT_USER"]
+    assert minio == {"MINIO_ROOT_USER": root, "MINIO_ROOT_PASSWORD": root}
+    holders = {key for key, pod in pods.items() if root in _secret_refs(pod).values()}
+    assert holders == {("StatefulSet", "minio"), ("Job", "minio-setup")}
+    argo = yaml.safe_load(one(rendered, "ConfigMap", "artifact-repositories")["data"]["minio"])
+
+    # Each role's user is made from the Secret its clients read.
+    (serving,) = one(rendered, "ServiceAccount", cluster.serving_service_account)["secrets"]
+    mlflow = _secret_refs(pods[("Deployment", "mlflow")])["AWS_ACCESS_KEY_ID"]
+    setup = pods[("Job", "minio-setup")]
+    refs = _secret_refs(setup)
+    assert refs["PIPELINE_KEY"] == refs["PIPELINE_SECRET"] == cluster.s3_secret
+    assert argo["s3"]["accessKeySecret"]["name"] == cluster.s3_secret
+    assert refs["MLFLOW_KEY"] == refs["MLFLOW_SECRET"] == mlflow
+    assert refs["SERVING_KEY"] == refs["SERVING_SECRET"] == serving["name"]
+    assert len({root, cluster.s3_secret, mlflow, serving["name"]}) == 4
+    script = setup["containers"][0]["args"][0]
+    for role in ("pipeline", "mlflow", "serving"):
+        key = role.upper()
+        assert f'role {role} "${key}_KEY" "${key}_SECRET"' in script
+
+    (volume,) = [v for v in setup["volumes"] if "configMap" in v]
+    files = one(rendered, "ConfigMap", volume["configMap"]["name"])["data"]
+    policies = {name.removesuffix(".json"): _granted(json.loads(f)) for name, f in files.items()}
+    assert set(policies) == {"pipeline", "mlflow", "serving"}
+    # The steps and trainer: their three buckets, and Argo's logs and artifacts beside MLflow's.
+    argo_prefix = argo["s3"]["keyFormat"].split("/", 1)[0]
+    assert argo["s3"]["bucket"] == buckets.mlflow
+    owned = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
+    pipeline = policies["pipeline"]
+    assert set(pipeline) == {
+        *buckets.pipeline(),
+        *(f"{b}/*" for b in buckets.pipeline()),
+        buckets.mlflow,
+        f"{buckets.mlflow}/{argo_prefix}/*",
+    }
+    assert all(owned <= pipeline[f"{b}/*"] for b in buckets.pipeline())
+    assert pipeline[f"{buckets.mlflow}/{argo_prefix}/*"] == {"s3:GetObject", "s3:PutObject"}
+    (listing,) = [
+        st
+        for st in json.loads(files["pipeline.json"])["Statement"]
+        if f"arn:aws:s3:::{buckets.mlflow}" in st["Resource"]
+    ]
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{argo_prefix}/*"]}}
+    # MLflow: where --artifacts-destination points, nothing else.
+    destination = _arg(_container(rendered, "Deployment", "mlflow"), "--artifacts-destination")
+    assert set(policies["mlflow"]) == {buckets.mlflow, destination.removeprefix("s3://") + "/*"}
+    # The predictor reads models, and nothing more.
+    assert policies["serving"] == {
+        buckets.models: {"s3:GetBucketLocation", "s3:ListBucket"},
+        f"{buckets.models}/*": {"s3:GetObject"},
+    }
+
+
+def test_the_setup_script_is_idempotent_and_fails_on_an_error(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The Job's shell script under a MOCK `mc` (no MinIO server runs here): it records each
+    call, and answers a second `policy attach` as mc does (minio/mc#4863), with exit 1."""
+    script = _container(rendered, "Job", "minio-setup")["args"][0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    mock = bin_dir / "mc"
+    mock.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$*" in *"policy attach"*)\n'
+        f'  mark="{tmp_path}/attached-$4"\n'
+        '  if [ -e "$FAIL" ]; then echo "mc: <ERROR> Unable to connect" >&2; exit 1; fi\n'
+        '  if [ -e "$mark" ]; then\n'
+        '    echo "mc: <ERROR> Unable to make user/group policy association. The specified'
+        ' policy change is already in effect." >&2; exit 1; fi\n'
+        '  touch "$mark";;\n'
+        "esac\n"
+    )
+    mock.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAIL": str(tmp_path / "fail"),
+        **{
+            f"{r}_{k}": f"{r.lower()}-{k.lower()}"
+            for r in ("PIPELINE", "MLFLOW", "SERVING")
+            for k in ("KEY", "SECRET")
+        },
+        "ROOT_USER": "root",
+        "ROOT_PASSWORD": "pw",
+    }
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/sh", "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    made = calls.read_text().splitlines()
+    assert "admin user add store serving-key serving-secret" in made
+    assert "admin policy create store mlops-serving /policies/serving.json" in made
+    assert "admin policy attach store mlops-serving --user serving-key" in made
+    assert sum("policy attach" in c for c in made) == 3
+    again = run()  # every policy attached already: still a success
+    assert again.returncode == 0, again.stderr
+    (tmp_path / "fail").touch()
+    failed = run()
+    assert failed.returncode == 1 and "Unable to connect" in failed.stderr
+    assert calls.read_text().count("policy attach") == 7  # the failure stopped the script
 
 
 def test_production_runs_mlflow_on_postgres_with_basic_auth(
