@@ -46,6 +46,7 @@ PARAMETERS = [
 ]
 RESULT = "/tmp/result.json"
 RUN_ID = "{{workflow.name}}"
+PART_OF = {"app.kubernetes.io/part-of": "mlops-pipeline"}  # the workflows `list` shows
 # ConfigError's exit code (pipelines/errors.py): the same config fails the same way again.
 CONFIG_EXIT = 2
 
@@ -178,7 +179,7 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         security_context=_k8s(m.PodSecurityContext, pod_security()),
         active_deadline_seconds=cfg.cluster.active_deadline_s,
         arguments=workflow_parameters(cfg),
-        labels={"app.kubernetes.io/part-of": "mlops-pipeline"},
+        labels=PART_OF,
     ) as workflow:
         verify_data = step(cfg, pods, "verify-data", "components.verify_data", [])
         features = step(cfg, pods, "feature-engineering", "components.feature_engineering", [])

@@ -220,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{status['name']}: {status['phase']} {status['message']}".rstrip())
     for step, phase in status["steps"].items():
         print(f"  {step:<24}{phase}")
-    return 0 if status["phase"] != "Failed" else 1
+    return 1 if status["phase"] in ("Failed", "Error") else 0  # Error: Argo's own failure
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -374,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             cmd.add_argument("run", help="the workflow's name (see `list`)")
         if name == "logs":
-            cmd.add_argument("--step", help="only this step's pods (default: every step)")
+            cmd.add_argument(
+                "--step",
+                choices=list(STEPS),
+                help="only this step's pods, the trainer's with train (default: every step)",
+            )
         _argo_flags(cmd)
         add_config_args(cmd, ["--namespace"])
         cmd.set_defaults(func=func)

@@ -19,7 +19,7 @@ from hera.exceptions import HeraException
 from hera.workflows import WorkflowsService
 from hera.workflows import models as m
 
-from pipelines.argo import build, build_template
+from pipelines.argo import PART_OF, build, build_template
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError
 from pipelines.manifests import TRAINER_CONTAINER
@@ -108,11 +108,22 @@ class ArgoClient:
             raise PipelineError(
                 f"the Argo Server at {self.target.url} timed out ({what})"
             ) from None
+        except ValueError as exc:  # JSON that does not parse, or not as the API's (pydantic's)
+            raise self._not_argo(what, exc) from None
         except (HeraException, requests.exceptions.RequestException) as exc:
             why = server_said(exc)
             raise PipelineError(
                 f"the Argo Server at {self.target.url} refused {what}: {why}"
             ) from None
+
+    def _not_argo(self, what: str, exc: Exception) -> PipelineError:
+        """A 200 that is not the Argo API's answer: a sign-in proxy's page after a redirect,
+        or another web app on the port. It was a traceback."""
+        return PipelineError(
+            f"{self.target.url} did not answer {what} as an Argo Server does "
+            f"({server_said(exc)}); check --argo-server / ARGO_SERVER: the URL of the Argo "
+            "Server itself, port-forwarded (kubectl -n argo port-forward svc/argo-server 2746)"
+        )
 
     def submit(self, cfg: PipelineConfig, parameters: dict[str, str]) -> str:
         workflow = build(cfg)
@@ -132,6 +143,8 @@ class ArgoClient:
             exists = False
         except requests.exceptions.ConnectionError:
             exists = False  # reported by the create below, with the URL
+        except ValueError as exc:
+            raise self._not_argo("template get", exc) from None
         if exists:
             req = m.WorkflowTemplateUpdateRequest(template=template)
             self._call(
@@ -149,7 +162,12 @@ class ArgoClient:
         return name
 
     def list(self) -> list[dict[str, str]]:
-        listed = self._call("list", self.service.list_workflows, self.target.namespace)
+        listed = self._call(
+            "list",
+            self.service.list_workflows,
+            self.target.namespace,
+            label_selector=",".join(f"{k}={v}" for k, v in PART_OF.items()),
+        )
         rows = []
         for wf in listed.items or []:
             status = wf.status
@@ -193,14 +211,26 @@ class ArgoClient:
             resp.raise_for_status()
             return resp
 
+        what = f"logs of {run}"
         for container in ("main", TRAINER_CONTAINER):
-            resp = self._call(f"logs of {run}", fetch, container)
+            resp = self._call(what, fetch, container)
             for line in resp.iter_lines(decode_unicode=True):
                 if not line:
                     continue
-                entry = json.loads(line).get("result", {})
+                try:
+                    doc = json.loads(line)
+                    entry, error = doc.get("result"), doc.get("error")
+                except (ValueError, AttributeError):
+                    doc, entry, error = line, None, None
+                if not isinstance(entry, dict) and not error:  # each line holds one or other
+                    raise self._not_argo(what, ValueError(str(doc)))
+                if error:  # the stream's own failure (a pod gone, a log not archived)
+                    message = error.get("message", error) if isinstance(error, dict) else error
+                    raise PipelineError(f"the Argo Server at {self.target.url} ({what}): {message}")
                 pod = entry.get("podName", "")
-                if step and step not in pod:
+                # A step's pods are named <workflow>-<step>-..., the PyTorchJob's too; a
+                # substring matched every pod for any part of the workflow's name.
+                if step and not pod.startswith(f"{run}-{step}-"):
                     continue
                 yield f"{pod}: {entry.get('content', '')}"
 

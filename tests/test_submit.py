@@ -72,6 +72,7 @@ class FakeArgoServer(LocalServer):
         self.workflows: dict[str, dict[str, Any]] = {}
         self.templates: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, str, str]] = []  # the calls with their query strings
 
 
 class Handler(JsonHandler):
@@ -80,6 +81,7 @@ class Handler(JsonHandler):
     def _route(self, method: str) -> None:
         path = self.path.split("?")[0].strip("/").split("/")
         self.server.calls.append((method, "/".join(path)))
+        self.server.queries.append((method, "/".join(path), urllib.parse.urlsplit(self.path).query))
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             self._reply(401, {"message": "token not valid"})
             return
@@ -255,6 +257,76 @@ def test_list_status_logs_and_stop(argo: FakeArgoServer) -> None:
     stopped = cli("stop", name, url=argo.url)
     assert stopped.returncode == 0 and argo.workflows[name]["status"]["phase"] == "Failed"
     assert cli("status", name, url=argo.url).returncode == 1  # a failed run reads as one
+
+
+class CannedServer(LocalServer):
+    """A MOCK of what may sit on the Argo Server's port instead: it answers every request
+    200 with one body (a sign-in proxy's page, another web app, a log stream's error line)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(CannedHandler)
+        self.body = body
+
+
+class CannedHandler(JsonHandler):
+    server: CannedServer
+
+    def _canned(self) -> None:
+        self._reply(200, None, self.server.body)
+
+    do_GET = do_POST = do_PUT = _canned
+
+
+@pytest.mark.parametrize(
+    ("body", "commands"),
+    [
+        (b"<!DOCTYPE html><html>sign in</html>", ["list", "status", "stop", "submit", "logs"]),
+        (b"{}", ["list", "status", "template", "logs"]),
+    ],
+)
+def test_a_server_that_is_not_argos_is_named_in_one_line(body: bytes, commands: list[str]) -> None:
+    """A 200 that is not the API's answer was a traceback (JSON, or pydantic's validation)."""
+    args = {"status": ["status", "wf-x"], "stop": ["stop", "wf-x"], "logs": ["logs", "wf-x"]}
+    with serving(CannedServer(body)) as page:
+        for command in commands:
+            out = cli(
+                *args.get(command, [command, "create"] if command == "template" else [command]),
+                url=page.url,
+            )
+            assert out.returncode == 1, (command, out.stderr)
+            assert "Traceback" not in out.stderr, (command, out.stderr)
+            assert f"{page.url} did not answer" in out.stderr, (command, out.stderr)
+            assert out.stderr.count("\n") == 1 and "check --argo-server" in out.stderr
+
+
+def test_a_log_streams_error_fails_the_command() -> None:
+    line = json.dumps({"error": {"message": "pod wf-x-train-1 not found"}}).encode()
+    with serving(CannedServer(line)) as page:
+        out = cli("logs", "wf-x", url=page.url)
+    assert out.returncode == 1 and "pod wf-x-train-1 not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_logs_take_a_step_by_name_and_list_shows_the_pipelines_workflows(
+    argo: FakeArgoServer,
+) -> None:
+    assert cli("submit", url=argo.url).returncode == 0
+    (name,) = argo.workflows
+    # Any part of the workflow's name matched every pod; a misspelt step printed nothing, 0.
+    typo = cli("logs", name, "--step", "trian", url=argo.url)
+    assert typo.returncode == 2 and "invalid choice: 'trian'" in typo.stderr
+    part = cli("logs", name, "--step", "verify-data", url=argo.url)
+    assert part.returncode == 0 and "verify-data says hi" in part.stdout
+    assert "job created" not in part.stdout and "epoch 1" not in part.stdout
+    assert cli("list", url=argo.url).returncode == 0
+    (query,) = [q for m, p, q in argo.queries if m == "GET" and p == "api/v1/workflows/mlops"]
+    selector = urllib.parse.parse_qs(query)["listOptions.labelSelector"]
+    assert selector == ["app.kubernetes.io/part-of=mlops-pipeline"]
+    spec = argo.workflows[name]
+    assert spec["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mlops-pipeline"
+    # Argo's Error phase (its own failure, a pod deleted) is a failed run too.
+    spec["status"]["phase"] = "Error"
+    assert cli("status", name, url=argo.url).returncode == 1
 
 
 def test_template_create_then_update(argo: FakeArgoServer) -> None:
