@@ -13,7 +13,7 @@ from kfp import compiler
 from pipelines.argo import build, build_template
 from pipelines.config import PipelineConfig, config_overrides, for_cluster
 from pipelines.errors import ConfigError
-from pipelines.kfp_pipeline import image_classifier
+from pipelines.kfp_pipeline import build_pipeline
 from pipelines.manifests import inference_service, pytorchjob, to_dict
 from training.resume import model_uri as run_model_uri
 
@@ -57,7 +57,7 @@ def write_all(cfg: PipelineConfig, out: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(dir=out, prefix=".compile-") as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
-        compiler.Compiler().compile(image_classifier, str(Path(tmp) / "kfp-pipeline.yaml"))
+        compiler.Compiler().compile(build_pipeline(cfg), str(Path(tmp) / "kfp-pipeline.yaml"))
         for name in names:
             os.replace(Path(tmp) / name, out / name)
     return [out / name for name in names]

@@ -190,7 +190,7 @@ def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) 
     Returns the steps' exit codes, in the order they ended."""
     from kfp import local
 
-    from pipelines.kfp_pipeline import image_classifier
+    from pipelines.kfp_pipeline import build_pipeline
 
     # The local runner executes each component in this environment rather than in its image;
     # that is the point here, so KFP's warning about it is noise.
@@ -204,7 +204,9 @@ def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) 
         raise_on_error=False,  # the step records say what failed; the report says it once
     )
     with forked_tasks() as codes:  # each step's process forks from the fork server, if any
-        image_classifier(config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve)
+        build_pipeline(cfg)(
+            config=public_json(cfg), run_dir=str(run_dir), run_id=run_id, serve=serve
+        )
     return codes
 
 

@@ -181,13 +181,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from kfp import compiler
 
         from components.train import new_run_id
-        from pipelines.kfp_pipeline import image_classifier
+        from pipelines.kfp_pipeline import build_pipeline
         from pipelines.submit import submit_kfp
 
         cfg = config_from_args(args, cluster=True)
         with tempfile.TemporaryDirectory() as tmp:
             ir = Path(tmp) / "kfp-pipeline.yaml"
-            compiler.Compiler().compile(image_classifier, str(ir))
+            compiler.Compiler().compile(build_pipeline(cfg), str(ir))
             print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
         return 0
     cfg, client = _argo(args)

@@ -9,13 +9,13 @@ import yaml
 from kfp import compiler
 
 from pipelines.config import PipelineConfig
-from pipelines.kfp_pipeline import image_classifier
+from pipelines.kfp_pipeline import build_pipeline
 from pipelines.steps import STEPS
 
 
 def test_ir_has_the_five_steps_in_order_on_the_config_image(tmp_path: Path) -> None:
     path = tmp_path / "ir.yaml"
-    compiler.Compiler().compile(image_classifier, str(path))
+    compiler.Compiler().compile(build_pipeline(PipelineConfig()), str(path))
     ir = next(yaml.safe_load_all(path.read_text()))  # then the platform config
     tasks = ir["root"]["dag"]["tasks"]
     assert set(tasks) == set(STEPS)
@@ -35,7 +35,7 @@ def test_ir_has_the_five_steps_in_order_on_the_config_image(tmp_path: Path) -> N
 def test_cluster_pods_get_the_secrets_and_train_a_memory_backed_shm(tmp_path: Path) -> None:
     """kfp-kubernetes platform config: what the Argo pods get, for the KFP pods too."""
     path = tmp_path / "ir.yaml"
-    compiler.Compiler().compile(image_classifier, str(path))
+    compiler.Compiler().compile(build_pipeline(PipelineConfig()), str(path))
     _, platform = yaml.safe_load_all(path.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(executors) == {f"exec-{step}" for step in STEPS}
@@ -56,3 +56,33 @@ def test_cluster_pods_get_the_secrets_and_train_a_memory_backed_shm(tmp_path: Pa
     (shm,) = executors["exec-train"]["emptyDirMounts"]
     assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
     assert not any("emptyDirMounts" in s for n, s in executors.items() if n != "exec-train")
+
+
+def test_the_ir_follows_the_config_it_is_built_from(tmp_path: Path) -> None:
+    """The components took the default config's image and Secrets at import, so `compile` and
+    `submit --backend kfp` with another image ran the steps on the old one, beside a
+    PyTorchJob on the new; nor did the step resources reach the tasks."""
+    from pipelines.config import load_config
+
+    cfg = load_config(
+        overrides={
+            "image": "registry.example/mlops:0.2.0",
+            "cluster.s3_secret": "team-s3",
+            "cluster.step_resources.cpu": "3",
+            "cluster.step_resources.memory": "5Gi",
+        },
+        environ={},
+    )
+    path = tmp_path / "ir.yaml"
+    compiler.Compiler().compile(build_pipeline(cfg), str(path))
+    ir, platform = yaml.safe_load_all(path.read_text())
+    containers = [e["container"] for e in ir["deploymentSpec"]["executors"].values()]
+    assert {c["image"] for c in containers} == {"registry.example/mlops:0.2.0"}
+    for c in containers:
+        res = c["resources"]
+        # The strings are what KFP's backend puts in the pod; the numbers, its old fields.
+        assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == ("3", "3"), res
+        assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == ("5Gi", "5Gi")
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for spec in executors.values():
+        assert "team-s3" in {s["secretName"] for s in spec["secretAsEnv"]}
