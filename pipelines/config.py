@@ -378,11 +378,21 @@ class Resources(_Section):
     gpu: int = Field(0, ge=0, le=8, description="nvidia.com/gpu per pod.")
 
 
+NAMESPACE = "mlops"
+# The stores' Services as the overlays install them (infrastructure/base): name and port.
+STORES = {"s3_endpoint": ("minio", 9000), "mlflow_uri": ("mlflow", 5000)}
+
+
+def store_url(key: str, namespace: str) -> str:
+    service, port = STORES[key]
+    return f"http://{service}.{namespace}.svc.cluster.local:{port}"
+
+
 class ClusterConfig(_Section):
     """Where and how the pipeline runs on Kubernetes (Argo, the Training Operator, KServe)."""
 
     namespace: str = Field(
-        "mlops",
+        NAMESPACE,
         pattern=DNS_LABEL,
         description="Kubernetes namespace of the workflows, jobs and services.",
     )
@@ -407,11 +417,24 @@ class ClusterConfig(_Section):
         "mlops-s3", description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
     )
     s3_endpoint: str = Field(
-        "http://minio.mlops.svc.cluster.local:9000", description="S3 endpoint inside the cluster."
+        store_url("s3_endpoint", NAMESPACE),
+        description="S3 endpoint inside the cluster (default: MinIO's Service in namespace).",
     )
     mlflow_uri: str = Field(
-        "http://mlflow.mlops.svc.cluster.local:5000", description="MLflow inside the cluster."
+        store_url("mlflow_uri", NAMESPACE),
+        description="MLflow inside the cluster (default: its Service in namespace).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stores_in_namespace(cls, data: Any) -> Any:
+        """The stores are the overlay's, installed in the pipeline's namespace: a namespace
+        set alone left the pods calling mlops's stores, whose NetworkPolicies admit their own
+        namespace's pods only. Set either URL for stores elsewhere."""
+        if isinstance(data, dict) and isinstance(ns := data.get("namespace"), str):
+            data = {**{key: store_url(key, ns) for key in STORES}, **data}
+        return data
+
     mlflow_secret: str = Field(
         "mlops-mlflow-client",
         description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, read when "

@@ -298,6 +298,20 @@ def test_every_field_is_described() -> None:
     assert all(not line.endswith(": None") for line in lines), "a field lacks a description"
 
 
+def test_the_stores_urls_follow_the_namespace_unless_set() -> None:
+    """--namespace alone left every pod calling the mlops namespace's stores, whose
+    NetworkPolicies admit their own namespace's pods only."""
+    cluster = load_config(overrides={"cluster.namespace": "team-a"}, environ={}).cluster
+    assert cluster.s3_endpoint == "http://minio.team-a.svc.cluster.local:9000"
+    assert cluster.mlflow_uri == "http://mlflow.team-a.svc.cluster.local:5000"
+    given = {"cluster.namespace": "team-a", "cluster.s3_endpoint": "http://s3.example:9000"}
+    cluster = load_config(overrides=given, environ={}).cluster
+    assert cluster.s3_endpoint == "http://s3.example:9000"  # set: kept
+    assert cluster.mlflow_uri == "http://mlflow.team-a.svc.cluster.local:5000"
+    pod = for_cluster(load_config(overrides={"cluster.namespace": "team-a"}, environ={}))
+    assert pod.storage.endpoint == "http://minio.team-a.svc.cluster.local:9000"
+
+
 def test_pods_resolve_the_submitters_config_from_profile_and_overrides() -> None:
     """config_overrides + --profile rebuild the same config; for_cluster points at the cluster."""
     env = {"MINIO_ENDPOINT": "http://127.0.0.1:9", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}
