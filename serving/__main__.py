@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--http_port {args.http_port}: choose a port in 1..65535")
     if args.enable_grpc:
         parser.error("--enable_grpc: this server answers REST only (V1 and V2 over HTTP)")
+    # KServe's own flags, which failed with a traceback only after the model had loaded.
+    for flag in ("ssl_certfile", "ssl_keyfile", "log_config_file"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            parser.error(f"--{flag} {path}: no such file")
+    if args.max_asyncio_workers is not None and args.max_asyncio_workers < 1:
+        parser.error(f"--max_asyncio_workers {args.max_asyncio_workers}: give 1 or more")
     if args.workers != 1:
         # The micro-batcher gathers requests within one process; more replicas scale it out.
         parser.error(f"--workers {args.workers}: the server runs one process; add replicas")

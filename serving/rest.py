@@ -16,16 +16,18 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from kserve import model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput, ModelNotFound
+from kserve.logging import trace_logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
 from kserve.protocol.rest.v2_datamodels import InferenceRequest, RequestInput
 from pydantic import NonNegativeInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pipelines.errors import ConfigError
 from pipelines.processes import bind_error
@@ -77,6 +79,29 @@ class Throttle:
         return held
 
 
+def escaped(text: str) -> str:
+    """Control characters as escapes: no line of a client's choosing reaches the log."""
+    return CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
+
+
+class EscapeControl(logging.Filter):
+    """KServe's timing line (kserve.trace, on by default) quotes the request's decoded path:
+    GET /x%0AERROR:root:forged wrote a line of the client's own into the server's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if CONTROL.search(text):
+            record.msg, record.args = escaped(text), None
+        return True
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """A client that left mid-body (a timeout, a killed load generator): one line, not two
+    tracebacks and a 500 in the timing log. 499 is nginx's code for it; nobody reads it."""
+    log.info("%s %s: the client left before its request was read", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 def bounded(text: str) -> str:
     """A message cut to MESSAGE_CHARS: one that quotes the request (a 5 MB string in a field
     of the wrong type) was as large as it, in the answer and in the log."""
@@ -99,8 +124,9 @@ def client_error(
         held = throttle.admit()
         if held is not None:
             more = f" ({held} more since the last such line)" if held else ""
-            line = CONTROL.sub(lambda m: repr(m[0])[1:-1], text)  # no line a client writes
-            log.warning("%d %s %s: %s%s", status, request.method, request.url.path, line, more)
+            log.warning(
+                "%d %s %s: %s%s", status, request.method, request.url.path, escaped(text), more
+            )
         headers = getattr(exc, "headers", None)  # an HTTPException's, such as 405's Allow
         return JSONResponse(status_code=status, content={"error": text}, headers=headers)
 
@@ -166,7 +192,8 @@ def checked_binary_body(body: bytes, headers: dict) -> tuple[bytes, dict]:
         # A JSON body sent without Content-Type: application/json (curl -d sends a form's),
         # which V1 takes as JSON: V2 takes it too, as a header with nothing after it.
         declared = str(len(body))
-    if not declared.isdigit() or not 0 < int(declared) <= len(body):
+    # ASCII digits: str.isdigit() takes '²', which int() refuses (a 500 and a traceback).
+    if not (declared.isascii() and declared.isdigit()) or not 0 < int(declared) <= len(body):
         raise InvalidInput(
             f"a binary body needs {INFERENCE_CONTENT_LENGTH_HEADER}: the byte length of the JSON "
             f"header it starts with (got {declared!r} for a body of {len(body)} bytes)"
@@ -372,7 +399,9 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
             app.add_exception_handler(RequestValidationError, invalid_request)
             app.add_exception_handler(BodyTooLarge, too_large)
             app.add_exception_handler(StarletteHTTPException, http_error)
+            app.add_exception_handler(ClientDisconnect, client_gone)
 
+    trace_logger.addFilter(EscapeControl())
     model_server.RESTServer = BoundRESTServer
     model_server.ModelRepositoryExtension = OneModel
     model_server.DataPlane = OneModelPlane

@@ -9,10 +9,12 @@ import io
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -27,6 +29,7 @@ import psutil
 import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER as INFERENCE_HEADER
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 from PIL import ExifTags, Image
@@ -491,6 +494,8 @@ BAD_V1 = [
     ([{"image_bytes": {"b64": "@@not base64@@"}}], "invalid base64"),
     ([{"image_bytes": {"b64": base64.b64encode(b"not an image").decode()}}], "not a decodable"),
     ([np.zeros((16, 16, 3), int).tolist()], "shape [16, 16, 3], expected [32, 32, 3]"),
+    # Refused by its outline before numpy copies it (30 M numbers took seconds).
+    ([[0] * 30000], "instances[0]: shape [30000], expected [32, 32, 3] (HWC)"),
     ([np.full((32, 32, 3), 300).tolist()], "integers in 0..255"),
     ([np.full((32, 32, 3), 0.5).tolist()], "integers in 0..255"),
     ([], "empty batch"),
@@ -529,6 +534,10 @@ def test_bad_v1_input_is_a_400_and_the_server_stays_up(server, instances, messag
     [
         ([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "use BYTES or UINT8"),
         ([{"name": "x", "datatype": "UINT8", "shape": [2, 32, 32, 3], "data": [1, 2]}], "shape"),
+        (
+            [{"name": "x", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 30000}],
+            "input x: 30000 values do not fill shape [1, 32, 32, 3]",
+        ),
         (uint8_input(0, (32, 32, 3)), "[N,H,W,C]"),
         (uint8_input(0, (-1, 32, 32, 3)), "shape [-1, 32, 32, 3] has a negative size"),
         (uint8_input(300), "x[0]: values must be integers in 0..255"),
@@ -611,6 +620,40 @@ def test_no_client_can_unload_the_model(server: SimpleNamespace) -> None:
     assert v1(server, server.images[:1].tolist())[0] == 200
     log = (server.dir / "server.log").read_text()
     assert f"WARNING:mlops.serving:501 POST /v2/repository/models/{NAME}/unload: this" in log
+
+
+def test_no_header_or_path_a_client_sends_is_a_500_or_a_forged_log_line(
+    server: SimpleNamespace,
+) -> None:
+    """'²' passed str.isdigit() and failed int(): a 500 and two tracebacks. KServe's timing
+    line quotes the decoded path: %0A in it began a log line of the client's choosing. A
+    client gone mid-body was two tracebacks and a 500 in that timing line."""
+    log_path = server.dir / "server.log"
+    before = log_path.stat().st_size
+    resp = requests.post(
+        f"{server.base}/v2/models/{NAME}/infer",
+        data=b'{"inputs":[]}',
+        headers={"Content-Type": "application/octet-stream", INFERENCE_HEADER: "\u00b2"},
+        timeout=10,
+    )
+    assert resp.status_code == 400 and "inference-header-content-length" in resp.json()["error"]
+    assert requests.get(f"{server.base}/nothing%0AERROR:root:forged", timeout=10).status_code == 404
+    port = int(server.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            'application/json\r\nContent-Length: 1000\r\n\r\n{"inst'.encode()
+        )
+    with urllib.request.urlopen(f"{server.base}/v2/health/ready", timeout=5) as ready:
+        assert ready.status == 200
+    deadline = time.monotonic() + 30  # the server logs the disconnect once it reads on
+    while "the client left" not in log_path.read_bytes()[before:].decode():
+        assert time.monotonic() < deadline, log_path.read_bytes()[before:].decode()
+        time.sleep(0.1)
+    added = log_path.read_bytes()[before:].decode().splitlines()
+    assert not any(line.startswith(("ERROR", "Traceback")) for line in added), added
+    assert any("nothing\\nERROR:root:forged" in line for line in added), added
+    assert not any("500" in line for line in added), added
 
 
 def test_client_errors_log_one_line_each_and_no_traceback(server: SimpleNamespace) -> None:
@@ -978,6 +1021,9 @@ def test_batching_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
         (["--http_port", "70000"], "--http_port 70000: choose a port in 1..65535"),
         (["--enable_grpc", "true"], "--enable_grpc: this server answers REST only"),
         (["--workers", "2"], "--workers 2: the server runs one process"),
+        (["--ssl_certfile", "/nonexistent.pem"], "--ssl_certfile /nonexistent.pem: no such file"),
+        (["--log_config_file", "/nonexistent.yaml"], "--log_config_file /nonexistent.yaml: no"),
+        (["--max_asyncio_workers", "0"], "--max_asyncio_workers 0: give 1 or more"),
     ],
 )
 def test_flags_it_cannot_honour_are_usage_errors(
