@@ -22,8 +22,11 @@ import numpy as np
 import uvloop
 from PIL import Image
 
+from benchmarks.common import positive
+
 HOST = "127.0.0.1"
 PROTOCOLS = ("v1", "v2")
+REPLY_TIMEOUT_S = 60  # a batch-1 request takes milliseconds
 
 
 def request_bytes(protocol: str, model: str, port: int, image: np.ndarray) -> bytes:
@@ -60,14 +63,16 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
     return status
 
 
-async def client(port: int, raws: list[bytes], warmup_s: float, rounds: list[Round]) -> None:
+async def client(
+    port: int, raws: list[bytes], warmup_s: float, rounds: list[Round], timeout_s: float
+) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     sent = 0
 
     async def until(deadline: float, latencies_ms: list[float] | None) -> None:
         nonlocal sent
         while (t0 := time.perf_counter()) < deadline:
-            await checked(reader, writer, raws[sent % len(raws)])
+            await checked(reader, writer, raws[sent % len(raws)], timeout_s)
             sent += 1
             if latencies_ms is not None:
                 latencies_ms.append((time.perf_counter() - t0) * 1000)
@@ -82,8 +87,14 @@ async def client(port: int, raws: list[bytes], warmup_s: float, rounds: list[Rou
         writer.close()
 
 
-async def checked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
-    status = await exchange(reader, writer, raw)
+async def checked(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, timeout_s: float
+) -> None:
+    try:
+        # A server that stops answering held the benchmark for good.
+        status = await asyncio.wait_for(exchange(reader, writer, raw), timeout_s)
+    except TimeoutError:
+        raise LoadError(f"no answer within {timeout_s:g} s") from None
     if status != 200:
         raise LoadError(f"the server answered {status}")
 
@@ -115,7 +126,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
     # A failing client cancels the others and this body too: no barrier waits forever.
     async with asyncio.TaskGroup() as group:
         for _ in range(args.clients):
-            group.create_task(client(args.port, raws, args.warmup, rounds))
+            group.create_task(client(args.port, raws, args.warmup, rounds, args.timeout))
         for one in rounds:
             await one.start.wait()
             t0 = time.perf_counter()
@@ -141,11 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="model server port on 127.0.0.1")
     parser.add_argument("--model", required=True, help="model name")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="v2", help="(default: v2)")
-    parser.add_argument("--clients", type=int, default=1, help="concurrent clients (default: 1)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="per round (default: 2)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (default: 1)")
     parser.add_argument(
-        "--warmup", type=float, default=0.5, help="untimed seconds first (default: 0.5)"
+        "--clients", type=positive(int), default=1, help="concurrent clients (default: 1)"
+    )
+    parser.add_argument(
+        "--seconds", type=positive(float), default=2.0, help="per round (default: 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive(int), default=1, help="timed rounds (default: 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=positive(float), default=0.5, help="untimed seconds first (default: 0.5)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=REPLY_TIMEOUT_S,
+        help=f"seconds to wait for an answer before failing (default: {REPLY_TIMEOUT_S})",
     )
     parser.add_argument(
         "--shape",

@@ -31,7 +31,8 @@ from typing import Any, get_args
 import numpy as np
 import psutil
 
-from benchmarks.common import ROOT, median, write_result
+from benchmarks.common import ROOT, median, positive, write_result
+from benchmarks.loadgen import REPLY_TIMEOUT_S
 from components.deploy import start_server
 from pipelines.config import PipelineConfig, ServingBackend, ServingConfig, load_config
 from pipelines.processes import HOST, free_port, terminate
@@ -43,6 +44,7 @@ CLASSES = [f"class{i}" for i in range(10)]
 CLIENTS = (1, 4, 16)
 PROTOCOLS = ("v1", "v2")
 PERCENTILES = (50, 95, 99)
+MIN_CALLS = 3  # timed per round, however short the round
 BACKENDS = get_args(ServingBackend)
 
 
@@ -80,11 +82,12 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def timed(call: Callable[[], object], seconds: float, warmup_s: float = 0.5) -> list[float]:
-    """Milliseconds of each call made during `seconds`, after `warmup_s` of untimed ones."""
+    """Milliseconds of each call made during `seconds`, after `warmup_s` of untimed ones, and
+    of MIN_CALLS at least: one batch-64 call outlasted a short window, which left none."""
     out: list[float] = []
     warm = time.perf_counter() + warmup_s
     deadline = warm + seconds
-    while (t0 := time.perf_counter()) < deadline:
+    while (t0 := time.perf_counter()) < deadline or len(out) < MIN_CALLS:
         call()
         if t0 >= warm:
             out.append((time.perf_counter() - t0) * 1000)
@@ -145,7 +148,13 @@ def load(port: int, protocol: str, clients: int, seconds: float, repeats: int) -
     cmd = [sys.executable, "-m", "benchmarks.loadgen", "--port", str(port), "--model", NAME]
     cmd += ["--protocol", protocol, "--clients", str(clients), "--seconds", str(seconds)]
     cmd += ["--repeats", str(repeats), "--warmup", "0.5"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    limit = repeats * seconds + 0.5 + 2 * REPLY_TIMEOUT_S
+    try:
+        out = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"loadgen did not finish within {limit:.0f} s") from None
     if out.returncode != 0:
         raise SystemExit(f"loadgen failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout)
@@ -248,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--seconds", type=float, default=1.5, help="per round and setting (default: 1.5)"
+        "--seconds", type=positive(float), default=1.5, help="per round and setting (default: 1.5)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="rounds (default: 3)")
+    parser.add_argument("--repeats", type=positive(int), default=3, help="rounds (default: 3)")
     parser.add_argument(
         "--backend",
         choices=BACKENDS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,19 @@ def test_gpu_benchmark_refuses_bad_input_in_one_line(
     assert "train.lr" in capsys.readouterr().err
     assert gpu.main(["--data", str(tmp_path / "none.tar.gz")]) == 2
     assert "none.tar.gz: no such file" in capsys.readouterr().err
+
+
+def test_loadgen_fails_on_a_server_that_stops_answering() -> None:
+    """It waited for the answer for good; now for --timeout, then exits with one line."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = str(silent.getsockname()[1])
+        flags = ["--seconds", "0.5", "--warmup", "0.1", "--timeout", "1"]
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.loadgen", "--port", port, "--model", "m", *flags],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert out.returncode == 1 and out.stderr == "error: no answer within 1 s\n", out.stderr
