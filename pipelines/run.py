@@ -160,6 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config of a job for the cluster, checked as its pods will check it: a batch that
+    does not split over the ranks failed the trainer after the data steps had run there."""
+    from components.train import check_ranks
+    from pipelines.config import for_cluster
+
+    cfg = config_from_args(args, cluster=True)
+    check_ranks(for_cluster(cfg))
+    return cfg
+
+
 def _argo(args: argparse.Namespace):
     from pipelines.submit import ArgoClient, ArgoTarget
 
@@ -184,12 +195,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from pipelines.kfp_pipeline import build_pipeline
         from pipelines.submit import submit_kfp
 
-        cfg = config_from_args(args, cluster=True)
+        cfg = job_config(args)
         with tempfile.TemporaryDirectory() as tmp:
             ir = Path(tmp) / "kfp-pipeline.yaml"
             compiler.Compiler().compile(build_pipeline(cfg), str(ir))
             print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
         return 0
+    job_config(args)  # before any request
     cfg, client = _argo(args)
     from pipelines.argo import PARAMETERS, config_value
 
@@ -291,7 +303,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.cli import make_dir
     from pipelines.compile import write_all
 
-    cfg = config_from_args(args, cluster=True)
+    cfg = job_config(args)
     make_dir(args.out, "--out", "pass --out DIR")  # a bad path: one line, before any work
     for path in write_all(cfg, args.out):
         print(path)
