@@ -199,7 +199,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ir = Path(tmp) / "kfp-pipeline.yaml"
             compiler.Compiler().compile(build_pipeline(cfg), str(ir))
-            print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id())}")
+            insecure = args.insecure_skip_tls_verify
+            print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id(), insecure)}")
         return 0
     job_config(args)  # before any request
     cfg, client = _argo(args)
@@ -272,7 +273,8 @@ def _argo_flags(parser: argparse.ArgumentParser) -> None:
         "--insecure-skip-tls-verify",
         action="store_true",
         help="accept the server's self-signed certificate, e.g. through kubectl port-forward "
-        "(default: verify; also $ARGO_INSECURE_SKIP_VERIFY=true)",
+        "(default: verify; for Argo also $ARGO_INSECURE_SKIP_VERIFY=true; with submit "
+        "--backend kfp, the KFP API server's)",
     )
 
 

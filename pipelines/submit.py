@@ -55,6 +55,13 @@ def server_said(exc: Exception) -> str:
     return line if len(line) <= 300 else line[:300] + "..."
 
 
+def untrusted(server: str, url: str, exc: Exception) -> str:
+    return (
+        f"{server} at {url} presented a certificate this machine does not trust "
+        f"({server_said(exc)}); for a port-forwarded server's self-signed certificate, pass -k"
+    )
+
+
 @dataclass(frozen=True)
 class ArgoTarget:
     url: str
@@ -99,6 +106,8 @@ class ArgoClient:
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except requests.exceptions.SSLError as exc:  # a ConnectionError: "cannot reach" misled
+            raise PipelineError(untrusted("the Argo Server", self.target.url, exc)) from None
         except requests.exceptions.ConnectionError:
             raise PipelineError(
                 f"cannot reach the Argo Server at {self.target.url} ({what}); check "
@@ -245,7 +254,30 @@ class ArgoClient:
         return (wf.status.phase if wf.status else None) or "Stopping"
 
 
-def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> str:
+def check_kfp(host: str, verify: bool) -> None:
+    """One health check, whose answer is named: kfp's client retries it 5 times, for 25 s,
+    and reports a server that refused the request (401, a sign-in in front of it) as one it
+    could not reach."""
+    try:
+        resp = requests.get(f"{host}/apis/v2beta1/healthz", timeout=TIMEOUT_S, verify=verify)
+    except requests.exceptions.SSLError as exc:
+        raise PipelineError(untrusted("the KFP API server", host, exc)) from None
+    except requests.exceptions.RequestException as exc:
+        raise PipelineError(
+            f"cannot reach the KFP API server at {host} ({server_said(exc)}); check --kfp-host "
+            "/ KFP_HOST and that the server is port-forwarded"
+        ) from None
+    if resp.status_code in (401, 403):
+        raise PipelineError(
+            f"the KFP API server at {host} answered {resp.status_code}: it asks for a login; "
+            "port-forward the API server itself, which asks for none (kubectl -n kubeflow "
+            "port-forward svc/ml-pipeline 8888:8888, then --kfp-host http://localhost:8888)"
+        )
+
+
+def submit_kfp(
+    cfg: PipelineConfig, host: str | None, ir: Path, run_id: str, insecure: bool = False
+) -> str:
     """Upload the compiled IR as a run to a KFP API server."""
     import kfp
     from kfp_server_api.exceptions import ApiException
@@ -263,8 +295,11 @@ def submit_kfp(cfg: PipelineConfig, host: str | None, ir: Path, run_id: str) -> 
     # kfp logs a traceback of each of its 5 health checks of a server that is not KFP's, on the
     # root logger, before its own error: 226 lines for the one below.
     logging.disable(logging.ERROR)
+    if insecure:
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    check_kfp(host, not insecure)
     try:
-        client = kfp.Client(host=host)
+        client = kfp.Client(host=host, verify_ssl=False if insecure else None)
         run = client.create_run_from_pipeline_package(
             str(ir),
             # In-cluster endpoints, and training as a PyTorchJob through TrainingClient.

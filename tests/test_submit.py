@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -192,8 +193,10 @@ def test_kfp_runs_as_the_pipeline_account() -> None:
     assert run["experiment_id"] == "e1"
 
 
-def cli(*args: str, url: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ARGO_SERVER": url, "ARGO_TOKEN": token}
+def cli(
+    *args: str, url: str, token: str = TOKEN, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ARGO_SERVER": url, "ARGO_TOKEN": token, **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "pipelines/run.py", *args],
         cwd=ROOT,
@@ -263,16 +266,24 @@ class CannedServer(LocalServer):
     """A MOCK of what may sit on the Argo Server's port instead: it answers every request
     200 with one body (a sign-in proxy's page, another web app, a log stream's error line)."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, status: int = 200, tls: tuple[Path, Path] | None = None):
         super().__init__(CannedHandler)
-        self.body = body
+        self.body, self.status, self.tls = body, status, tls
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    @property
+    def url(self) -> str:
+        return super().url.replace("http:", "https:") if self.tls else super().url
 
 
 class CannedHandler(JsonHandler):
     server: CannedServer
 
     def _canned(self) -> None:
-        self._reply(200, None, self.server.body)
+        self._reply(self.server.status, None, self.server.body)
 
     do_GET = do_POST = do_PUT = _canned
 
@@ -297,6 +308,72 @@ def test_a_server_that_is_not_argos_is_named_in_one_line(body: bytes, commands: 
             assert "Traceback" not in out.stderr, (command, out.stderr)
             assert f"{page.url} did not answer" in out.stderr, (command, out.stderr)
             assert out.stderr.count("\n") == 1 and "check --argo-server" in out.stderr
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that nothing trusts, as a port-forwarded server presents."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "argo-server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_an_untrusted_certificate_is_named_and_k_accepts_it(tmp_path: Path) -> None:
+    """An untrusted certificate read as "cannot reach ... port-forwarded"; and -k did nothing
+    for submit --backend kfp."""
+    listed = json.dumps({"metadata": {}, "items": []}).encode()
+    with serving(CannedServer(listed, tls=self_signed(tmp_path))) as server:
+        env = {"ARGO_INSECURE_SKIP_VERIFY": ""}
+        out = cli("list", url=server.url, extra_env=env)
+        assert out.returncode == 1 and "presented a certificate this machine does not trust" in (
+            out.stderr
+        )
+        assert "pass -k" in out.stderr and "cannot reach" not in out.stderr
+        assert cli("list", "-k", url=server.url, extra_env=env).returncode == 0
+        kfp = ["submit", "--backend", "kfp", "--kfp-host", server.url]
+        out = cli(*kfp, url=server.url, extra_env=env)
+        assert out.returncode == 1 and "does not trust" in out.stderr
+        out = cli(*kfp, "-k", url=server.url, extra_env=env)
+        assert "does not trust" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_kfp_server_that_asks_for_a_login_says_so_at_once() -> None:
+    """kfp's client retried its health check 5 times (25 s), then said it could not reach it."""
+    with serving(CannedServer(b'{"error": "unauthorized"}', status=401)) as server:
+        out = cli("submit", "--backend", "kfp", "--kfp-host", server.url, url=server.url)
+    assert out.returncode == 1 and "answered 401: it asks for a login" in out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
 
 
 def test_a_log_streams_error_fails_the_command() -> None:
