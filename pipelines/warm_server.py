@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import select
 import selectors
 import shlex
 import signal
@@ -28,6 +29,7 @@ from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 
 log = logging.getLogger("mlops.warm")
 TITLE_MAX = 300  # a step's arguments hold its whole config
+ARRIVING = "arriving"  # the selector's mark on a connection whose request is not read yet
 STOP_GRACE_S = 5.0  # within the 10 s the driver gives this server before its SIGKILL
 
 
@@ -69,19 +71,35 @@ class Server:
     wait_for: dict[str, str] = field(default_factory=dict)  # target: the import it waits for
     loaded: set[str] = field(default_factory=set)  # the imports a wait may be for, done
     pending: list[Request] = field(default_factory=list)  # waiting for an import
+    arriving: list[socket.socket] = field(default_factory=list)  # accepted, request not read
     children: dict[int, socket.socket] = field(default_factory=dict)  # pid: its client
     doomed: dict[int, float] = field(default_factory=dict)  # pid: when SIGTERM turns to SIGKILL
     private_fds: list[int] = field(default_factory=list)  # the server's own, closed in a child
 
     def accept(self) -> None:
-        """Every connection that is waiting: one request each, forked once its target may."""
+        """Every connection that is waiting, read once its request arrives (arrived): one
+        that sent nothing held up every other client for receive's 10 s."""
         while True:
             try:
                 conn, _ = self.listener.accept()
             except BlockingIOError:
                 break
-            if (request := self.receive(conn)) is not None:
-                self.pending.append(request)
+            if select.select([conn], [], [], 0)[0]:  # sent with its connect, as spawn does
+                self.take(conn)
+            else:
+                self.arriving.append(conn)
+                self.selector.register(conn, selectors.EVENT_READ, ARRIVING)
+
+    def arrived(self, conn: socket.socket) -> None:
+        """A new connection turned readable."""
+        self.selector.unregister(conn)
+        self.arriving.remove(conn)
+        self.take(conn)
+
+    def take(self, conn: socket.socket) -> None:
+        """A connection's request, forked once its target may."""
+        if (request := self.receive(conn)) is not None:
+            self.pending.append(request)
 
     def ready(self, request: Request) -> bool:
         needs = self.wait_for.get(request.body["target"])
@@ -170,6 +188,8 @@ class Server:
             for client in self.children.values():
                 client.close()
             for other in self.pending:
+                other.close()
+            for other in self.arriving:
                 other.close()
             for fd in self.private_fds:
                 os.close(fd)
@@ -300,6 +320,8 @@ def serve(
         for key, _ in selector.select(timeout):
             if key.fileobj is listener:
                 server.accept()
+            elif key.data is ARRIVING:
+                server.arrived(key.fileobj)  # type: ignore[arg-type]
             elif key.fileobj == wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 512)

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +84,22 @@ def test_a_child_is_driven_as_popen_is(server: Path, tmp_path: Path) -> None:
     assert child.wait(timeout=30) == -signal.SIGTERM and child.poll() == -signal.SIGTERM
     crashed = warm.spawn("tests.warm_target:fail", [], dict(os.environ), tmp_path)
     assert crashed is not None and crashed.wait(timeout=30) == 1  # as an uncaught error exits
+
+
+def test_a_client_that_sends_nothing_holds_up_no_other(server: Path, tmp_path: Path) -> None:
+    """The server read each new connection's request at once, for up to 10 s: a connected
+    client that sent nothing held up every fork behind it, then was refused."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(os.environ[warm.SOCKET_ENV])
+    try:
+        child = warm.spawn("tests.warm_target:fail", [], dict(os.environ), tmp_path)
+        assert child is not None and child.wait(timeout=30) == 1
+        # Served while the silent one is still waiting: it was neither read nor refused.
+        assert select.select([silent], [], [], 0)[0] == []
+    finally:
+        silent.close()
+    again = warm.spawn("tests.warm_target:fail", [], dict(os.environ), tmp_path)
+    assert again is not None and again.wait(timeout=30) == 1  # its close cost the server nothing
 
 
 def test_a_child_signalled_as_soon_as_its_pid_arrives_dies_of_the_signal(
