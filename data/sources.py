@@ -47,7 +47,11 @@ def local_source(ds: DatasetConfig, cache: Path) -> Path | None:
         if not path.exists():
             log.info("generating synthetic data: %s", path.name)
             part = path.with_name("part-" + path.name)
-            synthetic.write("imagefolder", part, ds.synthetic_per_class, ds.seed)
+            try:
+                synthetic.write("imagefolder", part, ds.synthetic_per_class, ds.seed)
+            except BaseException:
+                part.unlink(missing_ok=True)  # a disk that filled up: none of it is kept
+                raise
             part.replace(path)
         return path
     return _cached(ds.name, cache)

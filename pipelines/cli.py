@@ -32,6 +32,7 @@ from pipelines.errors import (
     ConfigError,
     PipelineError,
     StorageError,
+    disk_full,
     raise_on_sigterm,
     redeliver_interrupts,
     report,
@@ -273,6 +274,12 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         report(exc)
         return exc.exit_code
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        report(full)
+        return full.exit_code
     except KeyboardInterrupt as exc:
         code, word = stopped_by(exc)
         print(word, file=sys.stderr)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -49,7 +51,16 @@ def raise_on_sigterm(first: Callable[[], None] | None = None) -> None:
             first()
         raise Terminated
 
+    def interrupted(signum: int, frame: object) -> None:
+        # A Ctrl-C unwinds too: the SIGTERM that follows it (a trainer's, from its step, which
+        # took the same Ctrl-C) landed in run_main's `except KeyboardInterrupt` when both were
+        # pending after a long C call, and escaped as a traceback.
+        _Sigterm.unwinding = True
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored
+        signal.signal(signal.SIGINT, interrupted)
 
 
 def redeliver_interrupts() -> None:
@@ -89,11 +100,34 @@ def exit_words(code: int) -> str:
     return words
 
 
+def server_said(exc: Exception) -> str:
+    """An API error in one line. Something else on the port (a proxy's login page, another
+    service) answers a whole HTML page, which the error printed as it came."""
+    text = str(exc).strip() or type(exc).__name__
+    page = re.search(r"<(!DOCTYPE|html)", text, re.IGNORECASE)
+    if page:
+        return text[: page.start()].rstrip(" :`'\"\n") + " (an HTML page, not the API's answer)"
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:300] + "..."
+
+
 class PipelineError(Exception):
     """A failure the user can act on. The message names the problem and what to do."""
 
     exit_code = 1
     final = False  # True: the same inputs fail the same way again, so a retry is no use
+
+
+def disk_full(exc: OSError) -> PipelineError | None:
+    """A full disk (or quota) as one line naming the file, not a traceback; None for another
+    OSError, which stays unexpected."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return PipelineError(
+        f"no space left on the device{where}: free some space, or pass --state-dir on a disk "
+        "with more room"
+    )
 
 
 class ConfigError(PipelineError):

@@ -11,9 +11,9 @@ from pathlib import Path
 from pipelines.config import PipelineConfig, mlflow_env
 from pipelines.processes import (
     HOST,
-    die_with_parent,
     free_port,
     process_ended,
+    start_service,
     terminate,
     wait_http_ok,
 )
@@ -179,14 +179,7 @@ class LocalMlflow:
             *self.extra_args,
         ]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                die_with_parent(cmd),
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+            self.proc = start_service(cmd, env, out, cwd=ROOT)
         return self
 
     def env(self) -> dict[str, str]:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from pipelines.errors import PipelineError
 
@@ -82,6 +83,24 @@ def exit_status(code: object) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+def start_service(
+    cmd: list[str], env: dict[str, str], log_file: IO[bytes], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A run's S3 or MLflow server: its output in log_file, ended with this process however
+    it ends (die_with_parent), and out of the terminal's process group: a Ctrl-C stopped it
+    at once, before the trainer could end its MLflow run or finish its uploads. The driver
+    stops it, after the steps."""
+    return subprocess.Popen(
+        die_with_parent(cmd),
+        cwd=cwd,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def terminate(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:

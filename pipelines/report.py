@@ -61,7 +61,10 @@ def summary(report: RunReport) -> str:
             f" in training ({trained['epochs']} epochs{resumed}, {trained['world_size']}"
             f" process(es), {trained['precision']})",
             f"model       {trained['model_uri']}model.safetensors",
-            f"MLflow      {trained['tracking_uri']}/#/experiments/{trained['experiment_id']}"
+            # This attempt's server: a resume that reuses a finished model carries the URL of
+            # the attempt that trained it, whose server has gone.
+            f"MLflow      {report.tracking_uri or trained['tracking_uri']}/#/experiments/"
+            f"{trained['experiment_id']}"
             f"/runs/{trained['mlflow_run_id']} (registered {trained['registered_model']} "
             f"v{trained['version']}; {browse_later(report)})",
         ]

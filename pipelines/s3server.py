@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, StorageConfig
 from pipelines.errors import StorageError
-from pipelines.processes import HOST, die_with_parent, free_port, terminate
+from pipelines.processes import HOST, free_port, start_service, terminate
 from pipelines.storage import EMBEDDED_ENV
 
 log = logging.getLogger("mlops.s3")
@@ -64,13 +64,7 @@ class EmbeddedS3:
         ]  # fmt: skip
         log_path = self.data_dir.parent / "s3server.log"
         with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(
-                die_with_parent(cmd),
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+            self.proc = start_service(cmd, env, log_file)
         self._wait_ready(log_path)
         os.environ[EMBEDDED_ENV] = f"{self.endpoint} {log_path}"
         log.info("embedded S3 server on %s (data in %s)", self.endpoint, self.data_dir)

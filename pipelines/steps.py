@@ -15,7 +15,13 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
-from pipelines.errors import PipelineError, raise_on_sigterm, redeliver_interrupts, stopped_by
+from pipelines.errors import (
+    PipelineError,
+    disk_full,
+    raise_on_sigterm,
+    redeliver_interrupts,
+    stopped_by,
+)
 from pipelines.storage import ObjectStore
 
 log = logging.getLogger("mlops.steps")
@@ -85,6 +91,10 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
         record |= {"status": "succeeded", "result": dataclasses.asdict(result)}
     except PipelineError as exc:
         record |= {"status": "failed", "error": str(exc), "exit_code": exc.exit_code}
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        record |= {"status": "failed", "error": str(full), "exit_code": full.exit_code}
     except KeyboardInterrupt as exc:  # Ctrl-C reaches every step process: one line, no traceback
         code, word = stopped_by(exc)
         record |= {"status": "failed", "error": word, "exit_code": code}

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, MinioException, S3Error
 
 from pipelines.config import StorageConfig
 from pipelines.console import parallel_map
@@ -24,6 +24,9 @@ from pipelines.errors import ConfigError, IntegrityError, StorageError
 
 log = logging.getLogger("mlops.storage")
 
+# What a store call may raise: S3's error answers, an answer that is not S3's (another server on
+# the port, a proxy's error page: InvalidResponseError was a traceback), a network failure.
+FAILURES = (MinioException, urllib3.exceptions.HTTPError, OSError)
 SHA256_META = "sha256"  # stored as x-amz-meta-sha256: the minio client sends no checksums
 CHUNK = 1 << 20
 
@@ -113,10 +116,17 @@ class ObjectStore:
     # --- error mapping --------------------------------------------------------------------
 
     def _fail(self, what: str, exc: Exception) -> StorageError:
-        if isinstance(exc, S3Error):
-            return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}")
         # A run's own server that died was blamed on a MINIO_ENDPOINT nobody had set.
         embedded, _, server_log = os.environ.get(EMBEDDED_ENV, "").partition(" ")
+        if isinstance(exc, S3Error):
+            # The embedded server's own failure (a full disk) says only "Please try again".
+            see = f" (see {server_log})" if embedded == self.endpoint else ""
+            return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}{see}")
+        if isinstance(exc, InvalidResponseError):
+            return StorageError(
+                f"{what}: {self.endpoint} answered HTTP {exc._code} with no S3 response "
+                "(another server on that port?): check MINIO_ENDPOINT"
+            )
         hint = (
             f"The run's embedded S3 server stopped answering: see {server_log}"
             if embedded == self.endpoint
@@ -135,7 +145,7 @@ class ObjectStore:
                 if not self.client.bucket_exists(name):
                     self.client.make_bucket(name)
                     log.info("created bucket %s", name)
-            except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+            except FAILURES as exc:
                 raise self._fail(f"ensuring bucket {name}", exc) from None
 
     # --- objects ----------------------------------------------------------------------------
@@ -147,7 +157,7 @@ class ObjectStore:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"):
                 return None
             raise self._fail(f"stat {s3_uri(bucket, key)}", exc) from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except FAILURES as exc:  # S3Error taken above
             raise self._fail(f"stat {s3_uri(bucket, key)}", exc) from None
         meta = {k.lower(): v for k, v in (obj.metadata or {}).items()}
         return ObjectInfo(key, obj.size or 0, obj.etag or "", meta.get(f"x-amz-meta-{SHA256_META}"))
@@ -157,14 +167,14 @@ class ObjectStore:
         try:
             for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
                 yield ObjectInfo(obj.object_name, obj.size or 0, obj.etag or "", None)
-        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+        except FAILURES as exc:
             raise self._fail(f"list {s3_uri(bucket, prefix)}", exc) from None
 
     def put_file(self, bucket: str, key: str, path: Path, sha256: str | None = None) -> str:
         sha256 = sha256 or sha256_file(path)
         try:
             self.client.fput_object(bucket, key, str(path), metadata={SHA256_META: sha256})
-        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+        except FAILURES as exc:
             raise self._fail(f"upload {s3_uri(bucket, key)}", exc) from None
         return sha256
 
@@ -181,7 +191,7 @@ class ObjectStore:
                 content_type=content_type,
                 metadata={SHA256_META: sha256},
             )
-        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+        except FAILURES as exc:
             raise self._fail(f"upload {s3_uri(bucket, key)}", exc) from None
         return sha256
 
@@ -242,7 +252,7 @@ class ObjectStore:
                 if exc.code in ("NoSuchKey", "NoSuchObject"):
                     raise IntegrityError(f"{uri} is missing from the store") from None
                 raise self._fail(f"download {uri}", exc) from None
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+            except FAILURES as exc:  # S3Error taken above
                 short = _short_read(exc)
                 if short is None:
                     raise self._fail(f"download {uri}", exc) from None
@@ -270,7 +280,7 @@ class ObjectStore:
     def remove(self, bucket: str, key: str) -> None:
         try:
             self.client.remove_object(bucket, key)
-        except (S3Error, urllib3.exceptions.HTTPError, OSError) as exc:
+        except FAILURES as exc:
             raise self._fail(f"remove {s3_uri(bucket, key)}", exc) from None
 
     # --- JSON documents (manifests, metadata) ---------------------------------------------

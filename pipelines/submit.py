@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import urllib.parse
 import warnings
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from hera.workflows import models as m
 
 from pipelines.argo import PART_OF, build, build_template
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, PipelineError
+from pipelines.errors import ConfigError, PipelineError, server_said
 from pipelines.manifests import TRAINER_CONTAINER
 
 TIMEOUT_S = 15
@@ -42,17 +41,6 @@ def server_url(url: str, where: str, example: str) -> str:
             f"{where}: {url} is not a server URL; expected http(s)://HOST[:PORT], e.g. {example}"
         )
     return url.rstrip("/")
-
-
-def server_said(exc: Exception) -> str:
-    """An API error in one line. Something else on the port (a proxy's login page, another
-    service) answers a whole HTML page, which the error printed as it came."""
-    text = str(exc).strip() or type(exc).__name__
-    page = re.search(r"<(!DOCTYPE|html)", text, re.IGNORECASE)
-    if page:
-        return text[: page.start()].rstrip(" :`'\"\n") + " (an HTML page, not the API's answer)"
-    line = text.splitlines()[0]
-    return line if len(line) <= 300 else line[:300] + "..."
 
 
 def untrusted(server: str, url: str, exc: Exception) -> str:

@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -398,6 +399,12 @@ def test_an_interrupted_step_records_it_and_exits_130(
     assert capsys.readouterr().err.endswith("error: interrupted\n")
 
 
+def stops_as_interrupted(head: str) -> None:
+    """`head` defines body(); it runs under run_main and must end as a Ctrl-C, not go on."""
+    out = run("-c", head + "    time.sleep(30)\n    print('went on')\nsys.exit(run_main(body))\n")
+    assert (out.returncode, out.stdout, out.stderr) == (130, "", "interrupted\n")
+
+
 def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
     """Python reports an exception raised in a __del__ as 'Exception ignored', with a
     traceback, and goes on: a Ctrl-C that arrived there (in CI, in minio's client finalizer
@@ -412,12 +419,49 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
         "        raise KeyboardInterrupt  # as a Ctrl-C that lands in a finalizer\n"
         "def body():\n"
         "    Finalized()  # collected at once\n"
-        "    time.sleep(30)\n"
-        "    print('went on')\n"
+    )
+    stops_as_interrupted(body)
+
+
+def test_a_full_disk_is_one_line_naming_the_file() -> None:
+    """A state dir on a full disk failed the step with a traceback (ENOSPC from writing the
+    generated data's cache). /dev/full answers every write with ENOSPC."""
+    body = (
+        "import sys\n"
+        "from pipelines.cli import run_main\n"
+        "def body():\n"
+        "    with open('/dev/full', 'wb', buffering=0) as f:\n"
+        "        f.write(b'x')\n"
         "sys.exit(run_main(body))\n"
     )
     out = run("-c", body)
-    assert (out.returncode, out.stdout, out.stderr) == (130, "", "interrupted\n")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: no space left on the device: free some space, or pass")
+    from pipelines.errors import disk_full
+
+    full = disk_full(OSError(28, "No space left on device", "/state/cache/x.tar.gz"))
+    assert full is not None and "writing /state/cache/x.tar.gz" in str(full)
+    assert disk_full(OSError(13, "Permission denied", "/x")) is None  # not this one's
+
+
+def test_a_sigterm_right_after_a_ctrl_c_does_not_cut_its_clean_up_short() -> None:
+    """On a Ctrl-C the train step terminates its trainer, which took the Ctrl-C too: with both
+    pending after a long C call (a forward pass), the SIGTERM landed in run_main's `except
+    KeyboardInterrupt` and escaped as a traceback, exit 1."""
+    body = (
+        "import os, signal, sys, time\n"
+        "from pipelines.cli import run_main\n"
+        "from pipelines.errors import raise_on_sigterm\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "raise_on_sigterm()\n"
+        "both = {signal.SIGINT, signal.SIGTERM}\n"
+        "def body():\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, both)  # as inside one long C call\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)\n"
+    )
+    stops_as_interrupted(body)
 
 
 def test_a_second_sigterm_does_not_cut_the_first_ones_clean_up_short() -> None:
@@ -609,6 +653,33 @@ def test_unreachable_store_fails_fast_and_names_it(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"cannot reach the S3 store at {endpoint}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_store_endpoint_that_is_not_s3_is_named_in_one_line(tmp_path: Path) -> None:
+    """Another web server on the port (or a proxy's error page) answered no S3 XML: minio's
+    InvalidResponseError was a traceback, and --json printed nothing."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{web.server_address[1]}"
+    env = {"MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}
+    try:
+        out = run(
+            "pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--json",
+            "--state-dir", str(tmp_path / "state"), env=env,
+        )  # fmt: skip
+    finally:
+        web.shutdown()
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"{endpoint} answered HTTP 501 with no S3 response" in out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["status"] == "failed" and "check MINIO_ENDPOINT" in report["error"]
 
 
 def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
@@ -816,6 +887,14 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     # Python's 'Exception ignored' report of a signal that landed in a finalizer.)
     assert "Traceback" not in driver_lines(err)
     assert f"resume      python pipelines/run.py --resume {run_id} --state-dir {state} (" in err
+    # The trainer ended its MLflow run while the server was up: the terminal's Ctrl-C reached
+    # the S3 and MLflow servers too, which quit at once, and the run stayed RUNNING.
+    assert mlflow_run is not None
+    with sqlite3.connect(state / "mlflow" / "mlflow.db") as db:
+        (status,) = db.execute(
+            "select status from runs where run_uuid = ?", (mlflow_run[1],)
+        ).fetchone()
+    assert status == "KILLED", err
 
     # A resume refused for its flags (another epoch count, which the checkpoint was not
     # trained for) leaves the run's settings as they were: they were rewritten with its flags,
@@ -862,6 +941,8 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     final = json.loads(after.stdout.strip().splitlines()[-1])
     assert final["status"] == "succeeded" and final["deploy"] is not None
     assert f"run {run_id} trained its model before it was stopped" in after.stderr
+    # This attempt's MLflow server, not the one the model's training attempt ran with.
+    assert f"MLflow      {final['mlflow']['tracking_uri']}/#/experiments/" in after.stderr
     assert (final["model_uri"], final["train"]) == (again["model_uri"], again["train"])
 
 

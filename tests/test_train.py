@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -544,6 +545,38 @@ def test_a_damaged_shard_fails_training_once_without_a_restart(env: SimpleNamesp
     finally:
         env.store.put_bytes(bucket, key, original)
     (launch,) = (env.cfg.state_dir / "runs" / "damaged-shard" / "train-logs").iterdir()
+    assert [p.name for p in launch.iterdir()] == ["attempt-0.log"]
+
+
+def test_a_tracking_uri_that_is_not_mlflow_fails_once_in_one_line(
+    env: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Another web server at MLFLOW_TRACKING_URI (it answers /health): its HTML page came back
+    as 13 lines of error, and the trainer was restarted against it."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "health").write_text("OK")
+
+    class Files(SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{web.server_address[1]}"
+    cfg = _cfg(env, workers=1)
+    cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
+    try:
+        with pytest.raises(PipelineError, match=f"MLflow at {uri} refused the run") as failed:
+            train_model(cfg, env.store, env.processed, "not-mlflow")
+    finally:
+        web.shutdown()
+    assert "(an HTML page, not the API's answer)" in str(failed.value)
+    assert "\n" not in str(failed.value) and failed.value.final
+    (launch,) = (env.cfg.state_dir / "runs" / "not-mlflow" / "train-logs").iterdir()
     assert [p.name for p in launch.iterdir()] == ["attempt-0.log"]
 
 

@@ -18,7 +18,7 @@ from mlflow.models import infer_signature
 from torch import nn
 
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError, PipelineError
+from pipelines.errors import ConfigError, PipelineError, server_said
 from pipelines.mlflow_runs import RUN_TAG
 from pipelines.mlflow_server import local_server, wait_tracking
 from pipelines.registry import MODEL_URI_TAG
@@ -90,7 +90,14 @@ class Tracker:
                     }
                 )
         except mlflow.MlflowException as exc:
-            raise PipelineError(f"MLflow at {uri} refused the run: {exc.message}") from None
+            # Another web server at the URI answered a whole HTML page, which the error
+            # quoted; a 4xx fails each restart the same way.
+            refused = PipelineError(
+                f"MLflow at {uri} refused the run: {server_said(exc)}; check that "
+                "MLFLOW_TRACKING_URI names an MLflow server, and its login"
+            )
+            refused.final = 400 <= exc.get_http_status_code() < 500
+            raise refused from None
         log.info("MLflow run %s at %s", run.info.run_id, uri)
         return cls(
             uri,
