@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from benchmarks.common import profile_list
+
 # (name, module, arguments): cheapest first, so a long run fails early on what is quick.
 BENCHMARKS = {
     "throughput": ("benchmarks.train_throughput", []),
@@ -28,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", choices=list(BENCHMARKS), help="run these only (default: all)"
     )
     parser.add_argument(
-        "--profiles", default="quick,full", help="profiles for the accuracy run (quick,full)"
+        "--profiles",
+        type=profile_list,
+        default="quick,full",
+        help="profiles for the accuracy run, comma-separated (default: quick,full)",
     )
     args = parser.parse_args(argv)
     for name in args.only or BENCHMARKS:
         module, extra = BENCHMARKS[name]
         if name == "accuracy":
-            extra = ["--profiles", args.profiles]
+            extra = ["--profiles", ",".join(args.profiles)]
         print(f"== {name}: python -m {module} {' '.join(extra)}", flush=True)
         code = importlib.import_module(module).main(extra)
         if code:

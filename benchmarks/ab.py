@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, git_commit, median, write_result
+from benchmarks.common import ROOT, git_commit, median, positive, write_result
 from benchmarks.overhead import ARGS
 from benchmarks.runs import overhead_row, run_pipeline
 
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("ref", help="the commit to compare against (a hash, tag or branch)")
-    parser.add_argument("--pairs", type=int, default=3, help="warm pairs after the cold runs (3)")
+    parser.add_argument(
+        "--pairs", type=positive(int), default=3, help="warm pairs after the cold runs (3)"
+    )
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs {args.pairs}: at least one warm pair is needed for a median")

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import PROFILES, TrainConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PACKAGES = ("torch", "torchvision", "mlflow", "kserve", "kfp", "hera", "minio", "nanio")
@@ -53,8 +55,10 @@ def git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):  # a copy of the tree without .git
         return os.environ["GIT_COMMIT"]
     try:
+        # `describe --dirty`: a figure measured on changes not committed yet (an A/B before
+        # the commit) named HEAD, as though HEAD had measured it.
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=7", "--exclude=*"],
             capture_output=True,
             text=True,
             check=True,
@@ -64,19 +68,52 @@ def git_commit() -> str:
         return "unknown"
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse type: a number above 0 (0 rounds, or -1 s, crashed a benchmark later)."""
-
+def _number(
+    kind: type[int] | type[float], ok: Callable[[float], bool], words: str
+) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {words}")
         return value
 
     return parse
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number above 0 (0 rounds, or -1 s, crashed a benchmark later)."""
+    return _number(kind, lambda v: v > 0, "above 0")
+
+
+def non_negative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: 0 or more."""
+    return _number(kind, lambda v: v >= 0, "0 or more")
+
+
+def profile_list(text: str) -> list[str]:
+    """An argparse type: comma-separated profile names, checked before an hour of benchmarks
+    (a typo failed only when the accuracy run reached it)."""
+    names = text.split(",")
+    if unknown := [n for n in names if n not in PROFILES]:
+        raise argparse.ArgumentTypeError(
+            f"unknown profile {', '.join(unknown)}: choose from {', '.join(PROFILES)}"
+        )
+    return names
+
+
+def recipe(tc: TrainConfig, precision: str, epochs: bool = True) -> str:
+    """A training recipe in one line, as result rows record it: a row whose recipe is not the
+    profile's today is shown as such (benchmarks.report)."""
+    length = f"{tc.epochs} epochs, " if epochs else ""
+    return (
+        f"{tc.stem} stem, {precision}, batch {tc.batch_size}, lr {tc.lr}, {length}label "
+        f"smoothing {tc.label_smoothing}, {tc.crop_pad}-pixel crops, "
+        f"{'alternating' if tc.alternate_flips else 'random'} flips, flip TTA "
+        f"{'on' if tc.flip_tta else 'off'}"
+    )
 
 
 def median(values: list[float]) -> float:

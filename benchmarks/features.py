@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import median, write_result
+from benchmarks.common import median, positive, write_result
 from benchmarks.runs import SHARED_CIFAR
 from components.feature_engineering import engineer_features
 from components.verify_data import verify_data
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--runs", type=int, default=3, help="timed rebuilds (3)")
+    parser.add_argument("--runs", type=positive(int), default=3, help="timed rebuilds (3)")
     args = parser.parse_args(argv)
     if not SHARED_CIFAR.exists():
         print(f"skipped: {SHARED_CIFAR} is absent (the real images this measures)")

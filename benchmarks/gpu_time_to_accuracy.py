@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import write_result
+from benchmarks.common import recipe, write_result
 from benchmarks.runs import SHARED_CIFAR
 from components.feature_engineering import channel_stats, stratified_holdout
 from data.imagefolder import read
@@ -288,8 +288,8 @@ def measure(args: argparse.Namespace) -> None:
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "recipe": f"{tc.stem} stem, {trainer.precision}, batch {tc.batch_size}, lr {tc.lr}, "
-        f"flip TTA {'on' if tc.flip_tta else 'off'}, {'compiled' if args.compile else 'eager'}",
+        "recipe": f"{recipe(tc, trainer.precision, epochs=False)}, "
+        f"{'compiled' if args.compile else 'eager'}",
         "train_images": len(data["train"]),
         "val_images": len(data["val"]),
         "overrides": args.set,

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import median, write_result
+from benchmarks.common import median, positive, write_result
 from benchmarks.runs import overhead_row, run_pipeline
 from components.deploy import start_server
 from pipelines.config import load_config
@@ -52,9 +52,13 @@ def service_startups(state: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
+        prog=f"python -m {__spec__.name}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--runs", type=int, default=3, help="warm runs after the cold one (3)")
+    parser.add_argument(
+        "--runs", type=positive(int), default=3, help="warm runs after the cold one (default: 3)"
+    )
     args = parser.parse_args(argv)
     rows, startups = [], []
     with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:

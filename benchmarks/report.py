@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from benchmarks.common import RESULTS, ROOT, median
+from benchmarks.common import RESULTS, ROOT, median, recipe
+from pipelines.config import load_config
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 # Levers are experiments, not one harness run: their record is kept by hand beside the code.
@@ -85,6 +86,13 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
                 f" (training at {r['train_images_per_s']:.0f} img/s; "
                 f"{r['beyond_epochs_s']:.0f} s beyond the epochs)"
             )
+        if r and "recipe" in r:  # rows since 2026-11-23 say when and what they trained
+            measured += f", {r['measured']}"
+            # A row kept from an earlier sitting may have trained another recipe than the
+            # profile's today: it was shown as the profile's.
+            precision = r["recipe"].split(", ")[1]
+            if r["recipe"] != recipe(load_config(profile, environ={}).train, precision):
+                measured += f"; an earlier recipe ({r['recipe']}), not today's `{profile}`"
         rows.append(
             _row(
                 f"`{profile}` profile, whole pipeline",

@@ -20,19 +20,27 @@ def run_pipeline(
     """`python pipelines/run.py ARGS --json --state-dir DIR` in the checkout at root; the report
     plus the wall time this process saw (interpreter start-up included, as a user waits)."""
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "pipelines/run.py", *args, "--json", "--state-dir", str(state_dir)],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    command = f"run.py {' '.join(args)}"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "pipelines/run.py", *args, "--json", "--state-dir", str(state_dir)],
+            cwd=root,
+            capture_output=True,  # stderr's last line says why, if it fails
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{command} did not finish within {timeout_s:.0f} s") from None
     wall = time.monotonic() - start
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"run.py {' '.join(args)} failed (exit {proc.returncode})")
+        # The run's own words: its report's error, else its last line on stderr.
+        try:
+            why = json.loads(lines[-1])["error"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            why = (proc.stderr.strip().splitlines() or [""])[-1]
+        raise SystemExit(f"{command} failed (exit {proc.returncode}): {why}")
     report = json.loads(lines[-1])
     report["wall_s"] = round(wall, 2)
     return report

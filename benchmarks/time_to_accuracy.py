@@ -21,7 +21,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, git_commit, median, write_result
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    git_commit,
+    median,
+    profile_list,
+    recipe,
+    write_result,
+)
 from benchmarks.runs import SHARED_CIFAR, run_pipeline, step_seconds
 from pipelines.config import load_config
 
@@ -61,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--profiles", default="quick,full", help="comma-separated (quick,full)")
+    parser.add_argument(
+        "--profiles",
+        type=profile_list,
+        default="quick,full",
+        help="comma-separated (default: quick,full)",
+    )
     args = parser.parse_args(argv)
     if not SHARED_CIFAR.exists():
         print(f"skipped: {SHARED_CIFAR} is absent (the real images this measures)")
         return 0
     rows, curves = [], {}
-    for profile in args.profiles.split(","):
+    for profile in args.profiles:
         with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
             report = run_pipeline(
                 ["--profile", profile, "--dataset", "imagefolder", "--data", str(SHARED_CIFAR)],
@@ -82,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 "profile": profile,
                 # A run of one profile keeps the other's row, so each row says when it ran.
                 "measured": f"{datetime.now(UTC):%Y-%m-%d}, {git_commit()}",
-                "recipe": f"{tc.stem} stem, {precision}, batch {tc.batch_size}, lr {tc.lr}, "
-                f"{tc.epochs} epochs, label smoothing {tc.label_smoothing}, {tc.crop_pad}-pixel "
-                f"crops, {'alternating' if tc.alternate_flips else 'random'} flips, flip TTA "
-                f"{'on' if tc.flip_tta else 'off'}",
+                "recipe": recipe(tc, precision),
                 "wall_s": report["wall_s"],
                 "train_s": report["train"]["seconds"],
                 # The machine's pace, so that runs on hosts of different speed can be compared.
@@ -104,16 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         curves[profile] = curve(report)
         print(rows[-1], flush=True)
-    # A run of some profiles keeps the others' last figures (the full one takes an hour).
+        # Saved as each profile ends: a later one that fails (full takes an hour) loses none.
+        print(f"{save(rows, curves)}\n{PLOT}")
+    return 0
+
+
+def save(rows: list[dict[str, Any]], curves: dict[str, Any]) -> Path:
+    """These rows, and the last figures of the profiles not run now."""
     previous = RESULTS / "time_to_accuracy.json"
     if previous.exists():
         old = json.loads(previous.read_text())
         rows = [r for r in old["figures"] if r["profile"] not in curves] + rows
         curves = {p: c for p, c in old.get("curves", {}).items() if p not in curves} | curves
     plot(curves)
-    path = write_result("time_to_accuracy", rows, curves=curves, data=str(SHARED_CIFAR.name))
-    print(f"{path}\n{PLOT}")
-    return 0
+    return write_result("time_to_accuracy", rows, curves=curves, data=str(SHARED_CIFAR.name))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, median, write_result
+from benchmarks.common import ROOT, median, non_negative, positive, write_result
 from pipelines.config import PipelineConfig
 from training.data import augment, epoch_flips
 from training.dist import detect_dist, init_process_group, place_rank, usable_cores, wrap_ddp
@@ -102,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--steps", type=int, default=12, help="timed steps (default: 12)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--steps", type=positive(int), default=12, help="timed steps (default: 12)")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="measurements per cell; medians (default: 3)"
+        "--warmup", type=non_negative(int), default=3, help="untimed steps first (default: 3)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive(int),
+        default=3,
+        help="measurements per cell; medians (default: 3)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stem", choices=STEMS, default="imagenet", help=argparse.SUPPRESS)

@@ -11,10 +11,10 @@ import pytest
 
 from benchmarks import gpu_time_to_accuracy as gpu
 from benchmarks.ab import git
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, recipe
 from benchmarks.report import targets
 from benchmarks.time_to_accuracy import curve
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, load_config
 
 
 def test_targets_are_judged_from_the_results() -> None:
@@ -54,6 +54,13 @@ def test_targets_are_judged_from_the_results() -> None:
     assert targets(docs)[0]["measured"] == (
         "83.00% test / 84.00% val in 9.7 min (training at 612 img/s; 61 s beyond the epochs)"
     )
+    # A row says when it ran; one kept from before a recipe change says it is not today's.
+    today = recipe(load_config("quick", environ={}).train, "bf16")
+    quick |= {"measured": "2026-11-27, abc1234", "recipe": today}
+    assert targets(docs)[0]["measured"].endswith("epochs), 2026-11-27, abc1234")
+    quick["recipe"] = today.replace("label smoothing", "label smoothing 0.1, was")
+    assert "; an earlier recipe (s" in targets(docs)[0]["measured"]
+    assert targets(docs)[0]["measured"].endswith("), not today's `quick`")
     assert rows["pipeline overhead (smoke"]["verdict"] == "met"
     # Start-up speed differs between hosts: the figure names the machine that measured it.
     over = rows["pipeline overhead (smoke"]["measured"]
@@ -197,3 +204,12 @@ def test_loadgen_fails_on_a_server_that_stops_answering() -> None:
             check=False,
         )
     assert out.returncode == 1 and out.stderr == "error: no answer within 1 s\n", out.stderr
+
+
+def test_a_failed_pipeline_run_says_why(tmp_path: Path) -> None:
+    """The benchmark threw the run's own words away: 'failed (exit 2)' and nothing more."""
+    from benchmarks.runs import run_pipeline
+
+    with pytest.raises(SystemExit) as failed:
+        run_pipeline(["--profile", "qiuck"], tmp_path / "state")
+    assert "failed (exit 2)" in str(failed.value) and "invalid choice: 'qiuck'" in str(failed.value)
