@@ -431,8 +431,10 @@ class ClusterConfig(_Section):
         """The stores are the overlay's, installed in the pipeline's namespace: a namespace
         set alone left the pods calling mlops's stores, whose NetworkPolicies admit their own
         namespace's pods only. Set either URL for stores elsewhere."""
-        if isinstance(data, dict) and isinstance(ns := data.get("namespace"), str):
-            data = {**{key: store_url(key, ns) for key in STORES}, **data}
+        if isinstance(data, dict) and isinstance(ns := data.get("namespace", NAMESPACE), str):
+            # null is unset too: `run.py config` writes it so, for a file that follows.
+            given = {k: v for k, v in data.items() if not (k in STORES and v is None)}
+            data = {**{key: store_url(key, ns) for key in STORES}, **given}
         return data
 
     mlflow_secret: str = Field(

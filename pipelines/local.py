@@ -195,6 +195,8 @@ def run_kfp_local(cfg: PipelineConfig, run_dir: Path, run_id: str, serve: bool) 
     # The local runner executes each component in this environment rather than in its image;
     # that is the point here, so KFP's warning about it is noise.
     warnings.filterwarnings("ignore", message="You may be attemping", category=RuntimeWarning)
+    # Nor its warning that the tasks' requests and limits (for a cluster) do nothing here.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     kfp_dir = (cfg.state_dir / "kfp").resolve()
     (kfp_dir / "workspace").mkdir(parents=True, exist_ok=True)
     local.init(

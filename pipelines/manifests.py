@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from kserve import (
-    V1beta1InferenceService,
-    V1beta1InferenceServiceSpec,
-    V1beta1PredictorSpec,
-)
 from kubeflow.training.models import (
     KubeflowOrgV1PyTorchJob,
     KubeflowOrgV1PyTorchJobSpec,
@@ -38,6 +34,18 @@ from kubernetes.client import (
 from pipelines.config import IMAGE_UID as UID
 from pipelines.config import PipelineConfig, Resources, mlflow_env
 from serving.launch import serving_args
+
+# KServe's package parses sys.argv when first imported (its model server's flags, as defaults):
+# `run.py compile --config FILE` failed there, --config read as its --configure_logging.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    from kserve import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1PredictorSpec,
+    )
+finally:
+    sys.argv = _argv
 
 # The Training Operator's ExitCode policy: a replica that exits with a code that is not a kill
 # (1 a Python error, 2 a config error) stays Failed, the job fails and

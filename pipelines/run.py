@@ -102,15 +102,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    from pipelines.config import STORES, store_url
+
     cfg = config_from_args(args)
     doc = cfg.public_dict()
     # Null, not masked: a file made of this output reads back (read_yaml refuses credentials),
     # and the keys stay where they came from, the environment.
     doc["storage"].update(access_key=None, secret_key=None)
+    # Unset where they are derived, so that a file made of this output follows what they
+    # derive from (the dataset, the namespace); the comments say the values.
+    derived = {"model_name": cfg.model_name}
+    for key in STORES:
+        if doc["cluster"][key] == store_url(key, cfg.cluster.namespace):
+            derived[key], doc["cluster"][key] = doc["cluster"][key], None
     text = yaml.safe_dump(doc, sort_keys=False)
-    # Unset, so a file made of this output follows its dataset; the comment says the name.
-    unset = "\n  model_name: null\n"
-    print(text.replace(unset, f"{unset[:-1]}  # unset: {cfg.model_name}\n"), end="")
+    for key, value in derived.items():
+        unset = f"\n  {key}: null\n"
+        text = text.replace(unset, f"{unset[:-1]}  # unset: {value}\n")
+    print(text, end="")
     return 0
 
 
@@ -250,6 +259,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_template(args: argparse.Namespace) -> int:
+    job_config(args)  # before any request, as submit
     cfg, client = _argo(args)
     name = client.create_template(cfg)
     print(

@@ -93,6 +93,22 @@ def test_config_prints_a_file_that_reads_back(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "epochs: 3\n" in again.stdout
     assert "# unset: synthetic-resnet18" in again.stdout
+    # The stores' in-cluster URLs stay unset too: they follow a namespace set later, which a
+    # printed URL pinned to mlops's stores.
+    assert "\n  s3_endpoint: null  # unset: http://minio.mlops.svc.cluster.local:9000\n" in (
+        out.stdout
+    )
+    team = run(
+        "pipelines/run.py", "config", "--config", str(saved), "--set", "cluster.namespace=team-a",
+        env=keys,
+    )  # fmt: skip
+    assert "# unset: http://mlflow.team-a.svc.cluster.local:5000\n" in team.stdout
+    # And the cluster commands read such a file: KServe's import took --config for its own
+    # --configure_logging, a usage error.
+    compiled = run(
+        "pipelines/run.py", "compile", "--config", str(saved), "--out", str(tmp_path / "out")
+    )
+    assert compiled.returncode == 0, compiled.stderr
 
 
 def test_the_driver_starts_without_torch() -> None:

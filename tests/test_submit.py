@@ -408,9 +408,10 @@ def test_logs_take_a_step_by_name_and_list_shows_the_pipelines_workflows(
 
 def test_a_job_its_pods_would_refuse_is_refused_before_any_request(argo: FakeArgoServer) -> None:
     """256 images over 3 ranks failed the trainer on the cluster, after the data steps."""
-    out = cli("submit", "--workers", "3", url=argo.url)
-    assert out.returncode == 2 and "must be a multiple of 3 ranks" in out.stderr
-    assert argo.calls == [] and argo.workflows == {}
+    for command in (["submit"], ["template", "create"]):
+        out = cli(*command, "--workers", "3", url=argo.url)
+        assert out.returncode == 2 and "must be a multiple of 3 ranks" in out.stderr
+    assert argo.calls == [] and argo.workflows == {} and argo.templates == {}
 
 
 def test_template_create_then_update(argo: FakeArgoServer) -> None:
