@@ -96,11 +96,17 @@ def summary(report: RunReport) -> str:
     if report.error:
         lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]
         # Failed or interrupted in training, not refused: its checkpoints are in the store.
-        if report.failed_step == "train" and report.exit_code != ConfigError.exit_code:
+        # And after deploy (a port taken meanwhile), the trained model goes on from its gate.
+        # (Not after the gate: it would judge the same model again.)
+        goes_on = {
+            "train": "training goes on from its last checkpoint",
+            "deploy": "its trained model goes on from the gate",
+        }.get(report.failed_step or "")
+        if goes_on and report.exit_code != ConfigError.exit_code:
             where = f" --state-dir {shlex.quote(report.state_dir)}" if report.state_dir else ""
             lines.append(
                 f"resume      python pipelines/run.py --resume {report.run_id}{where} (with its "
-                "settings: training goes on from its last checkpoint)"
+                f"settings: {goes_on})"
             )
     return "\n".join(lines)
 

@@ -571,6 +571,17 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     assert statuses == ["succeeded", "succeeded", "interrupted", "skipped", "skipped"]
     assert (report.failed_step, report.error, report.exit_code) == ("train", "interrupted", 130)
     assert "--resume run-20260101-000000-abcd" in summary(report)
+    # A deploy that failed (its port taken meanwhile) resumes from the gate; a refused gate
+    # would judge the same model again, and a config error would fail again: no line.
+    for step, code, offered in (
+        ("deploy", 1, True),
+        ("verify-model", 1, False),
+        ("deploy", 2, False),
+    ):
+        report.failed_step, report.exit_code = step, code
+        assert ("--resume run-20260101-000000-abcd" in summary(report)) is offered, (step, code)
+    report.failed_step, report.exit_code = "deploy", 1
+    assert "its trained model goes on from the gate" in summary(report)
 
 
 def test_the_summary_says_how_to_open_this_runs_mlflow_ui_again() -> None:
