@@ -160,14 +160,14 @@ def load(port: int, protocol: str, clients: int, seconds: float, repeats: int) -
     return json.loads(out.stdout)
 
 
-def batch_stats(port: int) -> tuple[float, float]:
+def batch_stats(port: int, model: str = NAME) -> tuple[float, float]:
     """(forward passes, images) so far, from the server's /metrics."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as resp:
         lines = resp.read().decode().splitlines()
     values = {
         line.split("{")[0]: float(line.split()[-1])
         for line in lines
-        if line.startswith("forward_batch_images_") and f'model_name="{NAME}"' in line
+        if line.startswith("forward_batch_images_") and f'model_name="{model}"' in line
     }
     return values.get("forward_batch_images_count", 0.0), values.get("forward_batch_images_sum", 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import json
@@ -348,6 +349,58 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CancelOnDisconnect:
+    """ASGI middleware: a request whose client leaves before its answer starts is cancelled.
+    uvicorn runs a handler to its end whatever the client does: an abandoned request (a client
+    that timed out, and maybe retried) was still decoded and run through the model, its cost
+    added to the load that made it time out. The micro-batcher skips a cancelled request."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read, answering, left = asyncio.Event(), False, False
+
+        async def reading() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def sending(message: dict) -> None:
+            nonlocal answering
+            answering = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, reading, sending))
+
+        async def watch() -> None:
+            nonlocal left
+            # Once the handler has the whole body it reads no more: the next message is the
+            # client's disconnect, or (the answer sent) uvicorn's end of the request.
+            await body_read.wait()
+            if (await receive())["type"] == "http.disconnect" and not answering:
+                left = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not left:  # this request's own task was cancelled (a shutdown): pass it on
+                raise
+            log.info(
+                "%s %s: the client left before its answer; its request was dropped",
+                scope["method"],
+                escaped(scope["path"]),  # decoded: %0A in it is a newline
+            )
+        finally:
+            watcher.cancel()
+
+
 class OneModel(ModelRepositoryExtension):
     """KServe's model repository without load and unload. The server serves the one model it
     loaded at start: KServe's unload let any client that can predict take it away for good
@@ -386,6 +439,7 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
         def _add_middlewares(self, app: FastAPI) -> None:
             super()._add_middlewares(app)
             app.add_middleware(BodyLimit, limit=int(max_body_mb * 1e6))
+            app.add_middleware(CancelOnDisconnect)
 
         def _add_exception_handlers(self, app: FastAPI) -> None:
             super()._add_exception_handlers(app)

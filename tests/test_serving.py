@@ -656,6 +656,41 @@ def test_no_header_or_path_a_client_sends_is_a_500_or_a_forged_log_line(
     assert not any("http_status:500" in line for line in added), added
 
 
+def forwards(server: SimpleNamespace) -> tuple[float, float]:
+    """(forward passes, images) so far."""
+    from benchmarks.serving import batch_stats
+
+    return batch_stats(int(server.base.rsplit(":", 1)[1]), NAME)
+
+
+def test_a_request_whose_client_left_is_dropped_not_run(server: SimpleNamespace) -> None:
+    """uvicorn runs a handler to its end whatever its client does: a request abandoned while
+    its 8 large images decoded was still run through the model."""
+    log_path = server.dir / "server.log"
+    before, counted = log_path.stat().st_size, forwards(server)
+    big = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (120, 30, 200)).save(big, "png")
+    b64 = base64.b64encode(big.getvalue()).decode()
+    body = json.dumps({"instances": [{"image_bytes": {"b64": b64}}] * 8}).encode()
+    port = int(server.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.2)  # read, and decoding (about 0.3 s for the 8 on an idle machine)
+    deadline = time.monotonic() + 30
+    while "its request was dropped" not in log_path.read_bytes()[before:].decode():
+        assert time.monotonic() < deadline, log_path.read_bytes()[before:].decode()
+        time.sleep(0.1)
+    # The next request is the only one the model saw since.
+    code, _ = v1(server, server.images[:1].tolist())
+    assert code == 200
+    passes, images = forwards(server)
+    assert (passes - counted[0], images - counted[1]) == (1, 1)
+
+
 def test_client_errors_log_one_line_each_and_no_traceback(server: SimpleNamespace) -> None:
     """KServe's own handlers log each 400 and 404 at ERROR with a 30-line traceback."""
     mark = "log-mark"
