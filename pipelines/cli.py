@@ -32,7 +32,7 @@ from pipelines.errors import (
     ConfigError,
     PipelineError,
     StorageError,
-    disk_full,
+    expected,
     raise_on_sigterm,
     redeliver_interrupts,
     report,
@@ -270,16 +270,12 @@ def run_main(body: Callable[[], None], verbose: bool = False) -> int:
     bound_retries()
     try:
         body()
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        report(exc)
-        return exc.exit_code
-    except OSError as exc:
-        if (full := disk_full(exc)) is None:
+    except (PipelineError, OSError) as exc:
+        if (error := expected(exc)) is None:
             raise
-        print(f"error: {full}", file=sys.stderr)
-        report(full)
-        return full.exit_code
+        print(f"error: {error}", file=sys.stderr)
+        report(error)
+        return error.exit_code
     except KeyboardInterrupt as exc:
         code, word = stopped_by(exc)
         print(word, file=sys.stderr)

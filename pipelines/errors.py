@@ -130,6 +130,14 @@ def disk_full(exc: OSError) -> PipelineError | None:
     )
 
 
+def expected(exc: Exception) -> PipelineError | None:
+    """The failure as the one line a user can act on, or None where it is unexpected (and is
+    to stay a traceback): a PipelineError, or a full disk."""
+    if isinstance(exc, PipelineError):
+        return exc
+    return disk_full(exc) if isinstance(exc, OSError) else None
+
+
 class ConfigError(PipelineError):
     """Bad usage or an invalid config value."""
 

@@ -180,10 +180,11 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
     return cfg
 
 
-def _argo(args: argparse.Namespace):
+def _argo(args: argparse.Namespace, cfg: PipelineConfig | None = None):
+    """The config (the flags', unless given: a job's, checked) and a client of the server."""
     from pipelines.submit import ArgoClient, ArgoTarget
 
-    cfg = config_from_args(args, cluster=True)
+    cfg = cfg or config_from_args(args, cluster=True)
     return cfg, ArgoClient(
         ArgoTarget.resolve(
             args.argo_server,
@@ -211,8 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             insecure = args.insecure_skip_tls_verify
             print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id(), insecure)}")
         return 0
-    job_config(args)  # before any request
-    cfg, client = _argo(args)
+    cfg, client = _argo(args, job_config(args))  # checked before any request
     from pipelines.argo import PARAMETERS, config_value
 
     # Config flags given on the command line become the workflow's UI parameters.
@@ -259,8 +259,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_template(args: argparse.Namespace) -> int:
-    job_config(args)  # before any request, as submit
-    cfg, client = _argo(args)
+    cfg, client = _argo(args, job_config(args))  # checked before any request, as submit
     name = client.create_template(cfg)
     print(
         f"WorkflowTemplate {name} installed in {client.target.namespace}: submit it from the "

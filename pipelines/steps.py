@@ -17,7 +17,7 @@ from pipelines.config import PipelineConfig, config_from_json, mlflow_env
 from pipelines.console import setup_logging
 from pipelines.errors import (
     PipelineError,
-    disk_full,
+    expected,
     raise_on_sigterm,
     redeliver_interrupts,
     stopped_by,
@@ -89,12 +89,10 @@ def run_step(step: str, config: str, run_dir: str, **inputs: Any) -> dict[str, A
         os.environ.update(mlflow_env(cfg.mlflow))
         result = STEPS[step](cfg, ObjectStore(cfg.storage), inputs)
         record |= {"status": "succeeded", "result": dataclasses.asdict(result)}
-    except PipelineError as exc:
-        record |= {"status": "failed", "error": str(exc), "exit_code": exc.exit_code}
-    except OSError as exc:
-        if (full := disk_full(exc)) is None:
+    except (PipelineError, OSError) as exc:
+        if (error := expected(exc)) is None:
             raise
-        record |= {"status": "failed", "error": str(full), "exit_code": full.exit_code}
+        record |= {"status": "failed", "error": str(error), "exit_code": error.exit_code}
     except KeyboardInterrupt as exc:  # Ctrl-C reaches every step process: one line, no traceback
         code, word = stopped_by(exc)
         record |= {"status": "failed", "error": word, "exit_code": code}
