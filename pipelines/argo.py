@@ -32,6 +32,7 @@ from pipelines.manifests import (
     secret_env,
     to_dict,
 )
+from pipelines.names import PART_OF
 
 # The parameters of the Argo UI's submit form: (parameter, config key). Their descriptions,
 # defaults and enums come from the config fields.
@@ -46,7 +47,6 @@ PARAMETERS = [
 ]
 RESULT = "/tmp/result.json"
 RUN_ID = "{{workflow.name}}"
-PART_OF = {"app.kubernetes.io/part-of": "mlops-pipeline"}  # the workflows `list` shows
 # ConfigError's exit code (pipelines/errors.py): the same config fails the same way again.
 CONFIG_EXIT = 2
 

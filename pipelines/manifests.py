@@ -33,6 +33,7 @@ from kubernetes.client import (
 
 from pipelines.config import IMAGE_UID as UID
 from pipelines.config import PipelineConfig, Resources, mlflow_env
+from pipelines.names import TRAINER_CONTAINER, WORKFLOW_LABEL
 from serving.launch import serving_args
 
 # KServe's package parses sys.argv when first imported (its model server's flags, as defaults):
@@ -55,8 +56,6 @@ finally:
 # past backoffLimit the operator deletes the pods without counting one: the step would wait for
 # its deadline.
 RESTART_POLICY = "ExitCode"
-TRAINER_CONTAINER = "pytorch"  # the Training Operator requires this name
-WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 
 

@@ -18,10 +18,9 @@ from hera.exceptions import HeraException
 from hera.workflows import WorkflowsService
 from hera.workflows import models as m
 
-from pipelines.argo import PART_OF, build, build_template
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, PipelineError, server_said
-from pipelines.manifests import TRAINER_CONTAINER
+from pipelines.names import PART_OF, TRAINER_CONTAINER
 
 TIMEOUT_S = 15
 
@@ -123,6 +122,8 @@ class ArgoClient:
         )
 
     def submit(self, cfg: PipelineConfig, parameters: dict[str, str]) -> str:
+        from pipelines.argo import build  # here: list, status, logs and stop need none of it
+
         workflow = build(cfg)
         workflow.arguments = [p for p in workflow.arguments if p.name not in parameters]  # type: ignore[union-attr]
         workflow.arguments += [m.Parameter(name=k, value=v) for k, v in parameters.items()]  # type: ignore[operator]
@@ -131,6 +132,8 @@ class ArgoClient:
         return created.metadata.name
 
     def create_template(self, cfg: PipelineConfig) -> str:
+        from pipelines.argo import build_template
+
         template = build_template(cfg).build()
         name = template.metadata.name
         try:
