@@ -134,10 +134,11 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
 def test_every_store_answers_only_this_namespace(rendered: list[dict[str, Any]]) -> None:
     """With no NetworkPolicy, MinIO and MLflow (no login in the local overlay) answered every
     pod of the cluster. Each Service's pods now take connections on its
-    ports (MinIO's console's not) from this namespace's pods, or Argo's, whose server reads
-    archived logs and artifacts from MinIO."""
+    ports (MinIO's console's not) from this namespace's pods, or Argo's server (its pods only,
+    not every workflow of its namespace), which reads the steps' archived logs from MinIO."""
     install = (ROOT / "infrastructure/upstream/install.sh").read_text()
     argo = {"matchLabels": {"kubernetes.io/metadata.name": re.findall(r"-n (\w+) ", install)[0]}}
+    argo_server = {"matchLabels": {"app": "argo-server"}}  # upstream's Deployment's label
     policies = [d["spec"] for d in rendered if d["kind"] == "NetworkPolicy"]
     services = [d for d in rendered if d["kind"] == "Service"]
     assert {s["metadata"]["name"] for s in services} >= {"minio", "mlflow"}
@@ -146,7 +147,11 @@ def test_every_store_answers_only_this_namespace(rendered: list[dict[str, Any]])
         (policy,) = [p for p in policies if p["podSelector"]["matchLabels"] == selector]
         assert policy["policyTypes"] == ["Ingress"]
         peers = [peer for rule in policy["ingress"] for peer in rule["from"]]
-        assert all(peer.get("namespaceSelector", argo) == argo for peer in peers), peers
+        for peer in peers:
+            if "namespaceSelector" in peer:
+                assert peer == {"namespaceSelector": argo, "podSelector": argo_server}, peer
+            else:  # this namespace's pods (PostgreSQL: MLflow's only)
+                assert list(peer) == ["podSelector"], peer
         opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
         ports = service["spec"]["ports"]
         assert opened == {p["port"] for p in ports if p["name"] != "console"}, selector
@@ -258,6 +263,7 @@ def test_manifests_repeat_the_config(rendered: list[dict[str, Any]]) -> None:
     assert made == [buckets.raw, buckets.processed, buckets.models, buckets.mlflow]
 
     argo = yaml.safe_load(one(rendered, "ConfigMap", "artifact-repositories")["data"]["minio"])
+    assert argo["archiveLogs"] is True  # else nothing is archived, and the UI loses each log
     assert argo["s3"]["bucket"] == buckets.mlflow
     assert argo["s3"]["endpoint"] == f"minio:{s3.port}"
 
