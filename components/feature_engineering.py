@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import save as save_safetensors
 
 from data import manifest as mf
+from data import processed
 from data.raw import RawDataset, Split
 from data.sources import READERS, check_expected
 from pipelines.cli import step_main
@@ -26,8 +27,6 @@ from pipelines.storage import ObjectStore, s3_uri
 
 log = logging.getLogger("mlops.features")
 
-FORMAT = "mlops.processed/v1"
-METADATA = "metadata.json"
 STD_FLOOR = 1 / 255  # one pixel level: a channel of a smaller std is treated as flat
 
 
@@ -118,7 +117,11 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
 
 
 def feature_hash(manifest: dict[str, Any], transform: dict[str, Any]) -> str:
-    doc = {"format": FORMAT, "manifest": manifest["content_sha256"], "transform": transform}
+    doc = {
+        "format": processed.FORMAT,
+        "manifest": manifest["content_sha256"],
+        "transform": transform,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -176,8 +179,12 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
     fhash = feature_hash(manifest, transform)
     prefix = f"{ds.key}/{fhash}/"
     uri = s3_uri(buckets.processed, prefix)
-    meta = store.read_json(buckets.processed, prefix + METADATA)
-    if meta is not None and _complete(store, buckets.processed, prefix, meta):
+    meta, damage = processed.read(store, buckets.processed, prefix)
+    if damage:
+        log.warning(
+            "%s%s is damaged (%s): writing the features again", uri, processed.METADATA, damage
+        )
+    elif meta is not None and _complete(store, buckets.processed, prefix, meta):
         log.info("inputs unchanged: %s is already processed, skipping", uri)
         return _result(ds.key, uri, fhash, True, meta)
 
@@ -218,7 +225,7 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
     parallel_map(write, jobs, "writing shards", unit="shard", workers=4)
     height, width, channels = raw.shape
     meta = {
-        "format": FORMAT,
+        "format": processed.FORMAT,
         "dataset": ds.key,
         "name": manifest["dataset"],
         "feature_hash": fhash,
@@ -234,7 +241,7 @@ def engineer_features(cfg: PipelineConfig, store: ObjectStore) -> FeaturesResult
         "transform": {**transform, "test_source": test_source},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    store.write_json(buckets.processed, prefix + METADATA, meta)  # last: the commit marker
+    store.write_json(buckets.processed, prefix + processed.METADATA, meta)  # last: commit marker
     log.info("wrote %s: %s", uri, ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     return _result(ds.key, uri, fhash, False, meta)
 

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 
 import yaml
 
+from data import processed
 from pipelines import warm
 from pipelines.cli import step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import (
     REPORT_ENV,
     ConfigError,
-    DataError,
     PipelineError,
     exit_words,
     reported,
@@ -26,7 +26,7 @@ from pipelines.errors import (
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_runs import fail_abandoned
 from pipelines.mlflow_server import ServerPid, local_server, wait_healthy
-from pipelines.storage import ObjectStore, parse_s3_uri
+from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
 from serving.launch import MODEL_JSON
 from training import resume
 from training.dist import usable_cores
@@ -70,9 +70,7 @@ def check_ranks(cfg: PipelineConfig) -> int:
 def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) -> None:
     """Fail before any process starts when the data cannot satisfy the config."""
     bucket, prefix = parse_s3_uri(processed_uri.rstrip("/") + "/")
-    meta = store.read_json(bucket, prefix + "metadata.json")
-    if meta is None:
-        raise DataError(f"{processed_uri} has no metadata.json: run feature-engineering first")
+    meta = processed.load(store, bucket, prefix, s3_uri(bucket, prefix))
     made = meta.get("dataset")
     if made not in (None, cfg.dataset.key) and not cfg.serving.model_name:
         # The config's dataset names the model, its versions and the champion the gate

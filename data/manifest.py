@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,21 @@ def problem(manifest: Any) -> str | None:
     return None
 
 
+def read_checked(
+    store: ObjectStore, bucket: str, key: str, problem: Callable[[Any], str | None]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A stored JSON document (None: there is none), and what damages it, if anything: not
+    JSON, not its recorded sha256, or what `problem` finds in its structure."""
+    try:
+        doc = store.read_json(bucket, key)
+    except IntegrityError as exc:
+        return None, str(exc)
+    return doc, problem(doc) if doc is not None else None
+
+
 def read(store: ObjectStore, bucket: str, prefix: str) -> tuple[dict[str, Any] | None, str | None]:
     """The stored manifest under prefix (None: there is none), and what damages it, if any."""
-    try:
-        manifest = store.read_json(bucket, prefix + MANIFEST)
-    except IntegrityError as exc:  # not JSON
-        return None, str(exc)
-    return manifest, problem(manifest) if manifest is not None else None
+    return read_checked(store, bucket, prefix + MANIFEST, problem)
 
 
 def object_hashes(manifest: dict[str, Any]) -> dict[str, str]:

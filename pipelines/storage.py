@@ -286,9 +286,11 @@ class ObjectStore:
     # --- JSON documents (manifests, metadata) ---------------------------------------------
 
     def read_json(self, bucket: str, key: str) -> dict[str, Any] | None:
-        if self.stat(bucket, key) is None:
+        """A JSON document, checked against the sha256 write_json stored with it: a bit flipped
+        in valid JSON (a digit of the normalisation, say) was read as written."""
+        if (info := self.stat(bucket, key)) is None:
             return None
-        raw = self.get_bytes(bucket, key)
+        raw = self.get_bytes(bucket, key, info.sha256)
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,55 @@ def test_a_shard_damaged_under_its_recorded_sha256_is_written_again(
     assert "1 shard(s) of" in caplog.text and "train-00000.safetensors" in caplog.text
     assert store.get_bytes("processed-data", key) == good
     load_processed(store, uri)
+    assert engineer_features(cfg, store).skipped  # intact now: reused
+
+
+def _replace(store, key: str, data: bytes, sha256: str | None) -> None:
+    """Put bytes in place of an object, as another client would: with the sha256 given as
+    our metadata (bit rot, or a copy that kept it), or none."""
+    metadata = {"sha256": sha256} if sha256 else None
+    store.client.put_object("processed-data", key, io.BytesIO(data), len(data), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["digit flipped", "not JSON", "shards removed", "mean of another length"],
+)
+def test_damaged_metadata_is_written_again_and_refused_by_training(
+    make_cfg, store, caplog, damage: str
+) -> None:
+    """metadata.json was read as found: a digit flipped in the mean (same size, its recorded
+    sha256 kept) trained a model that normalised wrongly, and damage that broke its structure
+    was a traceback in every step after it."""
+    from training.data import load_processed
+
+    cfg = make_cfg(dataset__name="synthetic")
+    verify_data(cfg, store)
+    uri = engineer_features(cfg, store).processed_uri
+    key = uri.removeprefix("s3://processed-data/") + "metadata.json"
+    good = store.get_bytes("processed-data", key)
+    meta = json.loads(good)
+    recorded = store.stat("processed-data", key).sha256
+    if damage == "digit flipped":
+        text = good.decode()
+        digit = text.index(json.dumps(meta["mean"][0])) + 3  # in the first channel's mean
+        flipped = "1" if text[digit] != "1" else "2"
+        _replace(store, key, (text[:digit] + flipped + text[digit + 1 :]).encode(), recorded)
+    elif damage == "not JSON":
+        _replace(store, key, b"X" + good[1:], recorded)
+    else:  # valid JSON under a sha256 of its own, as a hand edit through another client
+        if damage == "shards removed":
+            del meta["shards"]
+        else:
+            meta["mean"] = meta["mean"][:1] + meta["mean"]
+        _replace(store, key, json.dumps(meta).encode(), None)
+    with pytest.raises(
+        DataError, match=r"metadata.json is damaged .*run feature-engineering again"
+    ):
+        load_processed(store, uri)
+    assert not engineer_features(cfg, store).skipped
+    assert "metadata.json is damaged" in caplog.text
+    assert json.loads(store.get_bytes("processed-data", key))["mean"] == json.loads(good)["mean"]
     assert engineer_features(cfg, store).skipped  # intact now: reused
 
 

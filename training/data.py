@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from data import processed
 from pipelines.config import UNMIRRORED_DATASETS
 from pipelines.errors import ConfigError, DataError, IntegrityError
 from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
@@ -36,9 +37,7 @@ def load_processed(
 ) -> tuple[dict[str, Any], dict[str, Tensors]]:
     """metadata.json and the splits (all, or `only`), each shard checked against its sha256."""
     bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
-    meta = store.read_json(bucket, prefix + "metadata.json")
-    if meta is None:
-        raise DataError(f"{uri} has no metadata.json: run feature-engineering first")
+    meta = processed.load(store, bucket, prefix, s3_uri(bucket, prefix))
     splits = {}
     for split, shards in meta["shards"].items():
         if only is not None and split not in only:
