@@ -70,40 +70,45 @@ def task(meta: dict[str, Any]) -> str:
     return f"{shape} images, {len(classes)} classes ({shown})"
 
 
-def _score_champion(
-    store: ObjectStore, champion: ModelVersion, test: Tensors, ours: dict, force: bool, tmp: Path
-) -> float | None:
-    """The champion's accuracy on our test split; None when it serves another task and
-    gate.force_promote lets this model replace it. A champion of another task cannot be
-    scored on our data, and replacing it unasked would break what its clients send."""
-    model, meta = load_model(download_model(store, champion.tags[MODEL_URI_TAG], tmp))
-    if (meta["input"]["shape"], meta["classes"]) != (ours["input"]["shape"], ours["classes"]):
-        if not force:
-            raise GateError(
-                f"champion v{champion.version} of {champion.name} serves another task "
-                f"({task(meta)}) than this model ({task(ours)}): give this model its own "
-                "name with --set serving.model_name=NAME, or replace the champion with "
-                "--set gate.force_promote=true"
-            )
-        log.warning("replacing champion v%s, which served %s", champion.version, task(meta))
-        return None
+def other_task(champion: ModelVersion, theirs: dict, ours: dict, force: bool) -> bool:
+    """Whether the champion serves another task, which gate.force_promote lets this model
+    replace; GateError unless forced. Such a champion cannot be scored on our data, nor its
+    recorded score compared (it was kept over a model of another dataset whose test split is
+    carved), and replacing it unasked would break what its clients send."""
+    if (theirs["input"]["shape"], theirs["classes"]) == (ours["input"]["shape"], ours["classes"]):
+        return False
+    if not force:
+        raise GateError(
+            f"champion v{champion.version} of {champion.name} serves another task "
+            f"({task(theirs)}) than this model ({task(ours)}): give this model its own "
+            "name with --set serving.model_name=NAME, or replace the champion with "
+            "--set gate.force_promote=true"
+        )
+    log.warning("replacing champion v%s, which served %s", champion.version, task(theirs))
+    return True
+
+
+def _score_champion(store: ObjectStore, model_uri: str, test: Tensors, tmp: Path) -> float:
+    model, meta = load_model(download_model(store, model_uri, tmp))
     return test_accuracy(model, test, meta["num_classes"])
 
 
-def unservable(store: ObjectStore, model_uri: str) -> str | None:
-    """Why the model at model_uri can no longer be served, if so: its record or its weights
-    gone or changed in the store. (A champion in that state was kept on its recorded score,
-    and deploy then failed on it in every run that did not beat that score; scoring it again
-    failed before gate.force_promote was read.) A store that cannot be reached is raised."""
+def servable(store: ObjectStore, model_uri: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The model's record (model.json), or why the model at model_uri can no longer be
+    served: its record or its weights gone or changed in the store. (A champion in that state
+    was kept on its recorded score, and deploy then failed on it in every run that did not
+    beat that score; scoring it again failed before gate.force_promote was read.) A store
+    that cannot be reached is raised."""
     bucket, prefix = parse_s3_uri(model_uri.rstrip("/") + "/")
     try:
         meta = model_meta(store, model_uri)
         store.check(bucket, prefix + meta["weights"], meta["sha256"])
+        task(meta)  # the fields other_task compares
     except StorageError:
         raise
     except (PipelineError, KeyError, TypeError) as exc:
-        return str(exc) if isinstance(exc, PipelineError) else f"its record lacks {exc}"
-    return None
+        return None, str(exc) if isinstance(exc, PipelineError) else f"its record lacks {exc}"
+    return meta, None
 
 
 def recorded_score(store: ObjectStore, model_uri: str, processed_uri: str | None) -> float | None:
@@ -152,7 +157,7 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
         champion_acc, champion_uri = None, None
         if champion is not None and champion.version != version:
             champion_uri = champion.tags.get(MODEL_URI_TAG)
-            broken = unservable(store, champion_uri) if champion_uri else None
+            theirs, broken = servable(store, champion_uri) if champion_uri else (None, None)
             if broken:
                 log.warning(
                     "champion v%s cannot be served any more (%s): a model that passes the "
@@ -161,7 +166,8 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
                     broken,
                 )
                 champion_uri = None
-            if champion_uri:
+            # First: a champion of another task has no score to compare, recorded or not.
+            if theirs and not other_task(champion, theirs, meta, gate.force_promote):
                 champion_acc = recorded_score(store, champion_uri, lineage["processed_uri"])
                 how = "as recorded when it was verified on this test split"
                 if champion_acc is None and carved:
@@ -172,7 +178,7 @@ def verify_model(cfg: PipelineConfig, store: ObjectStore, model_uri: str) -> Ver
                     )
                 if champion_acc is None:
                     champion_acc = _score_champion(
-                        store, champion, splits["test"], meta, gate.force_promote, Path(tmp) / "c"
+                        store, champion_uri, splits["test"], Path(tmp) / "c"
                     )
                     how = "on this test split"
             if champion_acc is not None:

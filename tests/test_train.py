@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -346,10 +347,26 @@ def test_eval_every_skips_validation_and_changes_no_weight(env, trained) -> None
     assert steps(trained.mlflow_run_id, "val_accuracy") == [1, 2]
 
 
+@contextlib.contextmanager
+def carved_test_split() -> Any:
+    """verify-model reads the test split as one carved out of the training images (a dataset
+    with none of its own), where a champion's score recorded on its own split stands."""
+    from components import verify_model as verify_model_module
+
+    real = verify_model_module.load_processed
+
+    def carved_split(*args: Any, **kwargs: Any) -> Any:
+        meta, splits = real(*args, **kwargs)
+        return meta | {"transform": {"test_source": "carved"}}, splits
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(verify_model_module, "load_processed", carved_split)
+        yield
+
+
 def test_gate_promotes_then_refuses_and_keeps_the_champion(
     env, trained, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from components import verify_model as verify_model_module
     from components.verify_model import GateError, recorded_score, verify_model
     from pipelines.registry import resolve
 
@@ -413,14 +430,7 @@ def test_gate_promotes_then_refuses_and_keeps_the_champion(
         assert rescored == first.test_accuracy
         # Unless this test split is carved out of the training images, where another split's
         # may hold images the champion trained on: then its own split's record stands.
-        with pytest.MonkeyPatch.context() as carved:
-            real = verify_model_module.load_processed
-
-            def carved_split(*args: Any, **kwargs: Any) -> Any:
-                meta, splits = real(*args, **kwargs)
-                return meta | {"transform": {"test_source": "carved"}}, splits
-
-            carved.setattr(verify_model_module, "load_processed", carved_split)
+        with carved_test_split():
             assert verify_model(lenient, env.store, weak.model_uri).champion_accuracy == 0.5
         # A record that is not JSON, or not an object, is no reason to fail: it is scored again.
         key = prefix + "verification.json"
@@ -457,6 +467,12 @@ def test_a_champion_of_another_task_is_replaced_only_when_asked(
             "classes (0, 1, 2, ...)) than this model (3x32x32 images, 10 classes ("
         )
         assert "--set serving.model_name=NAME" in str(refused.value)
+        # Its own recorded score, which a carved test split takes for a champion of this task,
+        # is no comparison either: it was kept, and deploy served it, for another task's run.
+        record = {"test_split": "s3://processed-data/digits/x/", "test_accuracy": 0.99}
+        env.store.write_json(bucket, f"{name}/digits/verification.json", record)
+        with carved_test_split(), pytest.raises(GateError, match="serves another task"):
+            verify_model(env.cfg, env.store, trained.model_uri)
         assert client.get_model_version_by_alias(name, "champion").version == other.version
         forced = env.cfg.model_copy(
             update={"gate": env.cfg.gate.model_copy(update={"force_promote": True})}
