@@ -240,7 +240,10 @@ class TrainConfig(_Section):
     )
     nproc_per_node: int = Field(1, ge=1, le=16, description="Processes per PyTorchJob replica.")
     seed: int = Field(
-        0, ge=0, description="Seed of the initial weights, shuffling and augmentation."
+        0,
+        ge=0,
+        le=2**31 - 1,  # the per-epoch seeds derived from it must fit torch's int64
+        description="Seed of the initial weights, shuffling and augmentation.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",

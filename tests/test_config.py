@@ -65,6 +65,8 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
         # YAML's .inf passed every bound: the server that made it an int crashed at start.
         ({"serving.max_body_mb": float("inf")}, r"max_body_mb=inf: Input should be a finite"),
         ({"train.lr": float("nan")}, r"train\.lr=nan: Input should be a finite number"),
+        # The seeds derived from it overflowed torch's int64 in the trainer: a traceback, twice.
+        ({"train.seed": 10**15}, r"train\.seed=1000000000000000: Input should be less than or"),
         # In models:/NAME@ALIAS, a '/' made `serve` blame a --model-uri never given.
         ({"gate.alias": "a/b"}, r"gate\.alias='a/b': an MLflow alias is expected"),
         # Another scheme was waited on as a server for mlflow.wait_s (90 s), then refused.
