@@ -227,6 +227,12 @@ def test_checkpoints_upload_in_order_as_they_were_when_saved(store: ObjectStore)
     assert latest is not None and latest.epoch == 2
     assert latest.state["history"] == [2]
     assert torch.equal(latest.tensors["model.w"], torch.arange(6, dtype=torch.float32) + 100)
+    # Only the current checkpoint stays: each before it took the model's size again, for good.
+    kept = sorted(o.key for o in store.list(bucket, "m/run/checkpoints/"))
+    assert kept == [
+        f"m/run/checkpoints/{k}"
+        for k in ("epoch-0002.json", "epoch-0002.safetensors", "latest.json")
+    ]
 
 
 def test_a_trainers_end_lets_the_checkpoint_on_its_way_finish(store: ObjectStore) -> None:

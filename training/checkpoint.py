@@ -18,6 +18,7 @@ from pipelines.storage import ObjectStore
 from training.resume import LATEST, malformed, read_pointer
 
 log = logging.getLogger("mlops.train")
+EPOCH = "epoch-"  # each checkpoint's objects: epoch-NNNN.safetensors and epoch-NNNN.json
 
 
 @dataclass
@@ -54,7 +55,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], state: dict) -> dict[s
 
 def encode(ckpt: Checkpoint) -> tuple[dict[str, Any], bytes, bytes]:
     """The pointer and the two objects' bytes: a snapshot, whatever the tensors do next."""
-    name = f"epoch-{ckpt.epoch:04d}"
+    name = f"{EPOCH}{ckpt.epoch:04d}"
     payload = save_safetensors({k: v.contiguous() for k, v in ckpt.tensors.items()})
     state = json.dumps({**ckpt.state, "epoch": ckpt.epoch}, sort_keys=True).encode()
     pointer = {
@@ -68,11 +69,17 @@ def encode(ckpt: Checkpoint) -> tuple[dict[str, Any], bytes, bytes]:
 def upload(
     store: ObjectStore, bucket: str, prefix: str, encoded: tuple[dict[str, Any], bytes, bytes]
 ) -> None:
-    """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole."""
+    """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole.
+    Then remove the epochs before: only the pointer's is ever read, and each of the others
+    (89 MB for ResNet-18 with its momentum) stayed in the store for good."""
     pointer, payload, state = encoded
     store.put_bytes(bucket, prefix + pointer["tensors"]["key"], payload)
     store.put_bytes(bucket, prefix + pointer["state"]["key"], state, "application/json")
     store.write_json(bucket, prefix + LATEST, pointer)
+    current = {prefix + pointer["tensors"]["key"], prefix + pointer["state"]["key"]}
+    for obj in store.list(bucket, prefix + EPOCH):
+        if obj.key not in current:
+            store.remove(bucket, obj.key)
 
 
 class Saver:
