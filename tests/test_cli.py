@@ -936,7 +936,12 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
 
     # That line is the whole command: the run's profile and settings are restored (before,
     # it ran the defaults, cifar10 and quick, unless every flag was given again).
-    resumed = run("pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--json")
+    # A setting a resume may change (the final evaluation's flip TTA) is the run's tag: its
+    # params are immutable, and read as the model's evaluation before.
+    resumed = run(
+        "pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--json",
+        "--set", "train.flip_tta=false",
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     again = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert again["run_id"] == run_id and again["status"] == "succeeded"
@@ -946,6 +951,13 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     assert f"resuming {run_id} from epoch {start} of 4" in resumed.stderr
     assert f"in training (4 epochs, resumed after epoch {start}, 1 process(es)" in resumed.stderr
     assert mlflow_run is not None and again["mlflow"]["run_id"] == mlflow_run[1]
+    with sqlite3.connect(state / "mlflow" / "mlflow.db") as db:
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", (mlflow_run[1],)))
+        params = dict(
+            db.execute("select key, value from params where run_uuid = ?", (mlflow_run[1],))
+        )
+    assert (params["train.flip_tta"], tags["mlops.resumed.train.flip_tta"]) == ("True", "False")
+    assert "mlops.resumed.train.eval_every" not in tags  # unchanged
 
     for resume, message in (
         (run_id, f"--resume {run_id}: that run completed, its model is s3://models/"),

@@ -12,6 +12,8 @@ from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.storage import ObjectStore, s3_uri
 
 LATEST = "latest.json"
+# The train settings a resume may change (config_hash leaves them out).
+RESUME_FREE = {"max_restarts", "flip_tta", "eval_every"}
 
 
 def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
@@ -30,8 +32,7 @@ def config_hash(cfg: PipelineConfig, processed: str) -> str:
     (the world size included: BatchNorm sees each rank's share of the batch) and the data.
     Restarts allowed, the final evaluation's flip TTA and how often it validates change no
     training state (evaluation draws no random numbers and leaves BatchNorm's statistics)."""
-    unused = {"max_restarts", "flip_tta", "eval_every"}
-    train = cfg.train.model_dump(mode="json", exclude=unused)
+    train = cfg.train.model_dump(mode="json", exclude=RESUME_FREE)
     doc = {"train": train, "processed": processed.rstrip("/")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -22,6 +22,7 @@ from pipelines.errors import ConfigError, PipelineError, server_said
 from pipelines.mlflow_runs import RUN_TAG
 from pipelines.mlflow_server import local_server, wait_tracking
 from pipelines.registry import MODEL_URI_TAG
+from training.resume import RESUME_FREE
 
 log = logging.getLogger("mlops.tracking")
 
@@ -76,7 +77,18 @@ class Tracker:
                 run_name=None if found else pipeline_run_id,
                 log_system_metrics=True,
             )
-            if not found:  # params are immutable: a resumed run has them already
+            if found:
+                # Params are immutable, and a resume may change these: the values it ran
+                # under are tags, else the run misstated how its model was evaluated.
+                logged = found[0].data.params
+                changed = {
+                    f"mlops.resumed.train.{key}": str(value)
+                    for key in sorted(RESUME_FREE)
+                    if logged.get(f"train.{key}") != str(value := getattr(cfg.train, key))
+                }
+                if changed:
+                    mlflow.set_tags(changed)
+            else:
                 mlflow.log_params(flatten(cfg.public_dict()))
                 mlflow.set_tags(
                     {
