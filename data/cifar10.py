@@ -22,6 +22,7 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
+MAX_BATCH_BYTES = 64_000_000  # each of the official batches is 31 MB
 
 # The batches are pickles, so they are read with an unpickler that can build only plain
 # containers and numpy arrays: a crafted archive cannot run code here.
@@ -54,7 +55,9 @@ def _load_batch(raw: bytes, member: str) -> dict:
 def _to_split(batches: list[tuple[str, dict]]) -> Split:
     images, labels = [], []
     for member, batch in batches:
-        data = np.asarray(batch.get("data"))
+        data = batch.get("data")
+        if not isinstance(data, np.ndarray):  # a ragged list was numpy's traceback
+            raise DataError(f"{member}: data is a {type(data).__name__}, want uint8[N, 3072]")
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 32 * 32 * 3:
             raise DataError(
                 f"{member}: data is {data.dtype}{list(data.shape)}, want uint8[N, 3072]"
@@ -85,6 +88,11 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
         with tarfile.open(path, "r|gz") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
+                    if member.size > MAX_BATCH_BYTES:  # read whole: 1 GiB of zeros took 2 GB
+                        raise DataError(
+                            f"{key}: {member.name} is {member.size / 1e6:.0f} MB; a CIFAR-10 "
+                            "batch is 31 MB: not the CIFAR-10 python archive"
+                        )
                     found[member.name] = tar.extractfile(member).read()  # type: ignore[union-attr]
                 images = images or member.name.lower().endswith(IMAGE_SUFFIXES)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:

@@ -23,6 +23,7 @@ ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 # What macOS's Archive Utility adds to a zip beside the files: resource forks, not images.
 ZIP_NOISE = "__MACOSX"
 MAX_IMAGE_BYTES = 100_000_000  # a camera's largest JPEG is a tenth of it
+MAX_INFLATE = 50  # an archive's images, in all, to its size: BMPs of photos deflate 2-4x
 SPLITS = ("train", "test")
 # Modes that convert losslessly to L or RGB. Others (16-bit, float) would be silently
 # rescaled, so they are refused with the file's name.
@@ -33,7 +34,7 @@ COLOR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
-def _wanted(name: str, size: int) -> bool:
+def wanted(name: str, size: int) -> bool:
     """Whether an archive's file is read: an image, not hidden, of a size an image has. The
     rest were read whole too: a 3 MB archive holding a 3 GiB file of zeros (a dotfile, even)
     took 6 GB of memory before anything looked at it."""
@@ -55,8 +56,8 @@ def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
             if member.isdir():
                 yield member.name, None
             elif member.isfile():
-                wanted = _wanted(member.name, member.size)
-                payload = tar.extractfile(member).read() if wanted else b""  # type: ignore[union-attr]
+                take = wanted(member.name, member.size)
+                payload = tar.extractfile(member).read() if take else b""  # type: ignore[union-attr]
                 read[member.name] = payload
                 yield member.name, payload
             elif member.islnk() and member.linkname in read:
@@ -64,7 +65,7 @@ def _tar_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
                 # built with os.link, a deduplicated copy): the image is there under both names,
                 # as extracting the archive shows. A stream reads the first name only once.
                 target = read[member.linkname]
-                yield member.name, target if _wanted(member.name, len(target)) else b""
+                yield member.name, target if wanted(member.name, len(target)) else b""
 
 
 def _zip_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
@@ -75,8 +76,8 @@ def _zip_entries(path: Path) -> Iterator[tuple[str, bytes | None]]:
             if info.is_dir():
                 yield info.filename.rstrip("/"), None
             else:
-                wanted = _wanted(info.filename, info.file_size)
-                yield info.filename, archive.read(info) if wanted else b""
+                take = wanted(info.filename, info.file_size)
+                yield info.filename, archive.read(info) if take else b""
 
 
 def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
@@ -85,8 +86,19 @@ def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
         ((key, path),) = files.items()
         if key.lower().endswith(ARCHIVE_SUFFIXES):
             read = _zip_entries if key.lower().endswith(".zip") else _tar_entries
+            # What the images may inflate to, in all: each is capped (wanted), but a 1 MB
+            # archive of a dozen 99 MB files of zeros took 1.3 GB, more for more of them.
+            # Images are compressed already, so an archive of them inflates little.
+            budget, total = MAX_INFLATE * path.stat().st_size + MAX_IMAGE_BYTES, 0
             try:
-                yield from read(path)
+                for name, payload in read(path):
+                    total += len(payload or b"")
+                    if total > budget:
+                        raise DataError(
+                            f"{key}: its images inflate past {budget / 1e6:.0f} MB, "
+                            f"{MAX_INFLATE} times the archive's size: not an archive of images"
+                        )
+                    yield name, payload
             except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
                 raise DataError(f"{key}: the archive is truncated or corrupt ({exc})") from None
             except (RuntimeError, NotImplementedError) as exc:  # zipfile's, for what it lacks
@@ -110,7 +122,7 @@ def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
         if folder.is_dir():
             yield folder.relative_to(root).as_posix(), None
     for key, path in files.items():
-        yield key, path.read_bytes()
+        yield key, path.read_bytes() if wanted(key, path.stat().st_size) else b""
 
 
 def _layout(paths: list[PurePosixPath]) -> tuple[int, bool]:
@@ -221,7 +233,15 @@ def read(files: Files, image_size: int | None = None) -> RawDataset:
     first_shape = None
     for p, payload in progress(images, "decoding images", unit="img"):
         if len(p.parts) - 1 != depth:
-            raise DataError(f"{p}: expected {'split/' if has_splits else ''}class/image layout")
+            tops = sorted({q.parts[drop] for q, _ in images if len(q.parts) > drop + 1})
+            hint = (
+                f" (the top folders are {', '.join(tops)}: the splits read are train/ and test/,"
+                " and val is carved out of train: move the others' images into train/)"
+                if "train" in tops and not has_splits
+                else ""
+            )
+            layout = f"{'split/' if has_splits else ''}class/image layout"
+            raise DataError(f"{p}: expected {layout}{hint}")
         split = p.parts[drop] if has_splits else "train"
         array = _decode(str(p), payload, image_size)  # type: ignore[arg-type]
         if first_shape is None:

@@ -36,17 +36,22 @@ def _locate(files: Files, stem: str) -> tuple[str, Path]:
 
 def _gunzip(key: str, payload: bytes) -> bytes:
     """A .gz file's content, refused past MAX_IDX_BYTES: a 3 MB file that inflates to 3 GB
-    took 6 GB of memory (gzip.decompress holds it all) before its header was read."""
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
-    raw = inflate.decompress(payload, MAX_IDX_BYTES + 1)
-    if len(raw) > MAX_IDX_BYTES:
-        raise DataError(
-            f"{key}: inflates past {MAX_IDX_BYTES / 1e6:.0f} MB, more than an IDX file of this "
-            "dataset holds"
-        )
-    if not inflate.eof:
-        raise DataError(f"{key}: truncated or corrupt gzip (it ends early)")
-    return raw
+    took 6 GB of memory (gzip.decompress holds it all) before its header was read. Every
+    member of the file, as gzip -d reads it: `cat a.gz b.gz` and bgzip write several."""
+    raw = b""
+    while True:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        raw += inflate.decompress(payload, MAX_IDX_BYTES + 1 - len(raw))
+        if len(raw) > MAX_IDX_BYTES:
+            raise DataError(
+                f"{key}: inflates past {MAX_IDX_BYTES / 1e6:.0f} MB, more than an IDX file of "
+                "this dataset holds"
+            )
+        if not inflate.eof:
+            raise DataError(f"{key}: truncated or corrupt gzip (it ends early)")
+        payload = inflate.unused_data
+        if not payload.strip(b"\0"):  # the end, or the zero padding some writers add
+            return raw
 
 
 def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:
@@ -54,7 +59,7 @@ def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:
         raw = _gunzip(key, path.read_bytes()) if key.endswith(".gz") else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{key}: truncated or corrupt gzip ({exc})") from None
-    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != magic:
+    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{key}: not an IDX file of the expected kind (magic {raw[:4].hex()})")
     ndim = magic & 0xFF
     if len(raw) < 4 + 4 * ndim:

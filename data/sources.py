@@ -80,6 +80,11 @@ def source_files(name: str, path: Path) -> Files:
     if name == "mnist" and not path.is_dir():
         raise ConfigError(f"MNIST source {path} must be a folder holding the four IDX files")
     files = files_of(path)
+    if name == "imagefolder" and path.is_dir():
+        # Its images only: the rest (a README, a 1 GB cache file) was uploaded, changed the
+        # dataset's hash when edited, and was read whole. With none, the reader names the files.
+        images = {k: p for k, p in files.items() if imagefolder.wanted(k, p.stat().st_size)}
+        files = images or files
     if name == "mnist":
         keep = {f"{s}{ext}" for s in mnist.FILES for ext in ("", ".gz")}
         files = {k: p for k, p in files.items() if k in keep}
@@ -98,6 +103,11 @@ def check_expected(name: str, raw: RawDataset) -> None:
             raise DataError(f"{name}: images are {raw.shape}, expected {shape}")
     if "train" not in raw.splits:
         raise DataError(f"{name}: no train images found")
+    if "test" in raw.splits and not len(raw.splits["test"]):
+        # Passed here, then feature-engineering blamed the split it would have carved.
+        raise DataError(
+            f"{name}: the source's test split holds no images (its test files are empty)"
+        )
     for split, counts in raw.class_counts().items():
         empty = [c for c, n in counts.items() if n == 0]
         if empty and split == "train":

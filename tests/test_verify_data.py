@@ -332,9 +332,42 @@ def test_truncated_mnist_header_is_named(tmp_path: Path) -> None:
     from data import mnist
 
     path = tmp_path / "train-images-idx3-ubyte"
-    path.write_bytes(bytes.fromhex("00000803") + b"\0\0\0\1")  # 3 dimensions, 1 given
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated IDX header"):
-        mnist._read_idx(path.name, path, 0x0803)
+    for body in (b"\0\0\0\1", b"\0\0"):  # 3 dimensions, 1 given; half of one
+        path.write_bytes(bytes.fromhex("00000803") + body)
+        with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated IDX header"):
+            mnist._read_idx(path.name, path, 0x0803)
+
+
+def test_an_mnist_gzip_of_several_members_is_read_whole(tmp_path: Path) -> None:
+    """`cat a.gz b.gz` and bgzip write several gzip members, which gzip -d reads as one
+    file: only the first was read, and the file was refused as truncated."""
+    import gzip
+
+    from data import mnist
+
+    labels = np.arange(40, dtype=np.uint8) % 10
+    idx = mnist._idx(labels, mnist.LABELS_MAGIC)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(idx[:20]) + gzip.compress(idx[20:]) + bytes(8))
+    assert mnist._read_idx(path.name, path, mnist.LABELS_MAGIC).tolist() == labels.tolist()
+    path.write_bytes(gzip.compress(idx[:20]) + gzip.compress(idx[20:])[:-9])
+    with pytest.raises(DataError, match=r"truncated or corrupt gzip"):
+        mnist._read_idx(path.name, path, mnist.LABELS_MAGIC)
+
+
+def test_an_mnist_test_split_of_no_images_is_refused_at_verify_data(
+    make_cfg, store, tmp_path: Path
+) -> None:
+    """It passed, and feature-engineering then blamed the test split it would have carved."""
+    from data import mnist
+
+    raw = synthetic.generate(per_class=3, size=28, channels=1)
+    empty = raw.splits["test"].images[:0], raw.splits["test"].labels[:0]
+    raw.splits["test"] = type(raw.splits["test"])(*empty)
+    folder = mnist.write(raw, tmp_path / "mnist")
+    cfg = make_cfg(dataset__name="mnist", dataset__source=str(folder))
+    with pytest.raises(DataError, match=r"mnist: the source's test split holds no images"):
+        verify_data(cfg, store)
 
 
 def _cifar_with(tmp_path: Path, member: str, change: dict) -> Path:
@@ -360,6 +393,7 @@ def _cifar_with(tmp_path: Path, member: str, change: dict) -> Path:
         ("data_batch_1", {"labels": [1.7] * 4}, "labels must be a list of class indices"),
         ("data_batch_1", {"labels": [[0]] * 4}, "labels must be a list of class indices"),
         ("data_batch_1", {"labels": [10**30] * 4}, "labels outside 0..9"),
+        ("data_batch_1", {"data": [[1, 2], [3]]}, r"data is a list, want uint8\[N, 3072\]"),
         ("batches.meta", {"label_names": None}, "label_names is not a list of class names"),
         ("batches.meta", {"label_names": 5}, "label_names is not a list of class names"),
         ("batches.meta", {"label_names": ["x"] * 10}, "names x more than once"),
@@ -454,6 +488,57 @@ def test_an_archive_entry_too_large_for_an_image_is_refused_unread(
     big = archive("class_0/huge.png")
     cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(big))
     with pytest.raises(DataError, match=r"pets/class_0/huge\.png: 100 MB, more than an image"):
+        verify_data(cfg, store)
+
+
+def test_archives_that_inflate_past_what_images_take_are_refused(
+    make_cfg, store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CIFAR-10 batch was read whole, whatever its size (1 GiB of zeros, 1.4 MB of archive,
+    took 2 GB), and an ImageFolder archive's images were capped one by one, not in all. (The
+    limits are lowered here so that the test need not write gigabytes.)"""
+    from data import imagefolder
+
+    monkeypatch.setattr(cifar10, "MAX_BATCH_BYTES", 1000)  # our small batches are larger
+    archive = cifar10.write(synthetic.generate(per_class=2), tmp_path / cifar10.ARCHIVE)
+    cfg = make_cfg(dataset__name="cifar10", dataset__source=str(archive))
+    with pytest.raises(DataError, match=r"is 0 MB; a CIFAR-10 batch is 31 MB: not the CIFAR"):
+        verify_data(cfg, store)
+
+    monkeypatch.setattr(imagefolder, "MAX_IMAGE_BYTES", 2_000_000)
+    monkeypatch.setattr(imagefolder, "MAX_INFLATE", 1)
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for n in range(3):  # each under the cap of one image, not all three
+            info = tarfile.TarInfo(f"pets/class_{n % 2}/{n}.png")
+            info.size = 1_000_000
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(bomb))
+    with pytest.raises(DataError, match=r"bomb\.tar\.gz: its images inflate past 2 MB, 1 times"):
+        verify_data(cfg, store)
+
+
+def test_a_folder_source_stores_its_images_only(make_cfg, store, tmp_path: Path) -> None:
+    """Every file was read, uploaded and hashed: a README edited changed the dataset, and
+    a large cache file beside the images was read whole and stored."""
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=3)
+    images = len(list(folder.rglob("*.png")))
+    (folder / "README.txt").write_text("pets")
+    with open(folder / "train" / "cache.bin", "wb") as fh:
+        fh.truncate(300_000_000)  # sparse: takes no disk
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    first = verify_data(cfg, store)
+    assert first.uploaded == images
+    (folder / "README.txt").write_text("pets and more")
+    again = verify_data(cfg, store)
+    assert again.uploaded == 0 and again.content_sha256 == first.content_sha256
+
+
+def test_a_val_folder_beside_train_and_test_is_named(make_cfg, store, tmp_path: Path) -> None:
+    folder = synthetic.write("imagefolder", tmp_path / "folder", per_class=3)
+    shutil.copytree(folder / "test", folder / "val")
+    cfg = make_cfg(dataset__name="imagefolder", dataset__source=str(folder))
+    with pytest.raises(DataError, match=r"the top folders are test, train, val: the splits read"):
         verify_data(cfg, store)
 
 
