@@ -19,10 +19,12 @@ from kubernetes.client import (
     V1EmptyDirVolumeSource,
     V1EnvVar,
     V1EnvVarSource,
+    V1HTTPGetAction,
     V1ObjectMeta,
     V1PodSecurityContext,
     V1PodSpec,
     V1PodTemplateSpec,
+    V1Probe,
     V1ResourceRequirements,
     V1SeccompProfile,
     V1SecretKeySelector,
@@ -246,6 +248,23 @@ def inference_service(cfg: PipelineConfig, model_uri: str) -> V1beta1InferenceSe
                             V1EnvVar(name="HOME", value="/tmp"),
                         ],
                         ports=[V1ContainerPort(container_port=sv.port, protocol="TCP")],
+                        # Ready once the model answers: without a probe a new pod took traffic
+                        # from its start, while it still loaded (seconds), so a deploy that
+                        # replaced the model refused requests in between. Live while the
+                        # server answers at all, with room for the load (import, ONNX export).
+                        readiness_probe=V1Probe(
+                            http_get=V1HTTPGetAction(
+                                path=f"/v2/models/{cfg.model_name}/ready", port=sv.port
+                            ),
+                            period_seconds=5,
+                        ),
+                        liveness_probe=V1Probe(
+                            http_get=V1HTTPGetAction(path="/v2/health/live", port=sv.port),
+                            initial_delay_seconds=30,
+                            period_seconds=10,
+                            timeout_seconds=5,
+                            failure_threshold=6,
+                        ),
                         resources=resources(cl.serving_resources),
                         security_context=container_security(),
                         volume_mounts=mounts,

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import requests
 import yaml
 
 import components.inferenceservice
@@ -186,8 +187,15 @@ def test_compiled_commands_run_in_dag_order(
         stderr=subprocess.DEVNULL,
     )
     try:
-        ready = f"http://127.0.0.1:{http_port}/v2/models/{name}/ready"
+        # The pod's probes, against the compiled command's server: ready once it serves.
+        probes = {p: predictor[p]["httpGet"] for p in ("readinessProbe", "livenessProbe")}
+        pod_port = int(predictor["args"][predictor["args"].index("--http_port") + 1])
+        assert {g["port"] for g in probes.values()} == {pod_port}
+        ready = f"http://127.0.0.1:{http_port}{probes['readinessProbe']['path']}"
         wait_http_ok(ready, 60, server, "the compiled predictor command", "see its output")
+        live = f"http://127.0.0.1:{http_port}{probes['livenessProbe']['path']}"
+        assert requests.get(live, timeout=10).status_code == 200
+        assert requests.get(ready.replace(name, "other"), timeout=10).status_code != 200
     finally:
         terminate(server)
 
