@@ -733,7 +733,7 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     ]
     first = run(*args, env=outside)
     assert first.returncode == 0, first.stderr
-    second = run(*args, env=outside)
+    second = run(*args, "--epochs", "1", env=outside)  # the data steps' reuse is its point
     assert second.returncode == 0, second.stderr
     one, two = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second))
     steps = ["verify-data", "feature-engineering", "train", "verify-model", "deploy"]
@@ -776,7 +776,7 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
     name = one["mlflow"]["registered_model"]
     before = client.get_model_version_by_alias(name, "champion").version
     gate = ["--set", "gate.min_accuracy=1.0", "--set", "train.lr=0.000001"]
-    gated = run(*args, "--workers", "1", *gate)
+    gated = run(*args, "--workers", "1", "--epochs", "1", *gate)
     assert gated.returncode == 1
     three = json.loads(gated.stdout.strip().splitlines()[-1])
     forks = (state / "runs" / three["run_id"] / "fork-server.log").read_text()
@@ -1088,7 +1088,7 @@ def test_a_run_with_the_fork_server_off_starts_each_process_fresh(tmp_path: Path
     """The setting that starts every step and the trainer as a fresh interpreter was a
     traceback before any step: its run folder was made only for the fork server's log."""
     state = tmp_path / "state"
-    out = run(*smoke_args(state), "--set", "fork_server=false")
+    out = run(*smoke_args(state), "--set", "fork_server=false", "--epochs", "1")  # to its end
     assert out.returncode == 0, out.stderr
     assert not list((state / "runs").glob("*/fork-server.log"))
 
