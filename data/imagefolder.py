@@ -14,7 +14,16 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from data.raw import IMAGE_FORMATS, IMAGE_SUFFIXES, Files, RawDataset, Split, hidden, tar_gz
+from data.raw import (
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
+    Files,
+    RawDataset,
+    Split,
+    free_memory,
+    hidden,
+    tar_gz,
+)
 from pipelines.console import progress
 from pipelines.errors import DataError
 
@@ -23,7 +32,6 @@ ARCHIVE_SUFFIXES = (*TAR_SUFFIXES, ".zip")
 # What macOS's Archive Utility adds to a zip beside the files: resource forks, not images.
 ZIP_NOISE = "__MACOSX"
 MAX_IMAGE_BYTES = 100_000_000  # a camera's largest JPEG is a tenth of it
-MAX_INFLATE = 50  # an archive's images, in all, to its size: BMPs of photos deflate 2-4x
 SPLITS = ("train", "test")
 # Modes that convert losslessly to L or RGB. Others (16-bit, float) would be silently
 # rescaled, so they are refused with the file's name.
@@ -86,17 +94,19 @@ def _entries(files: Files) -> Iterator[tuple[str, bytes | None]]:
         ((key, path),) = files.items()
         if key.lower().endswith(ARCHIVE_SUFFIXES):
             read = _zip_entries if key.lower().endswith(".zip") else _tar_entries
-            # What the images may inflate to, in all: each is capped (wanted), but a 1 MB
-            # archive of a dozen 99 MB files of zeros took 1.3 GB, more for more of them.
-            # Images are compressed already, so an archive of them inflates little.
-            budget, total = MAX_INFLATE * path.stat().st_size + MAX_IMAGE_BYTES, 0
+            # The images are held in memory, and then their pixels: past half of what is free,
+            # a small archive that inflates to gigabytes (a dozen 99 MB files of zeros in 1 MB)
+            # is refused by name, not OOM-killed. Not a ratio to the archive's size: BMPs of
+            # flat graphics deflate 500 times, as zeros do.
+            budget, total = free_memory() // 2, 0
             try:
                 for name, payload in read(path):
                     total += len(payload or b"")
                     if total > budget:
                         raise DataError(
-                            f"{key}: its images inflate past {budget / 1e6:.0f} MB, "
-                            f"{MAX_INFLATE} times the archive's size: not an archive of images"
+                            f"{key}: its images inflate past {budget / 1e9:.1f} GB, half the "
+                            "memory free here, and the reader holds them all: give the step "
+                            "more memory, or fewer or smaller images"
                         )
                     yield name, payload
             except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import struct
 import zlib
@@ -37,21 +38,17 @@ def _locate(files: Files, stem: str) -> tuple[str, Path]:
 def _gunzip(key: str, payload: bytes) -> bytes:
     """A .gz file's content, refused past MAX_IDX_BYTES: a 3 MB file that inflates to 3 GB
     took 6 GB of memory (gzip.decompress holds it all) before its header was read. Every
-    member of the file, as gzip -d reads it: `cat a.gz b.gz` and bgzip write several."""
-    raw = b""
-    while True:
-        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
-        raw += inflate.decompress(payload, MAX_IDX_BYTES + 1 - len(raw))
-        if len(raw) > MAX_IDX_BYTES:
-            raise DataError(
-                f"{key}: inflates past {MAX_IDX_BYTES / 1e6:.0f} MB, more than an IDX file of "
-                "this dataset holds"
-            )
-        if not inflate.eof:
-            raise DataError(f"{key}: truncated or corrupt gzip (it ends early)")
-        payload = inflate.unused_data
-        if not payload.strip(b"\0"):  # the end, or the zero padding some writers add
-            return raw
+    member of the file, as gzip -d reads it: `cat a.gz b.gz` and bgzip write several. The
+    stream reader goes through them in one pass (a loop over zlib's unused_data copied the
+    rest of the file for each: a bgzip file of MNIST's size took 14 s)."""
+    with gzip.GzipFile(fileobj=io.BytesIO(payload)) as stream:
+        raw = stream.read(MAX_IDX_BYTES + 1)
+    if len(raw) > MAX_IDX_BYTES:
+        raise DataError(
+            f"{key}: inflates past {MAX_IDX_BYTES / 1e6:.0f} MB, more than an IDX file of this "
+            "dataset holds"
+        )
+    return raw
 
 
 def _read_idx(key: str, path: Path, magic: int) -> np.ndarray:

@@ -71,6 +71,22 @@ def hidden(path: PurePath) -> bool:
     return any(part.startswith(".") for part in path.parts)
 
 
+def free_memory() -> int:
+    """Bytes this process may still take: the machine's available memory, capped by a cgroup
+    v2 limit (a pod's), where a reader that went past it was OOM-killed without a word."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
 # A raw dataset on disk: object key (relative path, as stored under raw-data/<id>/) -> local file.
 Files = dict[str, Path]
 
