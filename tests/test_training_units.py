@@ -361,3 +361,28 @@ def test_the_curves_say_which_loss_is_label_smoothed() -> None:
     assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["train", "val"]
     unsmoothed = _curves([{"epoch": 1, **row}], 0.0).axes[0]
     assert [t.get_text() for t in unsmoothed.get_legend().get_texts()] == ["train", "val"]
+
+
+def test_a_resumes_changed_settings_are_the_runs_tags_while_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MLflow run's params cannot change, and a resume may change flip TTA: the value each
+    attempt ran under is a tag, set back too when a later resume restores the param's."""
+    import mlflow
+
+    from pipelines.config import PipelineConfig
+    from training import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(tracking, "wait_tracking", lambda *args: None)  # no server: a file
+    base = PipelineConfig()
+    base = base.model_copy(update={"mlflow": base.mlflow.model_copy(update={"tracking_uri": uri})})
+    meta = {"manifest_sha256": "m", "feature_hash": "f"}
+    seen, tag = [], "mlops.resumed.train.flip_tta"
+    for flip in (True, False, True):  # trained, resumed with it off, resumed with it on
+        cfg = base.model_copy(update={"train": base.train.model_copy(update={"flip_tta": flip})})
+        run_id = tracking.Tracker.start(cfg, "run-x", 1, meta, "c", "fp32").run_id
+        mlflow.end_run()
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+        seen.append((run.data.params["train.flip_tta"], run.data.tags.get(tag)))
+    assert seen == [("True", None), ("True", "False"), ("True", "True")]

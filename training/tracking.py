@@ -80,12 +80,13 @@ class Tracker:
             if found:
                 # Params are immutable, and a resume may change these: the values it ran
                 # under are tags, else the run misstated how its model was evaluated.
-                logged = found[0].data.params
-                changed = {
-                    f"mlops.resumed.train.{key}": str(value)
-                    for key in sorted(RESUME_FREE)
-                    if logged.get(f"train.{key}") != str(value := getattr(cfg.train, key))
-                }
+                # Kept up to date once set: a later resume back to the param's value said
+                # the run's previous one.
+                params, tags, changed = found[0].data.params, found[0].data.tags, {}
+                for key in sorted(RESUME_FREE):
+                    tag, value = f"mlops.resumed.train.{key}", str(getattr(cfg.train, key))
+                    if tag in tags or params.get(f"train.{key}") != value:
+                        changed[tag] = value
                 if changed:
                     mlflow.set_tags(changed)
             else:
