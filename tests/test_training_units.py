@@ -227,11 +227,19 @@ def test_checkpoints_upload_in_order_as_they_were_when_saved(store: ObjectStore)
     assert latest is not None and latest.epoch == 2
     assert latest.state["history"] == [2]
     assert torch.equal(latest.tensors["model.w"], torch.arange(6, dtype=torch.float32) + 100)
-    # Only the current checkpoint stays: each before it took the model's size again, for good.
-    kept = sorted(o.key for o in store.list(bucket, "m/run/checkpoints/"))
-    assert kept == [
-        f"m/run/checkpoints/{k}"
-        for k in ("epoch-0002.json", "epoch-0002.safetensors", "latest.json")
+    # The current checkpoint and the one before stay (a reader may hold the previous
+    # pointer); each older one took the model's size again, for good. A later epoch, of an
+    # attempt of the same run still writing, is not this upload's to remove.
+    for epoch in (3, 9, 4):
+        checkpoint.upload(
+            store,
+            bucket,
+            "m/run/checkpoints/",
+            checkpoint.encode(checkpoint.Checkpoint(epoch, {"model.w": weights}, {})),
+        )
+    kept = sorted(o.key.removeprefix("m/run/checkpoints/") for o in store.list(bucket, "m/run/"))
+    assert kept == [f"epoch-000{n}.{ext}" for n in (3, 4, 9) for ext in ("json", "safetensors")] + [
+        "latest.json"
     ]
 
 

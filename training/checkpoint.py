@@ -70,16 +70,22 @@ def upload(
     store: ObjectStore, bucket: str, prefix: str, encoded: tuple[dict[str, Any], bytes, bytes]
 ) -> None:
     """Write the epoch's two objects, then the pointer: a reader sees the old or the new, whole.
-    Then remove the epochs before: only the pointer's is ever read, and each of the others
-    (89 MB for ResNet-18 with its momentum) stayed in the store for good."""
+    Then remove the epochs before the previous one: only a pointer's are ever read, and each
+    of the others (89 MB for ResNet-18 with its momentum) stayed in the store for good. The
+    previous one stays, for a reader that read its pointer just before this one, and any
+    later one, for an attempt of the same run still writing."""
     pointer, payload, state = encoded
     store.put_bytes(bucket, prefix + pointer["tensors"]["key"], payload)
     store.put_bytes(bucket, prefix + pointer["state"]["key"], state, "application/json")
     store.write_json(bucket, prefix + LATEST, pointer)
-    current = {prefix + pointer["tensors"]["key"], prefix + pointer["state"]["key"]}
+    epochs: dict[int, list[str]] = {}
     for obj in store.list(bucket, prefix + EPOCH):
-        if obj.key not in current:
-            store.remove(bucket, obj.key)
+        number = obj.key[len(prefix + EPOCH) :].split(".", 1)[0]
+        if number.isdigit():
+            epochs.setdefault(int(number), []).append(obj.key)
+    for epoch in sorted(e for e in epochs if e < pointer["epoch"])[:-1]:
+        for key in epochs[epoch]:
+            store.remove(bucket, key)
 
 
 class Saver:
