@@ -26,7 +26,7 @@ from pipelines.errors import (
 from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_runs import fail_abandoned
 from pipelines.mlflow_server import ServerPid, local_server, wait_healthy
-from pipelines.storage import ObjectStore, parse_s3_uri, s3_uri
+from pipelines.storage import ObjectStore, parse_s3_uri
 from serving.launch import MODEL_JSON
 from training import resume
 from training.dist import usable_cores
@@ -70,7 +70,7 @@ def check_ranks(cfg: PipelineConfig) -> int:
 def check_feasible(cfg: PipelineConfig, store: ObjectStore, processed_uri: str) -> None:
     """Fail before any process starts when the data cannot satisfy the config."""
     bucket, prefix = parse_s3_uri(processed_uri.rstrip("/") + "/")
-    meta = processed.load(store, bucket, prefix, s3_uri(bucket, prefix))
+    meta = processed.load(store, bucket, prefix)
     made = meta.get("dataset")
     if made not in (None, cfg.dataset.key) and not cfg.serving.model_name:
         # The config's dataset names the model, its versions and the champion the gate

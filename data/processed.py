@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from data.manifest import read_checked
 from pipelines.errors import DataError
+from pipelines.storage import s3_uri
 
 if TYPE_CHECKING:
     from pipelines.storage import ObjectStore
@@ -54,8 +55,9 @@ def read(store: ObjectStore, bucket: str, prefix: str) -> tuple[dict[str, Any] |
     return read_checked(store, bucket, prefix + METADATA, problem)
 
 
-def load(store: ObjectStore, bucket: str, prefix: str, uri: str) -> dict[str, Any]:
+def load(store: ObjectStore, bucket: str, prefix: str) -> dict[str, Any]:
     """The metadata a trainer reads, or a DataError that says how to get it."""
+    uri = s3_uri(bucket, prefix)
     meta, damage = read(store, bucket, prefix)
     if damage:
         raise DataError(

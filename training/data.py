@@ -37,7 +37,7 @@ def load_processed(
 ) -> tuple[dict[str, Any], dict[str, Tensors]]:
     """metadata.json and the splits (all, or `only`), each shard checked against its sha256."""
     bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
-    meta = processed.load(store, bucket, prefix, s3_uri(bucket, prefix))
+    meta = processed.load(store, bucket, prefix)
     splits = {}
     for split, shards in meta["shards"].items():
         if only is not None and split not in only:
