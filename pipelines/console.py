@@ -15,6 +15,7 @@ from tqdm import tqdm
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("mlops")
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class Unread:
@@ -56,7 +57,7 @@ def setup_logging(verbose: bool = False) -> None:
             setattr(sys, name, Unread(getattr(sys, name)))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )

@@ -138,6 +138,10 @@ def test_compiled_commands_run_in_dag_order(
     # The Master counted its start, which bounds a killed pod's restarts (resume.count_start).
     bucket, prefix = parse_s3_uri(verified["model_uri"])
     assert env.store.read_json(bucket, prefix + "starts.json") == {"starts": 1}
+    # And kept its log beside the model: the exit handler of a failed run deletes its pods.
+    (log_key,) = [o.key for o in env.store.list(bucket, prefix + "logs/")]
+    assert log_key.endswith("-rank0.log")
+    assert "epoch 1/2" in env.store.get_bytes(bucket, log_key).decode()
     cluster.values["inputs.parameters.serving-uri"] = verified["serving_uri"]
 
     # deploy: the component's own CLI with the pod's args and environment, in this process so

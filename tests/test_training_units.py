@@ -394,3 +394,29 @@ def test_a_resumes_changed_settings_are_the_runs_tags_while_they_hold(
         run = mlflow.MlflowClient(uri).get_run(run_id)
         seen.append((run.data.params["train.flip_tta"], run.data.tags.get(tag)))
     assert seen == [("True", None), ("True", "False"), ("True", "True")]
+
+
+def test_a_cluster_trainers_log_and_its_error_are_kept_in_the_store(make_cfg, store) -> None:
+    """A failed workflow's exit handler deletes the PyTorchJob, and the trainer's log with its
+    pods: the log each rank writes, and the error that ends it, are kept beside the model."""
+    import logging
+
+    from pipelines.errors import DataError
+    from training.dist import Dist
+    from training.runlog import kept_log
+
+    store.ensure_buckets()
+    cfg = make_cfg().model_copy(update={"runtime": "kubernetes"})
+    with pytest.raises(DataError), kept_log(cfg, "run-x", Dist(rank=1, world=2)):
+        logging.getLogger("mlops.train").warning("epoch 1/3 slow")
+        raise DataError("shard x is damaged")
+    bucket = cfg.storage.buckets.models
+    (key,) = [o.key for o in store.list(bucket, f"{cfg.model_name}/run-x/logs/")]
+    assert key.endswith("-rank1.log")
+    text = store.get_bytes(bucket, key).decode()
+    assert "WARNING mlops.train: epoch 1/3 slow" in text
+    assert text.endswith("error: shard x is damaged\n")
+    # Locally each attempt's log is in the run's folder: nothing more is stored.
+    with kept_log(make_cfg(), "run-y", Dist()):
+        logging.getLogger("mlops.train").warning("epoch 1/3")
+    assert not list(store.list(bucket, f"{cfg.model_name}/run-y/"))

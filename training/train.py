@@ -46,6 +46,7 @@ from training.model import build_classifier
 from training.precision import Hardware
 from training.precision import resolve as resolve_precision
 from training.result import RESULT_OBJECT, TrainResult
+from training.runlog import kept_log
 
 log = logging.getLogger("mlops.train")
 WEIGHTS = "model.safetensors"  # named in model.json, so readers never assume it
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             if d.world > 1:
                 raise ConfigError("--run-id is required when several processes train together")
             run_id = datetime.now(UTC).strftime("local-%Y%m%d-%H%M%S")
-        result = train(cfg, args.processed, run_id, d)
+        with kept_log(cfg, run_id, d):
+            result = train(cfg, args.processed, run_id, d)
         status = "FINISHED"
         if result is not None:
             text = json.dumps(result.__dict__, sort_keys=True)
