@@ -210,7 +210,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             ir = Path(tmp) / "kfp-pipeline.yaml"
             compiler.Compiler().compile(build_pipeline(cfg), str(ir))
             insecure = args.insecure_skip_tls_verify
-            print(f"submitted KFP run {submit_kfp(cfg, args.kfp_host, ir, new_run_id(), insecure)}")
+            run = submit_kfp(cfg, args.kfp_host, ir, new_run_id(), insecure, args.kfp_token)
+            print(f"submitted KFP run {run}")
         return 0
     cfg, client = _argo(args, job_config(args))  # checked before any request
     from pipelines.argo import PARAMETERS, config_value
@@ -384,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=["argo", "kfp"], default="argo", help="where to submit (default: argo)"
     )
     submit.add_argument("--kfp-host", metavar="URL", help="KFP API server (default: $KFP_HOST)")
+    submit.add_argument(
+        "--kfp-token",
+        metavar="TOKEN",
+        help="bearer token for a KFP API server behind a login (default: $KFP_TOKEN; prefer "
+        "the variable)",
+    )
     _argo_flags(submit)
     add_config_args(submit, ["--dataset", "--epochs", "--workers", "--namespace"])
     submit.set_defaults(func=cmd_submit)

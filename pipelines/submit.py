@@ -245,12 +245,15 @@ class ArgoClient:
         return (wf.status.phase if wf.status else None) or "Stopping"
 
 
-def check_kfp(host: str, verify: bool) -> None:
+def check_kfp(host: str, verify: bool, token: str | None = None) -> None:
     """One health check, whose answer is named: kfp's client retries it 5 times, for 25 s,
     and reports a server that refused the request (401, a sign-in in front of it) as one it
     could not reach."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        resp = requests.get(f"{host}/apis/v2beta1/healthz", timeout=TIMEOUT_S, verify=verify)
+        resp = requests.get(
+            f"{host}/apis/v2beta1/healthz", headers=headers, timeout=TIMEOUT_S, verify=verify
+        )
     except requests.exceptions.SSLError as exc:
         raise PipelineError(untrusted("the KFP API server", host, exc)) from None
     except requests.exceptions.RequestException as exc:
@@ -258,18 +261,29 @@ def check_kfp(host: str, verify: bool) -> None:
             f"cannot reach the KFP API server at {host} ({server_said(exc)}); check --kfp-host "
             "/ KFP_HOST and that the server is port-forwarded"
         ) from None
+    if resp.status_code in (401, 403) and token:
+        raise PipelineError(
+            f"the KFP API server at {host} refused the token ({resp.status_code}): check "
+            "--kfp-token / KFP_TOKEN, and that its account may create runs"
+        )
     if resp.status_code in (401, 403):
         raise PipelineError(
             f"the KFP API server at {host} answered {resp.status_code}: it asks for a login; "
-            "port-forward the API server itself, which asks for none (kubectl -n kubeflow "
+            "pass a bearer token with --kfp-token / KFP_TOKEN (e.g. kubectl create token), "
+            "or port-forward the API server itself, which asks for none (kubectl -n kubeflow "
             "port-forward svc/ml-pipeline 8888:8888, then --kfp-host http://localhost:8888)"
         )
 
 
 def submit_kfp(
-    cfg: PipelineConfig, host: str | None, ir: Path, run_id: str, insecure: bool = False
+    cfg: PipelineConfig,
+    host: str | None,
+    ir: Path,
+    run_id: str,
+    insecure: bool = False,
+    token: str | None = None,
 ) -> str:
-    """Upload the compiled IR as a run to a KFP API server."""
+    """Upload the compiled IR as a run to a KFP API server (with a bearer token, if given)."""
     import kfp
     from kfp_server_api.exceptions import ApiException
 
@@ -288,9 +302,10 @@ def submit_kfp(
     logging.disable(logging.ERROR)
     if insecure:
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    check_kfp(host, not insecure)
+    token = token or os.environ.get("KFP_TOKEN") or None
+    check_kfp(host, not insecure, token)
     try:
-        client = kfp.Client(host=host, verify_ssl=False if insecure else None)
+        client = kfp.Client(host=host, existing_token=token, verify_ssl=False if insecure else None)
         run = client.create_run_from_pipeline_package(
             str(ir),
             # In-cluster endpoints, and training as a PyTorchJob through TrainingClient.

@@ -163,18 +163,21 @@ class FakeKfpServer(LocalServer):
     def __init__(self) -> None:
         super().__init__(KfpHandler)
         self.runs: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []  # each request's Authorization header
 
 
 class KfpHandler(JsonHandler):
     server: FakeKfpServer
 
     def do_GET(self) -> None:
+        self.server.auth.append(self.headers.get("Authorization"))
         if self.path.startswith("/apis/v2beta1/healthz"):
             self._reply(200, {"multi_user": False})
         else:  # /apis/v2beta1/experiments?filter=...: KFP's default experiment exists
             self._reply(200, {"experiments": [{"experiment_id": "e1", "display_name": "Default"}]})
 
     def do_POST(self) -> None:
+        self.server.auth.append(self.headers.get("Authorization"))
         run = self._body()
         self.server.runs.append(run)
         self._reply(200, {**run, "run_id": "r1"})
@@ -191,6 +194,12 @@ def test_kfp_runs_as_the_pipeline_account() -> None:
     (run,) = kfp.runs
     assert run_id == "r1" and run["service_account"] == cfg.cluster.service_account
     assert run["experiment_id"] == "e1"
+    assert set(kfp.auth) == {None}
+    # Behind a login (a multi-user install), every request carries the bearer token given.
+    with serving(FakeKfpServer()) as kfp:
+        ir = ROOT / "pipelines/compiled/kfp-pipeline.yaml"
+        assert submit_kfp(cfg, kfp.url, ir, "run-2", token="t0k") == "r1"
+    assert len(kfp.auth) >= 3 and set(kfp.auth) == {"Bearer t0k"}  # health, experiment, run
 
 
 def cli(
@@ -372,8 +381,16 @@ def test_a_kfp_server_that_asks_for_a_login_says_so_at_once() -> None:
     """kfp's client retried its health check 5 times (25 s), then said it could not reach it."""
     with serving(CannedServer(b'{"error": "unauthorized"}', status=401)) as server:
         out = cli("submit", "--backend", "kfp", "--kfp-host", server.url, url=server.url)
-    assert out.returncode == 1 and "answered 401: it asks for a login" in out.stderr
-    assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.returncode == 1 and "answered 401: it asks for a login" in out.stderr
+        assert "--kfp-token / KFP_TOKEN" in out.stderr
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        # A token it refuses is named as such, not as a login it asks for.
+        refused = cli(
+            "submit", "--backend", "kfp", "--kfp-host", server.url, url=server.url,
+            extra_env={"KFP_TOKEN": "stale"},
+        )  # fmt: skip
+    assert refused.returncode == 1 and "refused the token (401)" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
 
 
 def test_a_log_streams_error_fails_the_command() -> None:
