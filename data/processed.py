@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from data.manifest import read_checked
 from pipelines.errors import DataError
-from pipelines.storage import s3_uri
-
-if TYPE_CHECKING:
-    from pipelines.storage import ObjectStore
+from pipelines.storage import ObjectStore, s3_uri
 
 FORMAT = "mlops.processed/v1"
 METADATA = "metadata.json"  # written last: the features' commit marker
