@@ -176,6 +176,15 @@ def job_config(args: argparse.Namespace) -> PipelineConfig:
     from pipelines.config import for_cluster
 
     cfg = config_from_args(args, cluster=True)
+    if cfg.dataset.source:
+        # A path of this machine: the pods have no such file, and verify-data failed there
+        # once the workflow had started. The data goes into the cluster's store beforehand.
+        raise ConfigError(
+            f"dataset.source={cfg.dataset.source!r} is a path on this machine, which the "
+            "cluster's pods cannot read: upload it into the cluster's store with "
+            "`python -m components.verify_data --data PATH` (README, Run on Kubernetes), then "
+            "submit without dataset.source"
+        )
     check_ranks(for_cluster(cfg))
     return cfg
 

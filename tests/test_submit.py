@@ -424,10 +424,14 @@ def test_logs_take_a_step_by_name_and_list_shows_the_pipelines_workflows(
 
 
 def test_a_job_its_pods_would_refuse_is_refused_before_any_request(argo: FakeArgoServer) -> None:
-    """256 images over 3 ranks failed the trainer on the cluster, after the data steps."""
+    """256 images over 3 ranks failed the trainer on the cluster, after the data steps; a
+    source path of this machine failed verify-data there, as no pod has it."""
     for command in (["submit"], ["template", "create"]):
         out = cli(*command, "--workers", "3", url=argo.url)
         assert out.returncode == 2 and "must be a multiple of 3 ranks" in out.stderr
+    out = cli("submit", "--set", f"dataset.source={ROOT}", url=argo.url)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is a path on this machine" in out.stderr and "components.verify_data" in out.stderr
     assert argo.calls == [] and argo.workflows == {} and argo.templates == {}
 
 
