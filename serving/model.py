@@ -170,7 +170,7 @@ class ImageClassifier(Model):
             raise InvalidInput(f"{where}: values must be integers in 0..255 (uint8)")
         return array.astype(np.uint8)
 
-    def _check_count(self, count: int) -> None:
+    def check_count(self, count: int) -> None:
         """Checked before anything is decoded, so an oversized request costs no decoding."""
         if count < 1:
             raise InvalidInput("empty batch: send at least one image")
@@ -181,7 +181,7 @@ class ImageClassifier(Model):
         instances = payload.get("instances")
         if not isinstance(instances, list):
             raise InvalidInput('expected {"instances": [...]}')
-        self._check_count(len(instances))
+        self.check_count(len(instances))
         images = []
         for i, inst in enumerate(instances):
             where = f"instances[{i}]"
@@ -255,10 +255,10 @@ class ImageClassifier(Model):
         if tensor.datatype == "UINT8":
             if len(shape) != 4:
                 raise InvalidInput(f"input {tensor.name}: UINT8 must be [N,H,W,C], got {shape}")
-            self._check_count(shape[0])
+            self.check_count(shape[0])
             data = self._tensor(tensor)
             return [self._check_array(a, f"{tensor.name}[{i}]") for i, a in enumerate(data)]
-        self._check_count(math.prod(shape))
+        self.check_count(math.prod(shape))
         images = []
         for i, item in enumerate(self._tensor(tensor).reshape(-1)):
             where = f"{tensor.name}[{i}]"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput, ModelNotFound
 from kserve.logging import trace_logger
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest import server as rest_server
 from kserve.protocol.rest.v2_datamodels import InferenceRequest, RequestInput
@@ -137,10 +139,12 @@ def client_error(
 invalid_input = client_error(400)
 
 
-async def http_error(request: Request, exc: Exception) -> JSONResponse:
+async def http_error(request: Request, exc: Exception) -> Response:
     # FastAPI's own refusals (a body it cannot parse, gzip or nested too deep; no such route;
     # a wrong method) answered {"detail": ...}: in the format of every other error instead.
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's wrapping, on a V2 body
+        return await client_gone(request, exc.__cause__)
     if exc.detail == UNPARSED:  # FastAPI's words for any body json.loads raised on
         exc = StarletteHTTPException(400, f"{UNPARSED}: send it as JSON, uncompressed")
     return await client_error(exc.status_code)(request, exc)
@@ -182,12 +186,17 @@ class BinaryHeader(InferenceRequest):
     inputs: list[BinaryInput]
 
 
-def checked_binary_body(body: bytes, headers: dict) -> tuple[bytes, dict]:
-    """The body and headers with the JSON header checked, and written again from its checked
-    values (a body without the length header is all header). KServe read the header with no
-    check at all: a field of the wrong type ("inputs": [1], "shape": null, "id": 7) was a 500
-    from deep inside it. And it took each input's binary_data_size bytes as given: a body
-    shorter than declared, or with bytes left over, was served as though whole."""
+def binary_request(
+    body: bytes, headers: dict, model_name: str, check_count: Callable[[int], None]
+) -> InferRequest:
+    """A V2 binary-extension body (a JSON header, then raw tensors) as an InferRequest, its
+    header checked as FastAPI checks a JSON body. KServe read the header with no check at all:
+    a field of the wrong type ("inputs": [1], "shape": null, "id": 7) was a 500 from deep inside
+    it; it took each input's binary_data_size bytes as given, so a body shorter than declared,
+    or with bytes left over, was served as though whole; and it made a UINT8 tensor a Python
+    list one element at a time on the event loop: 9 s for a 12 MB body, when the server
+    answered nothing else, its health checks included. Here a UINT8 tensor is a view of the
+    body, and `check_count` (the model's) bounds a BYTES tensor before its elements are split."""
     declared = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
     if declared is None:
         # A JSON body sent without Content-Type: application/json (curl -d sends a form's),
@@ -227,73 +236,53 @@ def checked_binary_body(body: bytes, headers: dict) -> tuple[bytes, dict]:
             f"the header declares {sum(sizes)} bytes of tensor data (binary_data_size), but "
             f"{len(body) - length} follow it"
         )
-    tail = body[length:]
-    if any(t.datatype == "BYTES" and t.data is None for t in header.inputs):
-        header, tail = _bytes_as_text(header, tail, sizes)
-    text = header.model_dump_json(exclude_none=True).encode()
-    return text + tail, {**headers, INFERENCE_CONTENT_LENGTH_HEADER: str(len(text))}
+    inputs, offset = [], length
+    for i, (tensor, size) in enumerate(zip(header.inputs, sizes, strict=True)):
+        section = body[offset : offset + size]
+        offset += size
+        if tensor.data is not None:
+            inputs.append(tensor)
+            continue
+        params = {k: v for k, v in (tensor.parameters or {}).items() if k != "binary_data_size"}
+        data = _binary_data(i, tensor, section, check_count)
+        inputs.append(tensor.model_copy(update={"data": data, "parameters": params or None}))
+    return InferRequest.from_inference_request(
+        header.model_copy(update={"inputs": inputs}), model_name
+    )
 
 
 # Base64 text, as a JSON request carries an image: a BYTES element that is not is its bytes.
 BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=_\s-]*")
 
 
-def _bytes_as_text(header: BinaryHeader, tail: bytes, sizes: list[int]) -> tuple[Any, bytes]:
-    """BYTES tensors of a binary body moved into the header as base64 text. The extension
-    sends each element as a uint32 length and its bytes, an image's own bytes as Triton's and
-    KServe's clients send them; KServe 0.21 decodes them as UTF-8 and refused every image.
-    Elements that are base64 text already pass as they are."""
-    kept, offset = [], 0
-    for i, (tensor, size) in enumerate(zip(header.inputs, sizes, strict=True)):
-        section = tail[offset : offset + size]
-        offset += size
-        if tensor.datatype != "BYTES" or tensor.data is not None:
-            kept.append(section)
-            continue
-        items, at = [], 0
-        while at < len(section):
-            if at + 4 > len(section):
-                raise InvalidInput(f"inputs[{i}]: a BYTES element's 4-byte length is cut short")
-            (n,) = struct.unpack_from("<I", section, at)
-            item = section[at + 4 : at + 4 + n]
-            if len(item) != n:
-                raise InvalidInput(f"inputs[{i}]: a BYTES element of {n} bytes is cut short")
-            at += 4 + n
-            text = BASE64_TEXT.fullmatch(item) is not None
-            items.append(item.decode() if text else base64.b64encode(item).decode())
-        if len(items) != math.prod(tensor.shape):
-            raise InvalidInput(f"inputs[{i}]: {len(items)} BYTES elements for shape {tensor.shape}")
-        params = {k: v for k, v in (tensor.parameters or {}).items() if k != "binary_data_size"}
-        header.inputs[i] = tensor.model_copy(update={"data": items, "parameters": params or None})
-    return header, b"".join(kept)
-
-
-def guard_binary_bodies() -> None:
-    """KServe parses a V2 binary-extension body (a JSON header, then raw tensors) on the sizes
-    the client declares: a body shorter than its shape, a header length that is no number, a
-    BYTES element without its length prefix raised ValueError or struct.error, each a 500 and a
-    traceback in the log. They are the request's fault: a 400 that says what did not match."""
-    decode = DataPlane.decode_inference_request
-    if getattr(decode, "guarded", False):
-        return
-
-    def guarded(self: DataPlane, body: Any, headers: dict, model_name: str) -> Any:
-        if not isinstance(body, bytes):  # a JSON body, which FastAPI has parsed and checked
-            return decode(self, body, headers, model_name)
-        body, headers = checked_binary_body(body, headers)
-        try:
-            return decode(self, body, headers, model_name)
-        except InvalidInput:
-            raise
-        except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
-            raise InvalidInput(
-                f"the binary body does not match its JSON header ({exc}): send "
-                f"{INFERENCE_CONTENT_LENGTH_HEADER} as the header's byte length, and each "
-                "input's binary_data_size as the bytes that follow for its shape and datatype"
-            ) from None
-
-    guarded.guarded = True  # type: ignore[attr-defined]
-    DataPlane.decode_inference_request = guarded  # type: ignore[method-assign]
+def _binary_data(
+    i: int, tensor: BinaryInput, section: bytes, check_count: Callable[[int], None]
+) -> Any:
+    """An input's data from its bytes after the header. UINT8: a view of them, which the model
+    checks against the tensor's shape. Another datatype than BYTES: none, as the model refuses
+    it by name before it reads any. BYTES: each element is a uint32 length and its bytes, an
+    image's own bytes as Triton's and KServe's clients send them (KServe 0.21 decoded them as
+    UTF-8 and refused every image); elements that are base64 text already pass as they are."""
+    if tensor.datatype == "UINT8":
+        return np.frombuffer(section, np.uint8)
+    if tensor.datatype != "BYTES":
+        return []
+    check_count(count := math.prod(tensor.shape))
+    items, at = [], 0
+    while at < len(section) and len(items) < count:
+        if at + 4 > len(section):
+            raise InvalidInput(f"inputs[{i}]: a BYTES element's 4-byte length is cut short")
+        (n,) = struct.unpack_from("<I", section, at)
+        item = section[at + 4 : at + 4 + n]
+        if len(item) != n:
+            raise InvalidInput(f"inputs[{i}]: a BYTES element of {n} bytes is cut short")
+        at += 4 + n
+        text = BASE64_TEXT.fullmatch(item) is not None
+        items.append(item.decode() if text else base64.b64encode(item).decode())
+    if len(items) < count or at < len(section):
+        found = f"more than {count}" if at < len(section) else len(items)
+        raise InvalidInput(f"inputs[{i}]: {found} BYTES elements for shape {tensor.shape}")
+    return items
 
 
 class BodyTooLarge(HTTPException):
@@ -418,10 +407,17 @@ class OneModel(ModelRepositoryExtension):
 
 class OneModelPlane(DataPlane):
     """KServe's data plane, whose V2 server metadata does not claim the model repository
-    extension that OneModel refuses (KServe names it whatever the server supports)."""
+    extension that OneModel refuses (KServe names it whatever the server supports), and which
+    decodes a binary-extension body itself (binary_request)."""
 
     def metadata(self) -> dict:
         return {**super().metadata(), "extensions": []}
+
+    def decode_inference_request(self, body: Any, headers: dict, model_name: str) -> Any:
+        if not isinstance(body, bytes):  # a JSON body, which FastAPI has parsed and checked
+            return super().decode_inference_request(body, headers, model_name)
+        model = self.get_model_from_registry(model_name)
+        return binary_request(body, headers, model_name, model.check_count)
 
 
 def install_rest_server(host: str, max_body_mb: float) -> None:
@@ -459,4 +455,3 @@ def install_rest_server(host: str, max_body_mb: float) -> None:
     model_server.RESTServer = BoundRESTServer
     model_server.ModelRepositoryExtension = OneModel
     model_server.DataPlane = OneModelPlane
-    guard_binary_bodies()
