@@ -339,7 +339,8 @@ class ServingConfig(_Section):
     max_queued_images: int = Field(
         1024,
         ge=1,
-        description="Images waiting for a forward pass beyond which a request gets a 503 "
+        description="Images waiting (to be decoded, or for a forward pass) beyond which a "
+        "request gets a 503 "
         "(shed load at once rather than queue it without bound; a request into an empty queue "
         "always runs).",
     )

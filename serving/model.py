@@ -284,6 +284,18 @@ class ImageClassifier(Model):
         top_p, top_i = probs.topk(self.top_k, dim=1)
         return probs.argmax(dim=1).numpy(), top_p.numpy(), top_i.numpy()
 
+    def images_in(self, payload: dict | InferRequest | bytes) -> int:
+        """How many images a request will be once decoded, from what it says before it is: its
+        count of instances or its shape (at least 1, at most max_instances, past which it is
+        refused before it is decoded)."""
+        count = 1
+        if isinstance(payload, dict) and isinstance(payload.get("instances"), list):
+            count = len(payload["instances"])
+        elif isinstance(payload, InferRequest) and payload.inputs:
+            shape = list(payload.inputs[0].shape)
+            count = math.prod(shape[:1] if payload.inputs[0].datatype == "UINT8" else shape)
+        return min(max(count, 1), self.max_instances)
+
     def parse(self, payload: dict | InferRequest | bytes) -> tuple[dict | InferRequest, np.ndarray]:
         """The request and its images as uint8 NHWC; every bad input is an InvalidInput (400)."""
         if isinstance(payload, bytes | str):
@@ -306,7 +318,8 @@ class ImageClassifier(Model):
     ) -> dict | InferResponse:
         # Validated before it is queued, so a bad request never reaches (or fails) a batch.
         loop = asyncio.get_running_loop()
-        request, images = await loop.run_in_executor(self.parser, self.parse, payload)
+        with self.batcher.decoding(self.images_in(payload)):
+            request, images = await loop.run_in_executor(self.parser, self.parse, payload)
         requested = self._requested(request) if isinstance(request, InferRequest) else None
         index, top_p, top_i = await self.batcher.submit(images)
         if isinstance(request, dict):

@@ -1026,6 +1026,26 @@ def test_a_full_queue_refuses_a_request_and_takes_one_once_drained() -> None:
     assert shed() == before + 1  # /metrics counts every refusal
 
 
+def test_images_waiting_to_be_decoded_count_against_the_bound() -> None:
+    """Requests queued for the decoding thread held their bodies and waited, uncounted: 40
+    clients of 8 large PNGs each waited up to 27 s, and none got a 503."""
+    from serving.batcher import Overloaded
+
+    batcher, _ = batcher_with_log(max_batch=8, max_queued=3)
+
+    async def scenario() -> list:
+        with batcher.decoding(2):
+            with pytest.raises(Overloaded, match="2 images already wait"), batcher.decoding(2):
+                pass
+            with batcher.decoding(1):  # 3 fit
+                refused = await asyncio.gather(batcher.submit(images_of(1)), return_exceptions=True)
+        return [*refused, await batcher.submit(images_of(1, 2, 3, 4))]  # all decoded: runs
+
+    refused, later = asyncio.run(scenario())
+    assert isinstance(refused, Overloaded) and "3 images already wait" in str(refused)
+    assert later[0].tolist() == [1, 2, 3, 4]
+
+
 def test_overload_503s_log_a_line_per_interval_saying_how_many_it_left_out(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
