@@ -34,7 +34,8 @@ def request_bytes(protocol: str, model: str, port: int, image: np.ndarray) -> by
     (KServe 0.21 turns a binary V2 tensor into a Python list, which made it the slower one.)"""
     if protocol == "v1":
         png = io.BytesIO()
-        Image.fromarray(image).save(png, "png")
+        # A 1-channel image (MNIST's) is a grey PNG: PIL takes no (H, W, 1) array.
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, "png")
         b64 = base64.b64encode(png.getvalue()).decode()
         path, body = f"/v1/models/{model}:predict", {"instances": [{"image_bytes": {"b64": b64}}]}
     else:
@@ -53,13 +54,17 @@ def request_bytes(protocol: str, model: str, port: int, image: np.ndarray) -> by
 async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
     """Send one request on a kept-alive connection; the status once the whole answer is read."""
     writer.write(raw)
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    await reader.readexactly(length)
+    try:
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+    except (IndexError, ValueError, asyncio.IncompleteReadError):
+        # An empty or cut-short answer: the server closed the connection (it stopped, or died).
+        raise LoadError("the server closed the connection without a whole answer") from None
     return status
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -190,11 +192,29 @@ def test_gpu_benchmark_refuses_bad_input_in_one_line(
     assert "none.tar.gz: no such file" in capsys.readouterr().err
 
 
-def test_loadgen_fails_on_a_server_that_stops_answering() -> None:
+@pytest.mark.parametrize(
+    ("closes", "message"),
+    [
+        (False, "no answer within 1 s"),
+        # A server that died mid-run: a 40-line traceback ending in an IndexError.
+        (True, "the server closed the connection without a whole answer"),
+    ],
+)
+def test_loadgen_fails_on_a_server_that_stops_answering(closes: bool, message: str) -> None:
     """It waited for the answer for good; now for --timeout, then exits with one line."""
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
-        port = str(silent.getsockname()[1])
-        flags = ["--seconds", "0.5", "--warmup", "0.1", "--timeout", "1"]
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, never answers
+        if closes:
+
+            def close_each() -> None:
+                with contextlib.suppress(OSError):  # the listener closed: the test is over
+                    while True:
+                        listener.accept()[0].close()
+
+            threading.Thread(target=close_each, daemon=True).start()
+        port = str(listener.getsockname()[1])
+        # 1 channel: PIL took no (H, W, 1) array for V1's PNG, a traceback before any request.
+        flags = ["--seconds", "0.5", "--warmup", "0.1", "--timeout", "1", "--protocol", "v1"]
+        flags += ["--shape", "28", "28", "1"]
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.loadgen", "--port", port, "--model", "m", *flags],
             cwd=ROOT,
@@ -203,7 +223,7 @@ def test_loadgen_fails_on_a_server_that_stops_answering() -> None:
             timeout=120,
             check=False,
         )
-    assert out.returncode == 1 and out.stderr == "error: no answer within 1 s\n", out.stderr
+    assert out.returncode == 1 and out.stderr == f"error: {message}\n", out.stderr
 
 
 def test_a_failed_pipeline_run_says_why(tmp_path: Path) -> None:
