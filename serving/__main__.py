@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import signal
+import ssl
 import sys
 import warnings
 from pathlib import Path
@@ -13,9 +14,14 @@ from typing import Literal, get_args, get_origin
 
 # `python -m serving` from the repository root, or a container's WORKDIR.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":
+    # KServe parses the command line as it is imported: a flag of the wrong type (--http_port
+    # abc) is its usage error, which named the program __main__.py.
+    sys.argv[0] = "python -m serving"
 
 import kserve
 from fastapi.exceptions import FastAPIDeprecationWarning
+from kserve import logging as kserve_logging
 from kserve import model_server
 from PIL import Image
 from pydantic import ValidationError
@@ -44,6 +50,7 @@ HIDDEN = {
     "enable_predictor_health_check",
     "grpc_max_send_message_length",
     "grpc_max_receive_message_length",
+    "access_log_format",
 }
 
 
@@ -102,6 +109,39 @@ def settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Servi
         parser.error("; ".join(f"--{e['loc'][0]} {e['input']}: {e['msg']}" for e in exc.errors()))
 
 
+def check_kserve_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """KServe's own flags, which failed with a traceback only after the model had loaded."""
+    for flag in ("ssl_certfile", "ssl_keyfile", "log_config_file"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            parser.error(f"--{flag} {path}: no such file")
+    if args.access_log_format is not None:
+        parser.error(
+            "--access_log_format: needs the asgi-logger package, which this server does not "
+            "install; the access log keeps uvicorn's format"
+        )
+    if args.ssl_keyfile and not args.ssl_certfile:
+        parser.error("--ssl_keyfile: give its certificate too, with --ssl_certfile FILE")
+    if args.ssl_certfile:
+        try:  # as uvicorn will load them
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.ssl_certfile, args.ssl_keyfile
+            )
+        except (ssl.SSLError, OSError) as exc:
+            parser.error(
+                f"--ssl_certfile {args.ssl_certfile}: not a PEM certificate with its key "
+                f"(--ssl_keyfile) ({exc})"
+            )
+    if args.log_config_file:
+        try:  # as KServe will, at start: it logs with it from here on
+            kserve_logging.configure_logging(args.log_config_file)
+        except Exception as exc:  # dictConfig raises many kinds, all the file's fault
+            parser.error(
+                f"--log_config_file {args.log_config_file}: not a logging config that Python's "
+                f"logging.config takes ({type(exc).__name__}: {exc})"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -110,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--http_port {args.http_port}: choose a port in 1..65535")
     if args.enable_grpc:
         parser.error("--enable_grpc: this server answers REST only (V1 and V2 over HTTP)")
-    # KServe's own flags, which failed with a traceback only after the model had loaded.
-    for flag in ("ssl_certfile", "ssl_keyfile", "log_config_file"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_file():
-            parser.error(f"--{flag} {path}: no such file")
+    check_kserve_flags(parser, args)
     if args.max_asyncio_workers is not None and args.max_asyncio_workers < 1:
         parser.error(f"--max_asyncio_workers {args.max_asyncio_workers}: give 1 or more")
     if args.workers != 1:

@@ -1138,6 +1138,39 @@ def test_flags_it_cannot_honour_are_usage_errors(
     assert message in capsys.readouterr().err
 
 
+def test_kserve_flags_that_would_fail_after_the_load_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a traceback once the model had loaded (asgi-logger is not installed)."""
+    from serving.__main__ import main
+
+    bad_yaml, not_pem = tmp_path / "log.yaml", tmp_path / "cert.pem"
+    bad_yaml.write_text("version: 1\nhandlers: [unclosed\n")
+    not_pem.write_text("not a certificate\n")
+    cases = [
+        (["--access_log_format", "%(h)s"], "--access_log_format: needs the asgi-logger package"),
+        (["--log_config_file", str(bad_yaml)], f"--log_config_file {bad_yaml}: not a logging"),
+        (["--ssl_certfile", str(not_pem)], f"--ssl_certfile {not_pem}: not a PEM certificate"),
+        (["--ssl_keyfile", str(not_pem)], "--ssl_keyfile: give its certificate too"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model_dir", "unused", *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    # KServe parses the command line as it is imported: its usage error names this program.
+    out = subprocess.run(
+        [sys.executable, "-m", "serving", "--model_dir", "unused", "--http_port", "abc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2 and out.stderr.startswith("usage: python -m serving"), out.stderr
+    assert "argument --http_port: invalid int value: 'abc'" in out.stderr
+
+
 def test_help_shows_the_defaults_it_runs_with() -> None:
     from serving.__main__ import build_parser
 
