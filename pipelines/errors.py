@@ -38,10 +38,20 @@ class _Sigterm:
     unwinding = False
 
 
+# The signals that stop a process as Ctrl-C does: SIGTERM, and SIGHUP (a closed terminal, a
+# dropped SSH session), which ended every process of the run at once, its clean-up unrun: the
+# MLflow run read RUNNING for good, and no summary named the way to resume.
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+# What may be ignored where a process starts (`nohup` ignores SIGHUP; a shell, SIGINT in a
+# background job): a forked process takes its client's choice, as a fresh one inherits it.
+IGNORABLE = (signal.SIGINT, signal.SIGHUP)
+
+
 def raise_on_sigterm(first: Callable[[], None] | None = None) -> None:
-    """A SIGTERM unwinds this process as Ctrl-C does: the services it started stop, and a
-    step records its end (a step killed outright left no record: 0.0 s in the summary).
-    `first` runs before the first one is raised; a repeat, while that unwinds, is ignored."""
+    """A SIGTERM (or SIGHUP) unwinds this process as Ctrl-C does: the services it started
+    stop, and a step records its end (a step killed outright left no record: 0.0 s in the
+    summary). `first` runs before the first one is raised; a repeat, while that unwinds, is
+    ignored. A signal ignored where this process started stays ignored."""
 
     def terminated(signum: int, frame: object) -> None:
         if _Sigterm.unwinding:
@@ -58,7 +68,9 @@ def raise_on_sigterm(first: Callable[[], None] | None = None) -> None:
         _Sigterm.unwinding = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminated)
+    for sig in TERMINATING:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored
         signal.signal(signal.SIGINT, interrupted)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from pipelines.errors import exit_words
+from pipelines.errors import IGNORABLE, exit_words
 from pipelines.processes import terminate
 
 log = logging.getLogger("mlops.warm")
@@ -118,7 +118,9 @@ def spawn(
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return None
-    body = json.dumps({"target": target, "args": list(args), "env": env, "cwd": str(cwd)}).encode()
+    ignored = [int(sig) for sig in IGNORABLE if signal.getsignal(sig) is signal.SIG_IGN]
+    request = {"target": target, "args": list(args), "env": env, "cwd": str(cwd)}
+    body = json.dumps({**request, "ignored": ignored}).encode()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(READY_WAIT_S)  # the server accepts once it has preloaded

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
+from pipelines.errors import IGNORABLE
 from pipelines.processes import exit_now, exit_status
 from pipelines.warm import HEADER, PRELOAD, TARGETS, WAIT_FOR, send_message
 
@@ -174,9 +175,12 @@ class Server:
             # A fresh process's signal handling before its pid leaves: the client may signal
             # it at once, and the server's SIGTERM handler (sys.exit(0)) would end it with 0.
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            for sig in req.get("ignored", []):  # as a fresh process inherits its ignored ones
+                if sig in IGNORABLE:
+                    signal.signal(sig, signal.SIG_IGN)
             # Its pid first, then its exit code, on its own connection: in this order whatever
             # the server does meanwhile (it may be busy importing). Nothing else of the
             # server's stays open here.
@@ -309,7 +313,8 @@ def serve(
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through the fd above
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops this server itself
+    for sig in IGNORABLE:  # the driver stops this server itself
+        signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     selector = selectors.DefaultSelector()
     server = Server(listener, frozenset(targets), selector, wait_for, private_fds=[wake_r, wake_w])

@@ -70,9 +70,37 @@ def test_a_child_gets_the_clients_streams_environment_directory_and_arguments(
     # (the listing's own descriptor aside), not twice.
     assert seen.pop("argv0") == str(ROOT / "tests" / "warm_target.py")
     assert seen.pop("fds")[:4] == [0, 1, 2, 3]  # 3: the connection to the client
-    assert seen == {"argv": ["3", "x y"], "cwd": str(tmp_path), "env": "the client's"}
+    assert seen == {
+        "argv": ["3", "x y"],
+        "cwd": str(tmp_path),
+        "env": "the client's",
+        "ignored": [],
+    }
     assert lines[1:] == ["to stderr", "from stdin"]
     assert f"forked tests.warm_target:report as pid {child.pid}" in server.read_text()
+
+
+def test_a_child_ignores_the_signals_its_client_ignores(server: Path, tmp_path: Path) -> None:
+    """As a fresh process inherits them: a run started with SIGINT ignored (a script's
+    background job) or under nohup (SIGHUP) was stopped by them in its forked steps only."""
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.close(in_w)  # its stdin: at its end at once
+    kept = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        child = warm.spawn(
+            "tests.warm_target:report", ["0"], dict(os.environ), tmp_path, (in_r, out_w, 2)
+        )
+    finally:
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+    os.close(out_w)
+    os.close(in_r)
+    assert child is not None
+    with open(out_r) as out:
+        seen = json.loads(out.readline())
+    assert child.wait(timeout=30) == 0
+    assert seen["ignored"] == [signal.SIGINT, signal.SIGHUP]
 
 
 def test_a_child_is_driven_as_popen_is(server: Path, tmp_path: Path) -> None:

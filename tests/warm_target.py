@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ def report(argv: list[str]) -> int:
     """Print what the child was given, then exit with the code in argv[0]."""
     fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
     seen = {"argv": argv, "cwd": os.getcwd(), "env": os.environ.get("WARM_TEST")}
+    seen["ignored"] = [s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) == 1]
     print(json.dumps(seen | {"argv0": sys.argv[0], "fds": fds}))
     print("to stderr", file=sys.stderr)
     print(sys.stdin.read(), end="")

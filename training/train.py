@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipelines.cli import add_config_args, config_from_args, run_main
 from pipelines.config import PipelineConfig
-from pipelines.errors import INTERRUPTED, ConfigError, raise_on_sigterm
+from pipelines.errors import INTERRUPTED, TERMINATING, ConfigError, raise_on_sigterm
 from pipelines.processes import exit_now
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         # A signal now (a Ctrl-C, then the launcher's SIGTERM) would cut the closing short.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *TERMINATING):
             signal.signal(sig, signal.SIG_IGN)
         checkpoint.settle_uploads()
         tracking.end(status)
