@@ -1,15 +1,18 @@
-"""A pipeline run's MLflow run that its trainer left RUNNING, closed by the train step (REST)."""
+"""MLflow runs left RUNNING: closed by the train step (REST), or before a local server starts."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("mlops.train_step")
@@ -58,3 +61,30 @@ def fail_abandoned(uri: str | None, experiment: str, pipeline_run_id: str) -> li
             return []  # no such experiment: the trainer never started a run
         log.warning("could not close the MLflow run of %s at %s: %s", pipeline_run_id, uri, exc)
     return []
+
+
+def fail_left_running(db: Path) -> list[str]:
+    """Mark FAILED the runs that a local MLflow database holds as RUNNING, before its server
+    starts. Whoever starts it holds the state dir's lock, so no trainer can be writing one: a
+    run that reads RUNNING was left so by a pipeline run that ended without closing it (its
+    driver killed outright, the machine stopped), and read RUNNING in the UI for good. Best
+    effort: a database this cannot read is the server's to report."""
+    if not db.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn, conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+                return []  # made, not yet migrated: no run in it
+            runs = [
+                r for (r,) in conn.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")
+            ]
+            conn.execute(
+                "UPDATE runs SET status = 'FAILED', end_time = ? WHERE status = 'RUNNING'",
+                (int(time.time() * 1000),),
+            )
+    except sqlite3.Error as exc:
+        log.warning("could not look for MLflow runs left RUNNING in %s: %s", db, exc)
+        return []
+    for run_id in runs:
+        log.warning("MLflow run %s marked FAILED: an earlier run ended without closing it", run_id)
+    return runs

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, mlflow_env
+from pipelines.mlflow_runs import fail_left_running
 from pipelines.processes import (
     HOST,
     free_port,
@@ -161,6 +162,7 @@ class LocalMlflow:
         )
         env.update(self.extra_env)
         db = (self.workdir / DB_NAME).resolve()
+        fail_left_running(db)
         cmd = [
             sys.executable,
             "-m",

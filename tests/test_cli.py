@@ -29,7 +29,7 @@ from pipelines.config import TrainConfig, load_config
 from pipelines.errors import REPORT_ENV, ConfigError, reported
 from pipelines.launcher import run_single, run_torchrun
 from pipelines.local import QuietKfp
-from pipelines.mlflow_runs import fail_abandoned
+from pipelines.mlflow_runs import fail_abandoned, fail_left_running
 from pipelines.mlflow_server import local_db
 from pipelines.processes import HOST, free_port
 from pipelines.s3server import EmbeddedS3
@@ -791,16 +791,17 @@ def test_pipeline_end_to_end_twice(tmp_path: Path) -> None:
 
 
 def smoke_args(state: Path) -> list[str]:
-    """A smoke run of 6 epochs: time to stop it at the second."""
+    """A smoke run of 6 epochs: time to stop it in training."""
     args = ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "6"]
     return [*args, "--port", str(free_port()), "--state-dir", str(state)]
 
 
 def driver_until(
-    args: list[str], marker: str = "epoch 2/6", json_apart: bool = False
+    args: list[str], marker: str = r"epoch \d/6 ", json_apart: bool = False
 ) -> tuple[subprocess.Popen[str], list[str]]:
     """The driver, started in a session of its own (a signal to its group reaches only it and
-    its processes), and its log lines up to the first with `marker`. With json_apart, those
+    its processes), and its log lines up to the first that `marker` (a regex) matches: by
+    default, this attempt's first epoch, whichever a resume starts at. With json_apart, those
     are stderr's, and stdout keeps the --json line."""
     driver = subprocess.Popen(
         [sys.executable, *args],
@@ -815,7 +816,7 @@ def driver_until(
     lines = []
     for line in log:
         lines.append(line)
-        if marker in line:
+        if re.search(marker, line):
             break
     return driver, lines
 
@@ -986,24 +987,28 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
 
 
 def test_a_stopped_driver_leaves_no_process_behind(tmp_path: Path) -> None:
-    """`kill` (SIGTERM) stops a run as Ctrl-C does: every process it started ends, the trainer
-    first, while the servers are up; a summary, exit 143. A
+    """A closed terminal (SIGHUP to the whole group; before, it ended every process at once,
+    its clean-up unrun) stops a run as `kill` (SIGTERM) and Ctrl-C do: every process it
+    started ends, the trainer first, while the servers are up; a summary, exit 143. A
     SIGKILL runs no clean-up: the S3 and MLflow servers end by the kernel's parent-death
     signal, the fork server and its children by its watch on its parent. Before, both left the
     S3 and MLflow servers running on the state dir, and a trainer training on."""
     state = tmp_path / "state"
     args = smoke_args(state)
-    for sig, resume in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
+    for sig, resume in ((signal.SIGHUP, []), (signal.SIGKILL, ["--resume"])):
         if resume:
             resume.append(next((state / "runs").iterdir()).name)
         driver, lines = driver_until([*args, *resume])
         started = psutil.Process(driver.pid).children(recursive=True)
         assert len(started) >= 4  # S3, MLflow, the fork server and its children at least
-        driver.send_signal(sig)
+        if sig == signal.SIGHUP:
+            os.killpg(driver.pid, sig)  # its session's, as a terminal's hangup reaches it
+        else:
+            driver.send_signal(sig)
         out = "".join(lines) + driver.communicate(timeout=60)[0]
         _, alive = psutil.wait_procs(started, timeout=60)  # a bound, not a timing: 5-15 s
         assert not alive, [p.cmdline()[:4] for p in alive]
-        if sig == signal.SIGTERM:
+        if sig == signal.SIGHUP:
             assert driver.returncode == 143, out
             assert "FAILED at train: terminated" in out and "--resume run-" in out
             # The step, stopped too, recorded its end: before, it died without a record (0.0 s).
@@ -1111,6 +1116,22 @@ def test_a_run_whose_mlflow_server_dies_in_training_fails_at_once_naming_its_log
     assert "FAILED at train: the MLflow server at http://127.0.0.1:" in out, out
     assert f"exited: see {log}" in out, out
     assert "Traceback" not in out, out
+
+
+def test_runs_left_running_are_failed_before_a_local_mlflow_server_starts(tmp_path: Path) -> None:
+    """A driver killed outright (SIGKILL, a machine that stopped) left its MLflow run RUNNING
+    for good: the next start of the state dir's server, which holds its lock, closes it."""
+    db = tmp_path / "mlflow.db"
+    assert fail_left_running(db) == []  # none yet
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    experiment = client.create_experiment("image-classifier")
+    left, ended = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(ended, "FINISHED")
+    assert fail_left_running(db) == [left]
+    info = client.get_run(left).info
+    assert info.status == "FAILED" and info.end_time is not None
+    assert client.get_run(ended).info.status == "FINISHED"
+    assert fail_left_running(db) == []
 
 
 def test_an_mlflow_server_out_of_reach_leaves_the_failing_step_as_it_was(
