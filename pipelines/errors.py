@@ -142,12 +142,25 @@ def disk_full(exc: OSError) -> PipelineError | None:
     )
 
 
+def not_writable(exc: OSError) -> PipelineError | None:
+    """A file or folder this process may not use (a folder an earlier `sudo` run left, a
+    read-only mount) as one line naming it, not a traceback; None for another OSError."""
+    if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not exc.filename:
+        return None
+    return PipelineError(
+        f"no access to {exc.filename} ({exc.strerror}): fix its owner or mode (a folder that "
+        "another user, such as a `sudo` run, made in the state dir), or pass --state-dir DIR"
+    )
+
+
 def expected(exc: Exception) -> PipelineError | None:
     """The failure as the one line a user can act on, or None where it is unexpected (and is
-    to stay a traceback): a PipelineError, or a full disk."""
+    to stay a traceback): a PipelineError, a full disk, or a file that may not be written."""
     if isinstance(exc, PipelineError):
         return exc
-    return disk_full(exc) if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError):
+        return disk_full(exc) or not_writable(exc)
+    return None
 
 
 class ConfigError(PipelineError):

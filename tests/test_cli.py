@@ -439,9 +439,10 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_command() -> None:
     stops_as_interrupted(body)
 
 
-def test_a_full_disk_is_one_line_naming_the_file() -> None:
+def test_a_full_disk_or_a_file_it_may_not_write_is_one_line_naming_it() -> None:
     """A state dir on a full disk failed the step with a traceback (ENOSPC from writing the
-    generated data's cache). /dev/full answers every write with ENOSPC."""
+    generated data's cache). /dev/full answers every write with ENOSPC, and sysfs refuses to
+    make a file even to root."""
     body = (
         "import sys\n"
         "from pipelines.cli import run_main\n"
@@ -458,6 +459,11 @@ def test_a_full_disk_is_one_line_naming_the_file() -> None:
     full = disk_full(OSError(28, "No space left on device", "/state/cache/x.tar.gz"))
     assert full is not None and "writing /state/cache/x.tar.gz" in str(full)
     assert disk_full(OSError(13, "Permission denied", "/x")) is None  # not this one's
+    # A file this user may not write (a folder a `sudo` run left in the state dir, a
+    # read-only mount): a traceback from the driver or the step, before.
+    out = run("-c", body.replace("/dev/full", "/sys/mlops-test"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: no access to /sys/mlops-test (Permission denied): fix")
 
 
 def test_a_sigterm_right_after_a_ctrl_c_does_not_cut_its_clean_up_short() -> None:
