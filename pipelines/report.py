@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from pipelines.config import PipelineConfig
-from pipelines.errors import ConfigError
+from pipelines.errors import STOPPED, ConfigError
 from pipelines.local import RunReport
 
 
@@ -97,11 +97,14 @@ def summary(report: RunReport) -> str:
         lines += ["", f"FAILED at {report.failed_step or 'start-up'}: {report.error}"]
         # Failed or interrupted in training, not refused: its checkpoints are in the store.
         # And after deploy (a port taken meanwhile), the trained model goes on from its gate.
-        # (Not after the gate: it would judge the same model again.)
+        # (Not after the gate's verdict: it would judge the same model again; but a gate
+        # stopped before one, which left a user to train from the start.)
         goes_on = {
             "train": "training goes on from its last checkpoint",
             "deploy": "its trained model goes on from the gate",
         }.get(report.failed_step or "")
+        if report.failed_step == "verify-model" and report.exit_code in STOPPED:
+            goes_on = "its trained model goes on from the gate"
         if goes_on and report.exit_code != ConfigError.exit_code:
             where = f" --state-dir {shlex.quote(report.state_dir)}" if report.state_dir else ""
             lines.append(

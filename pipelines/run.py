@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ from pipelines.local import (  # noqa: E402
 from pipelines.processes import OWNER_ENV, require_free, serve_until_stopped  # noqa: E402
 from pipelines.report import as_json, summary  # noqa: E402
 from training.resume import model_uri  # noqa: E402
+
+log = logging.getLogger("mlops")
 
 # Each command and its one-line help, for its parser and the list in the default --help.
 COMMANDS = {
@@ -67,13 +70,25 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
     # (serving.model_name, the dataset) found none there, and trained from the start inside
     # the run's MLflow run, its checkpoints orphaned.
     bare = argparse.Namespace(profile=stored["profile"], config=None, set=[])
-    started = model_uri(config_from_args(bare, stored["set"]), args.resume)
+    own = config_from_args(bare, stored["set"])
+    started = model_uri(own, args.resume)
     if model_uri(resumed, args.resume) != started:
         raise ConfigError(
             f"--resume {args.resume}: its model and checkpoints are under {started}, and the "
             f"settings given now put them under {model_uri(resumed, args.resume)}: resume "
             "without the settings that change the model name (serving.model_name, the dataset)"
         )
+    source = resumed.dataset.source
+    if source and source == own.dataset.source and not Path(source).expanduser().exists():
+        # The run's own --data, since moved or cleaned away (a download in /tmp): the resume
+        # was refused for it, though the store holds the data verify-data had put there.
+        log.warning(
+            "%s, the run's dataset.source, is gone: verify-data checks the stored copy against "
+            "its manifest instead (pass --data PATH to check it against a source)",
+            source,
+        )
+        dataset = resumed.dataset.model_copy(update={"source": None})
+        resumed = resumed.model_copy(update={"dataset": dataset})
     return resumed
 
 

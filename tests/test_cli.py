@@ -579,9 +579,13 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     assert "--resume run-20260101-000000-abcd" in summary(report)
     # A deploy that failed (its port taken meanwhile) resumes from the gate; a refused gate
     # would judge the same model again, and a config error would fail again: no line.
+    # A gate stopped before its verdict goes on from the gate: it offered nothing, and a user
+    # trained from the start.
     for step, code, offered in (
         ("deploy", 1, True),
         ("verify-model", 1, False),
+        ("verify-model", 130, True),
+        ("verify-model", 143, True),
         ("deploy", 2, False),
     ):
         report.failed_step, report.exit_code = step, code
@@ -828,7 +832,7 @@ def driver_until(
 
 
 def test_resume_restores_what_flags_and_files_chose_and_no_more(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A run's settings, as --resume rebuilds them: its profile, flags and --config values, a
     relative --data made absolute (a resume may start elsewhere); not what the environment
@@ -882,6 +886,15 @@ def test_resume_restores_what_flags_and_files_chose_and_no_more(
             f"under s3://models/imagefolder-resnet18/{run_id}/, and the settings",
         ):
             resumed_config(other, again)
+
+    # The run's own --data, gone since (a download in /tmp, cleaned): the resume was refused
+    # for it, though the store holds the data. A path given now stays for the checks.
+    (tmp_path / "pets.tar.gz").unlink()
+    assert resumed_config(plain, again).dataset.source is None
+    assert f"{tmp_path}/pets.tar.gz, the run's dataset.source, is gone" in caplog.text
+    moved = build_parser().parse_args(["run", "--resume", run_id, "--state-dir", str(state)])
+    moved.set = [f"dataset.source={tmp_path}/moved.tar.gz"]
+    assert resumed_config(moved, again).dataset.source == f"{tmp_path}/moved.tar.gz"
 
     (run_dir / SETTINGS).write_text("[1]")
     with pytest.raises(ConfigError, match=f"{SETTINGS} is not a run's settings file"):
