@@ -22,9 +22,10 @@ from pipelines.cli import (  # noqa: E402
     run_main,
 )
 from pipelines.config import PipelineConfig  # noqa: E402
-from pipelines.errors import ConfigError, raise_on_sigterm  # noqa: E402
+from pipelines.errors import ConfigError, PipelineError, expected, raise_on_sigterm  # noqa: E402
 from pipelines.local import (  # noqa: E402
     STEPS,
+    RunReport,
     check_before_run,
     check_resume,
     run_pipeline,
@@ -92,7 +93,8 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
     return resumed
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def checked_run(args: argparse.Namespace) -> RunReport:
+    """The run the flags say, once its checks pass (each refusal a PipelineError)."""
     cfg = config_from_args(args)
     check_state_dir(cfg)
     # Held from the checks on (a port another run's server will take is free now) to the
@@ -104,7 +106,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_before_run(cfg)
         if args.serve:  # the server it leaves up ends with this process, even a SIGKILLed one
             os.environ[OWNER_ENV] = str(os.getpid())
-        report = run_pipeline(cfg, serve=args.serve, resume_id=args.resume)
+        return run_pipeline(cfg, serve=args.serve, resume_id=args.resume)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        report = checked_run(args)
+    except (PipelineError, OSError) as exc:
+        if args.json and (error := expected(exc)) is not None:
+            # Refused before it started: stdout still ends with the JSON object --json promises.
+            refused = RunReport(status="failed", error=str(error), exit_code=error.exit_code)
+            print(as_json(refused), flush=True)
+        raise
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(as_json(report), flush=True)

@@ -124,6 +124,12 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     out = run("pipelines/run.py", "--set", "train.lr=-1", "--state-dir", str(tmp_path))
     assert out.returncode == 2
     assert out.stderr.strip() == "error: train.lr=-1: Input should be greater than 0"
+    # With --json, stdout ends with the JSON object, a refusal before the run too (it was
+    # empty, where a refusal after start-up gave one).
+    out = run("pipelines/run.py", "--json", "--set", "train.lr=-1", "--state-dir", str(tmp_path))
+    refused = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 2 and refused["status"] == "failed" and refused["steps"] == []
+    assert refused["error"] == "train.lr=-1: Input should be greater than 0"
     out = run("-m", "components.verify_data", "--set", "nonsense")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
     assert "Traceback" not in out.stderr
