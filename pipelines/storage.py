@@ -20,13 +20,15 @@ from minio.error import InvalidResponseError, MinioException, S3Error
 
 from pipelines.config import StorageConfig
 from pipelines.console import parallel_map
-from pipelines.errors import ConfigError, IntegrityError, StorageError
+from pipelines.errors import ConfigError, IntegrityError, StorageError, server_said
 
 log = logging.getLogger("mlops.storage")
 
 # What a store call may raise: S3's error answers, an answer that is not S3's (another server on
 # the port, a proxy's error page: InvalidResponseError was a traceback), a network failure.
 FAILURES = (MinioException, urllib3.exceptions.HTTPError, OSError)
+# S3's answers to keys it does not know, or to a user that may not use the bucket.
+KEY_REFUSED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 SHA256_META = "sha256"  # stored as x-amz-meta-sha256: the minio client sends no checksums
 CHUNK = 1 << 20
 
@@ -121,7 +123,20 @@ class ObjectStore:
         if isinstance(exc, S3Error):
             # The embedded server's own failure (a full disk) says only "Please try again".
             see = f" (see {server_log})" if embedded == self.endpoint else ""
+            if exc.code in KEY_REFUSED and not see:  # the embedded server's keys are its run's
+                see = (
+                    ": check MINIO_ACCESS_KEY and MINIO_SECRET_KEY, the keys of a user this "
+                    "store lets use the bucket"
+                )
             return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}{see}")
+        if isinstance(getattr(exc, "reason", None), urllib3.exceptions.SSLError):
+            # A store that answered, but whose certificate this machine does not trust: it
+            # read as "cannot reach", and named only MaxRetryError.
+            return StorageError(
+                f"the S3 store at {self.endpoint} presented a certificate this machine does not "
+                f"trust ({what}: {server_said(exc.reason)}): set SSL_CERT_FILE to a CA bundle "
+                "that holds its issuer"
+            )
         if isinstance(exc, InvalidResponseError):
             return StorageError(
                 f"{what}: {self.endpoint} answered HTTP {exc._code} with no S3 response "

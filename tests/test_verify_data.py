@@ -18,6 +18,7 @@ from PIL import Image
 
 from components.verify_data import verify_data
 from data import cifar10, synthetic
+from pipelines.config import load_config
 from pipelines.errors import DataError, IntegrityError
 from pipelines.storage import ObjectStore
 
@@ -162,6 +163,39 @@ def test_an_embedded_store_that_died_is_named_with_its_log(s3, store) -> None:
         f"{s3.data_dir.parent}/s3server.log",
     ):
         store.stat("raw-data", "x")
+
+
+def test_refused_keys_and_an_untrusted_certificate_are_named(s3, tmp_path, monkeypatch) -> None:
+    """Wrong keys read "AccessDenied: Access denied", and a store whose certificate this
+    machine does not trust "cannot reach the S3 store ...: MaxRetryError"."""
+    import http.server
+    import ssl
+    import threading
+
+    from pipelines.errors import StorageError
+    from pipelines.storage import EMBEDDED_ENV
+    from tests.tls import self_signed
+
+    monkeypatch.delenv(EMBEDDED_ENV)  # a store of the user's: the embedded one's keys are its own
+    config = load_config("smoke", environ={**s3.env(), "MINIO_SECRET_KEY": "not-the-key"})
+    with pytest.raises(StorageError, match="check MINIO_ACCESS_KEY and MINIO_SECRET_KEY"):
+        ObjectStore(config.storage).ensure_buckets()
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(*self_signed(tmp_path))
+    with http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as server:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"https://127.0.0.1:{server.server_address[1]}"
+        config = load_config("smoke", environ={**s3.env(), "MINIO_ENDPOINT": endpoint})
+        try:
+            with pytest.raises(
+                StorageError,
+                match=f"the S3 store at {endpoint} presented a certificate this machine does not "
+                r"trust \(ensuring bucket raw-data: .*self-signed certificate.*\): set SSL_CERT",
+            ):
+                ObjectStore(config.storage).ensure_buckets()
+        finally:
+            server.shutdown()
 
 
 def test_truncated_archive_fails_and_writes_no_manifest(make_cfg, store, tmp_path) -> None:
