@@ -30,8 +30,9 @@ REPLY_TIMEOUT_S = 60  # a batch-1 request takes milliseconds
 
 
 def request_bytes(protocol: str, model: str, port: int, image: np.ndarray) -> bytes:
-    """One whole HTTP request: V1 instances with a base64 PNG, or a V2 UINT8 tensor in JSON.
-    (KServe 0.21 turns a binary V2 tensor into a Python list, which made it the slower one.)"""
+    """One whole HTTP request: V1 instances with a base64 PNG, or a V2 UINT8 tensor in JSON
+    (JSON, as the recorded figures were taken: KServe 0.21 made a binary V2 tensor a Python
+    list, which the model server no longer does)."""
     if protocol == "v1":
         png = io.BytesIO()
         # A 1-channel image (MNIST's) is a grey PNG: PIL takes no (H, W, 1) array.
