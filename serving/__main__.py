@@ -132,7 +132,7 @@ def check_kserve_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
                 f"--ssl_certfile {args.ssl_certfile}: not a PEM certificate with its key "
                 f"(--ssl_keyfile) ({exc})"
             )
-    if args.log_config_file:
+    if args.log_config_file and args.configure_logging:  # KServe applies it only then
         try:  # as KServe will, at start: it logs with it from here on
             kserve_logging.configure_logging(args.log_config_file)
         except Exception as exc:  # dictConfig raises many kinds, all the file's fault

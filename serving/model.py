@@ -286,10 +286,14 @@ class ImageClassifier(Model):
 
     def images_in(self, payload: dict | InferRequest | bytes) -> int:
         """How many images a request will be once decoded, from what it says before it is: its
-        count of instances or its shape (at least 1, at most max_instances, past which it is
-        refused before it is decoded)."""
+        count of instances or its shape, or for an unparsed body, the most it may hold (at
+        least 1, at most max_instances, past which it is refused before it is decoded)."""
         count = 1
-        if isinstance(payload, dict) and isinstance(payload.get("instances"), list):
+        if isinstance(payload, bytes | str):
+            # JSON sent without its content type (curl -d), parsed on the decoding thread: as
+            # many as it may hold, rather than one.
+            count = self.max_instances
+        elif isinstance(payload, dict) and isinstance(payload.get("instances"), list):
             count = len(payload["instances"])
         elif isinstance(payload, InferRequest) and payload.inputs:
             shape = list(payload.inputs[0].shape)

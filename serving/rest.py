@@ -263,9 +263,10 @@ def _binary_data(
     it by name before it reads any. BYTES: each element is a uint32 length and its bytes, an
     image's own bytes as Triton's and KServe's clients send them (KServe 0.21 decoded them as
     UTF-8 and refused every image); elements that are base64 text already pass as they are."""
-    if tensor.datatype == "UINT8":
+    datatype = tensor.datatype.upper()  # as KServe's InferInput reads it: "uint8" is UINT8
+    if datatype == "UINT8":
         return np.frombuffer(section, np.uint8)
-    if tensor.datatype != "BYTES":
+    if datatype != "BYTES":
         return []
     check_count(count := math.prod(tensor.shape))
     items, at = [], 0

@@ -487,7 +487,8 @@ def test_a_binary_uint8_tensor_is_read_as_an_array() -> None:
     from serving.rest import binary_request
 
     pixels = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).tobytes()
-    tensor = {"name": "x", "datatype": "UINT8", "shape": [2, 32, 32, 3]}
+    # Lower case, as KServe's InferInput takes it too.
+    tensor = {"name": "x", "datatype": "uint8", "shape": [2, 32, 32, 3]}
     header = json.dumps(
         {"id": "r", "inputs": [{**tensor, "parameters": {"binary_data_size": 6144}}]}
     )
@@ -500,6 +501,13 @@ def test_a_binary_uint8_tensor_is_read_as_an_array() -> None:
     assert isinstance(data, np.ndarray) and data.dtype == np.uint8
     assert data.tobytes() == pixels and request.id == "r" and request.inputs[0].parameters == {}
     assert counted == []  # a UINT8 tensor's count is the model's to check, from its shape
+    # Waiting to be decoded, it counts as its shape says; JSON sent without its content type,
+    # not parsed yet, as the most a request may hold.
+    from serving.model import ImageClassifier
+
+    model = ImageClassifier(NAME, Path("unused"), ServingConfig(max_instances=8))
+    assert model.images_in(request) == 2
+    assert model.images_in({"instances": [[0]] * 3}) == 3 and model.images_in(b"{}") == 8
 
 
 def png_header(width: int, height: int) -> str:
@@ -1158,6 +1166,11 @@ def test_kserve_flags_that_would_fail_after_the_load_are_usage_errors(
             main(["--model_dir", "unused", *flags])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    # KServe reads the log config only with --configure_logging on: not checked here either
+    # (the exit is the missing model's).
+    assert main(["--model_dir", "unused", "--configure_logging", "false", "--log_config_file",
+                 str(bad_yaml)]) == 1  # fmt: skip
+    assert "--log_config_file" not in capsys.readouterr().err
     # KServe parses the command line as it is imported: its usage error names this program.
     out = subprocess.run(
         [sys.executable, "-m", "serving", "--model_dir", "unused", "--http_port", "abc"],
