@@ -148,8 +148,9 @@ def not_writable(exc: OSError) -> PipelineError | None:
     if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not exc.filename:
         return None
     return PipelineError(
-        f"no access to {exc.filename} ({exc.strerror}): fix its owner or mode (a folder that "
-        "another user, such as a `sudo` run, made in the state dir), or pass --state-dir DIR"
+        f"no access to {exc.filename} ({exc.strerror}): fix its owner or mode (a file or folder "
+        "that another user, such as a `sudo` run, made), or use a path this user may (--data, "
+        "--state-dir)"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ log = logging.getLogger("mlops.train_step")
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX_TEMPLATE = "[rank${rank}] "  # torchrun's --log-line-prefix-template
 PREFIX = PREFIX_TEMPLATE.replace("${rank}", "0")  # the one rank run_single starts
+# What torchrun's agent handles (and forwards to its workers) by default.
+TORCHRUN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 USAGE_EXIT = 2  # a config error in the trainer: a restart would fail the same way
 
 
@@ -47,12 +50,15 @@ def run_torchrun(
     ready: Ready,
 ) -> int:
     """`torchrun --standalone --nproc_per_node=<workers> PROGRAM`; its exit code."""
+    # torchrun handles these whatever this process ignores: under nohup its SIGHUP handler
+    # stopped the training, and its workers started with SIGHUP at its default.
+    handled = [s.name for s in TORCHRUN_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={workers}",
         f"--max-restarts={max_restarts}",
         "--tee=3", f"--log-line-prefix-template={PREFIX_TEMPLATE}",
-        f"--log-dir={log_dir}",
+        f"--log-dir={log_dir}", f"--signals-to-handle={','.join(handled)}",
         *program,
     ]  # fmt: skip
     # Worker output goes to stderr, so this step's stdout carries only its JSON result.

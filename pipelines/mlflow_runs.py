@@ -65,10 +65,10 @@ def fail_abandoned(uri: str | None, experiment: str, pipeline_run_id: str) -> li
 
 def fail_left_running(db: Path) -> list[str]:
     """Mark FAILED the runs that a local MLflow database holds as RUNNING, before its server
-    starts. Whoever starts it holds the state dir's lock, so no trainer can be writing one: a
-    run that reads RUNNING was left so by a pipeline run that ended without closing it (its
-    driver killed outright, the machine stopped), and read RUNNING in the UI for good. Best
-    effort: a database this cannot read is the server's to report."""
+    starts, by a process that holds the state dir's lock, so that no trainer can be writing
+    one: a run that reads RUNNING was left so by a pipeline run that ended without closing it
+    (its driver killed outright, the machine stopped), and read RUNNING in the UI for good.
+    Best effort: a database this cannot read is the server's to report."""
     if not db.exists():
         return []
     try:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipelines import state_lock
 from pipelines.config import PipelineConfig, mlflow_env
 from pipelines.mlflow_runs import fail_left_running
 from pipelines.processes import (
@@ -162,7 +163,8 @@ class LocalMlflow:
         )
         env.update(self.extra_env)
         db = (self.workdir / DB_NAME).resolve()
-        fail_left_running(db)
+        if state_lock.held(self.cfg.state_dir):  # no trainer can be writing a run, then
+            fail_left_running(db)
         cmd = [
             sys.executable,
             "-m",

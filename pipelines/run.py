@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -336,7 +338,10 @@ def cmd_mlflow_ui(args: argparse.Namespace) -> int:
     port = cfg.mlflow.ui_port
     # Else the server fails to bind and exits, and only its log says why.
     require_free(port, "mlflow.ui_port", "pass --set mlflow.ui_port=N (another MLflow UI?)")
-    with open_store(cfg, "mlflow-ui") as (live, store):
+    check_state_dir(cfg)
+    # The state dir's, whatever the store: a store of the user's (MINIO_ENDPOINT) took no
+    # lock, and the UI's server then started on the database of a run in progress.
+    with state_lock.hold(cfg.state_dir, "mlflow-ui"), open_store(cfg, "mlflow-ui") as (live, store):
         store.ensure_buckets()
         server = LocalMlflow(live, local_workdir(live.state_dir), port).start()
         try:
@@ -468,12 +473,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line. With `run --json`, a usage error also ends stdout with the JSON
+    object --json promises (argparse's message, which it writes to stderr, is its error)."""
+    if argv[0] != "run" or "--json" not in argv:
+        return build_parser().parse_args(argv)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == ConfigError.exit_code:
+            error = said.getvalue().strip().splitlines()[-1].partition("error: ")[2]
+            print(as_json(RunReport(status="failed", error=error, exit_code=2)), flush=True)
+        raise
+    finally:
+        sys.stderr.write(said.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `run` is the default command, so plain --help shows its options.
     if not argv or argv[0] not in COMMANDS:
         argv = ["run", *argv]
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     code = 0
     # The local commands start S3, MLflow and model servers: a SIGTERM stops them as Ctrl-C
     # does, instead of ending this process alone and leaving them running on the state dir.

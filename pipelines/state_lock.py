@@ -17,6 +17,11 @@ LOCK = "lock"  # in the state dir: who holds it, as JSON; the lock is an flock o
 _held: dict[Path, int] = {}  # this process's locks (a run opens the store inside its own)
 
 
+def held(state_dir: Path) -> bool:
+    """Whether this process holds the state dir (hold's block is running)."""
+    return (state_dir / LOCK).resolve() in _held
+
+
 @contextlib.contextmanager
 def hold(state_dir: Path, command: str) -> Iterator[None]:
     """Hold the state dir for the block, or refuse (exit 2) naming the command that holds it.

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,13 +130,21 @@ class ObjectStore:
                     "store lets use the bucket"
                 )
             return StorageError(f"{what} on {self.endpoint}: {exc.code}: {exc.message}{see}")
-        if isinstance(getattr(exc, "reason", None), urllib3.exceptions.SSLError):
-            # A store that answered, but whose certificate this machine does not trust: it
-            # read as "cannot reach", and named only MaxRetryError.
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, urllib3.exceptions.SSLError):
+            # A store that answered, but not as TLS allows: it read as "cannot reach", and
+            # named only MaxRetryError.
+            causes = (reason.__cause__, reason.__context__, *reason.args)
+            if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
+                return StorageError(
+                    f"the S3 store at {self.endpoint} presented a certificate this machine does "
+                    f"not trust ({what}: {server_said(reason)}): set SSL_CERT_FILE to a CA "
+                    "bundle that holds its issuer"
+                )
             return StorageError(
-                f"the S3 store at {self.endpoint} presented a certificate this machine does not "
-                f"trust ({what}: {server_said(exc.reason)}): set SSL_CERT_FILE to a CA bundle "
-                "that holds its issuer"
+                f"no TLS connection to the S3 store at {self.endpoint} ({what}: "
+                f"{server_said(reason)}): check MINIO_ENDPOINT's scheme (a plain-HTTP server "
+                "is http://)"
             )
         if isinstance(exc, InvalidResponseError):
             return StorageError(

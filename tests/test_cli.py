@@ -130,6 +130,10 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     refused = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 2 and refused["status"] == "failed" and refused["steps"] == []
     assert refused["error"] == "train.lr=-1: Input should be greater than 0"
+    out = run("pipelines/run.py", "--json", "--profile", "nope", "--state-dir", str(tmp_path))
+    refused = json.loads(out.stdout.strip().splitlines()[-1])  # argparse's refusal too
+    assert out.returncode == 2 and refused["error"].startswith("argument --profile: invalid")
+    assert "usage: python pipelines/run.py run" in out.stderr
     out = run("-m", "components.verify_data", "--set", "nonsense")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
     assert "Traceback" not in out.stderr
@@ -323,11 +327,19 @@ def test_a_state_dir_in_use_refuses_a_second_command_until_its_holder_dies(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        for command in (
-            ["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke"],
-            ["-m", "components.verify_data", "--dataset", "synthetic"],  # an embedded store
+        # `mlflow-ui` with a store of the user's took no lock, and failed a live run's MLflow
+        # run as left RUNNING (its store is not reached: the lock refuses it first).
+        users_store = {"MINIO_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+        users_store |= {"MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}
+        for command, env in (
+            (["pipelines/run.py", "--dataset", "synthetic", "--profile", "smoke"], None),
+            (["-m", "components.verify_data", "--dataset", "synthetic"], None),  # embedded store
+            (
+                ["pipelines/run.py", "mlflow-ui", "--set", f"mlflow.ui_port={free_port()}"],
+                users_store,
+            ),
         ):
-            out = run(*command, "--state-dir", str(state))
+            out = run(*command, "--state-dir", str(state), env=env)
             assert out.returncode == 2, out.stderr
             assert out.stderr == (
                 f"error: state_dir {state} is in use by `run` (pid {holder.pid}, since "
@@ -628,6 +640,27 @@ def test_torchrun_workers_report_their_config_error(tmp_path: Path) -> None:
     assert code == 1  # torchrun's own, not the workers' 2
     error = reported(error_report)
     assert isinstance(error, ConfigError) and str(error) == "train.x=1: bad"
+
+
+def test_torchrun_workers_keep_a_signal_the_step_ignores(tmp_path: Path) -> None:
+    """torchrun's agent handles SIGHUP whatever its starter ignores: under nohup, a hangup
+    stopped a two-worker run, and its workers started with SIGHUP at its default."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, signal, sys\n"
+        "path = os.path.join(sys.argv[1], os.environ['RANK'])\n"
+        "open(path, 'w').write(str(int(signal.getsignal(signal.SIGHUP))))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    kept = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code = run_torchrun(
+            [str(worker), str(tmp_path)], env, 2, 0, tmp_path / "logs", lambda _: None
+        )
+    finally:
+        signal.signal(signal.SIGHUP, kept)
+    assert code == 0
+    assert [(tmp_path / rank).read_text() for rank in "01"] == [str(int(signal.SIG_IGN))] * 2
 
 
 def test_kfp_bookkeeping_is_left_out_of_the_run_log() -> None:

@@ -196,6 +196,13 @@ def test_refused_keys_and_an_untrusted_certificate_are_named(s3, tmp_path, monke
                 ObjectStore(config.storage).ensure_buckets()
         finally:
             server.shutdown()
+    # A plain-HTTP server named with https://: no certificate was the matter.
+    plain = s3.endpoint.replace("http://", "https://")
+    config = load_config("smoke", environ={**s3.env(), "MINIO_ENDPOINT": plain})
+    with pytest.raises(
+        StorageError, match=f"no TLS connection to the S3 store at {plain} .*scheme"
+    ):
+        ObjectStore(config.storage).ensure_buckets()
 
 
 def test_truncated_archive_fails_and_writes_no_manifest(make_cfg, store, tmp_path) -> None:
