@@ -142,7 +142,7 @@ def disk_full(exc: OSError) -> PipelineError | None:
     )
 
 
-def not_writable(exc: OSError) -> PipelineError | None:
+def no_access(exc: OSError) -> PipelineError | None:
     """A file or folder this process may not use (a folder an earlier `sudo` run left, a
     read-only mount) as one line naming it, not a traceback; None for another OSError."""
     if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not exc.filename:
@@ -156,11 +156,11 @@ def not_writable(exc: OSError) -> PipelineError | None:
 
 def expected(exc: Exception) -> PipelineError | None:
     """The failure as the one line a user can act on, or None where it is unexpected (and is
-    to stay a traceback): a PipelineError, a full disk, or a file that may not be written."""
+    to stay a traceback): a PipelineError, a full disk, or a file this user may not use."""
     if isinstance(exc, PipelineError):
         return exc
     if isinstance(exc, OSError):
-        return disk_full(exc) or not_writable(exc)
+        return disk_full(exc) or no_access(exc)
     return None
 
 

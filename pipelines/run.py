@@ -95,6 +95,12 @@ def resumed_config(args: argparse.Namespace, cfg: PipelineConfig) -> PipelineCon
     return resumed
 
 
+def print_refused(error: str, exit_code: int) -> None:
+    """A run refused before it started: stdout still ends with the JSON object --json promises
+    (it was empty, where a refusal after start-up gave one)."""
+    print(as_json(RunReport(status="failed", error=error, exit_code=exit_code)), flush=True)
+
+
 def checked_run(args: argparse.Namespace) -> RunReport:
     """The run the flags say, once its checks pass (each refusal a PipelineError)."""
     cfg = config_from_args(args)
@@ -116,9 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = checked_run(args)
     except (PipelineError, OSError) as exc:
         if args.json and (error := expected(exc)) is not None:
-            # Refused before it started: stdout still ends with the JSON object --json promises.
-            refused = RunReport(status="failed", error=str(error), exit_code=error.exit_code)
-            print(as_json(refused), flush=True)
+            print_refused(str(error), error.exit_code)
         raise
     print(summary(report), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
@@ -485,7 +489,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     except SystemExit as exc:
         if exc.code == ConfigError.exit_code:
             error = said.getvalue().strip().splitlines()[-1].partition("error: ")[2]
-            print(as_json(RunReport(status="failed", error=error, exit_code=2)), flush=True)
+            print_refused(error, ConfigError.exit_code)
         raise
     finally:
         sys.stderr.write(said.getvalue())
