@@ -110,7 +110,12 @@ def add_config_args(parser: argparse.ArgumentParser, shortcuts: list[str]) -> No
             help=f"{info.description} [{dotted}] "
             f"(default: {info.get_default(call_default_factory=True)})",
         )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, in every process the command starts too (default: off)",
+    )
     parser.epilog = "config keys (--set KEY=VALUE, or sections in --config FILE):\n" + "\n".join(
         describe_fields()
     )

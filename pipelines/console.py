@@ -16,6 +16,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("mlops")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# Set by a command run with -v, for every process it starts: the steps and the trainer took
+# no -v, and logged at INFO whatever the driver was asked.
+VERBOSE_ENV = "MLOPS_VERBOSE"
 
 
 class Unread:
@@ -52,6 +55,10 @@ class Unread:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """INFO, or DEBUG with -v here or in the command that started this process."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
     for name in ("stdout", "stderr"):
         if not isinstance(getattr(sys, name), Unread):
             setattr(sys, name, Unread(getattr(sys, name)))

@@ -120,6 +120,20 @@ def test_the_driver_starts_without_torch() -> None:
     assert out.stdout.strip() == "False", "the driver imported torch"
 
 
+def test_verbose_reaches_every_process_the_command_starts() -> None:
+    """-v set the driver's level only: the steps and the trainer took no -v, and logged at
+    INFO whatever the driver was asked."""
+    code = (
+        "import logging, os, subprocess, sys; from pipelines.console import setup_logging\n"
+        "setup_logging(sys.argv[1] == 'v'); print(logging.getLogger().level)\n"
+        "child = 'from pipelines.console import setup_logging; import logging\\n'\n"
+        "child += 'setup_logging(); print(logging.getLogger().level)'\n"
+        "subprocess.run([sys.executable, '-c', child], check=True)\n"
+    )
+    assert run("-c", code, "v").stdout.split() == ["10", "10"]  # DEBUG, in its child too
+    assert run("-c", code, "-").stdout.split() == ["20", "20"]
+
+
 def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     out = run("pipelines/run.py", "--set", "train.lr=-1", "--state-dir", str(tmp_path))
     assert out.returncode == 2
