@@ -90,6 +90,18 @@ def _store_intact(
     return damaged
 
 
+def _remove_unlisted(store: ObjectStore, bucket: str, prefix: str, manifest: dict) -> None:
+    """Remove the dataset's objects that its new manifest does not list: what a replaced
+    source held and this one has not (a folder that lost images, a renamed class) stayed in
+    the store for good. After the manifest, which no reader of the dataset gets past."""
+    keep = {prefix + key for key in manifest["objects"]} | {prefix + mf.MANIFEST}
+    gone = [info.key for info in store.list(bucket, prefix) if info.key not in keep]
+    for key in gone:
+        store.remove(bucket, key)
+    if gone:
+        log.info("removed %d stored object(s) the source no longer has", len(gone))
+
+
 def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
     """Make sure the dataset is in the store and intact, uploading only what is missing."""
     ds, bucket = cfg.dataset, cfg.storage.buckets.raw
@@ -165,6 +177,7 @@ def verify_data(cfg: PipelineConfig, store: ObjectStore) -> VerifyDataResult:
             manifest = mf.build(ds.name, ds.key, sizes, raw, str(source))
             store.write_json(bucket, prefix + mf.MANIFEST, manifest)  # last: the commit marker
             decoded = True
+            _remove_unlisted(store, bucket, prefix, manifest)
 
     assert manifest is not None
     objects = manifest["objects"]

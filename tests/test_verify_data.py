@@ -50,6 +50,13 @@ def test_folder_source_uploads_only_what_changed(make_cfg, store, tmp_path: Path
     assert store.read_json("raw-data", "imagefolder/manifest.json")["content_sha256"] == (
         again.content_sha256
     )
+    # A file gone from the source goes from the store: it stayed there for good.
+    (folder / "train/class3/00004.png").unlink()
+    assert verify_data(cfg, store).objects == again.objects - 1
+    manifest = store.read_json("raw-data", "imagefolder/manifest.json")
+    stored = {info.key for info in store.list("raw-data", "imagefolder/")}
+    assert stored == {f"imagefolder/{key}" for key in [*manifest["objects"], "manifest.json"]}
+    assert "imagefolder/train/class3/00004.png" not in stored
 
 
 @pytest.mark.parametrize(
