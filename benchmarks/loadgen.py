@@ -63,8 +63,9 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r
             if name.strip().lower() == b"content-length":
                 length = int(value)
         await reader.readexactly(length)
-    except (IndexError, ValueError, asyncio.IncompleteReadError):
-        # An empty or cut-short answer: the server closed the connection (it stopped, or died).
+    except (IndexError, ValueError, asyncio.IncompleteReadError, ConnectionError):
+        # An empty or cut-short answer, or a reset: the server closed the connection (it
+        # stopped, or died).
         raise LoadError("the server closed the connection without a whole answer") from None
     return status
 

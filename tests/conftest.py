@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,12 @@ MakeConfig = Callable[..., PipelineConfig]
 # The test process imports mlflow before pytest marks a test as running, and MLflow decides on
 # its telemetry at import: no usage report from the tests either.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# The stop tests send Ctrl-C and hang-ups as a terminal does, and every process a test starts
+# keeps the signals this one ignores, as a run's steps keep the driver's: a runner that starts
+# the suite in the background (SIGINT ignored) or under nohup (SIGHUP) made each a no-op.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture
