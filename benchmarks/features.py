@@ -18,6 +18,7 @@ from benchmarks.common import median, positive, write_result
 from benchmarks.runs import SHARED_CIFAR
 from components.feature_engineering import engineer_features
 from components.verify_data import verify_data
+from pipelines.cli import run_main
 from pipelines.config import load_config
 from pipelines.s3server import EmbeddedS3
 from pipelines.storage import ObjectStore, parse_s3_uri
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     if not SHARED_CIFAR.exists():
         print(f"skipped: {SHARED_CIFAR} is absent (the real images this measures)")
         return 0
+    # A damaged archive, a full disk: one line, as every step's error, not a traceback.
+    return run_main(lambda: measure(args.runs))
+
+
+def measure(runs: int) -> None:
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp,
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         verify_data(cfg, store)
         verify_s = time.monotonic() - t0
-        for run in range(args.runs):
+        for run in range(runs):
             t0 = time.monotonic()
             result = engineer_features(cfg, store)
             seconds = time.monotonic() - t0
@@ -69,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_result("feature_engineering", rows, summary=summary)
     print(summary, f"\n{path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from typing import IO
 from pipelines.errors import PipelineError
 
 HOST = "127.0.0.1"  # every embedded service binds loopback only
+# Between a waiting server's health checks: at 0.25 s a run waited up to that long past each
+# server's start, and the overhead benchmark's start-up times were good to 0.25 s only.
+POLL_S = 0.02
 # Run before a service's command, in its own process: arm Linux's parent-death signal, then
 # exec the command (the signal survives exec). An exec, not a preexec_fn, which is unsafe in a
 # process with threads.
@@ -173,7 +176,7 @@ def wait_http_ok(
                     return
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.25)
+        time.sleep(POLL_S)
     raise PipelineError(f"{what} was not {state} within {timeout_s:.0f} s: {hint}")
 
 

@@ -114,6 +114,46 @@ def test_the_accuracy_curve_has_a_point_per_validated_epoch_at_its_elapsed_time(
     assert curve({"train": {"history": history}}) == [(10.0, 0.5), (33.0, 0.7)]
 
 
+def test_a_result_is_dirty_for_code_changes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each benchmark rewrites its results (and the docs): those after the first were marked
+    +dirty by the ones before them. Code changed since HEAD still is."""
+    from benchmarks import common
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for path in ("code.py", "docs/BENCHMARKS.md", "benchmarks/results/x.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    for path in ("docs/BENCHMARKS.md", "benchmarks/results/x.json"):
+        (tmp_path / path).write_text("1\n")
+    clean = common.git_commit.__wrapped__()
+    assert len(clean) == 7 and "+" not in clean
+    (tmp_path / "code.py").write_text("1\n")
+    assert common.git_commit.__wrapped__() == f"{clean}+dirty"
+
+
+def test_the_features_benchmark_names_a_damaged_archive_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a missing file was one line: a damaged one was a traceback."""
+    from benchmarks import features
+
+    damaged = tmp_path / "cifar10-train-jpg.tar.gz"
+    damaged.write_bytes(b"not an archive")
+    monkeypatch.setattr(features, "SHARED_CIFAR", damaged)
+    assert features.main(["--runs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: cifar10-train-jpg.tar.gz: the archive is truncated or corrupt" in err
+
+
 def test_ab_refuses_a_ref_that_names_no_commit() -> None:
     """A usage error (exit 2, the ref named) before any worktree or pipeline starts."""
     before = git("worktree", "list")
