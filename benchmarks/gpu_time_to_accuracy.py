@@ -292,6 +292,7 @@ def measure(args: argparse.Namespace) -> None:
         f"{'compiled' if args.compile else 'eager'}",
         "train_images": len(data["train"]),
         "val_images": len(data["val"]),
+        "profile": args.profile,
         "overrides": args.set,
         "target": args.target,
         "schedules": args.schedules,

@@ -79,7 +79,8 @@ def test_targets_are_judged_from_the_results() -> None:
     assert ddp["verdict"] == "NOT met" and ddp["measured"] == "0.50x"
     assert ddp["target"].endswith(", fp32)")
     assert rows["ResNet-18 to 94% on one H100"]["verdict"] == "not measured"
-    summary = {"device": "H100", "recipe": "r", "target": 0.94, "epochs_to_target": 24}
+    full = recipe(load_config("full", environ={}).train, "bf16", epochs=False) + ", eager"
+    summary = {"device": "H100", "recipe": full, "target": 0.94, "epochs_to_target": 24}
     runs = [{"epochs": 40, "train_s": 70.0, "val_accuracy": 0.91}]
     for seconds, verdict in ((50.0, "met"), (61.0, "NOT met"), (None, "NOT met")):
         docs["gpu_time_to_accuracy"] = {"summary": summary | {"time_to_target_s": seconds}}
@@ -87,6 +88,16 @@ def test_targets_are_judged_from_the_results() -> None:
         row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
         assert row["verdict"] == verdict
     assert row["measured"].startswith("not reached: at best 91.00% held-out in 70.0 s (40 epochs)")
+    # An earlier recipe, one changed by --set, or a search the time budget ended: shown, not
+    # judged (each read as today's `full`, met or not).
+    for other, words in (
+        ({"recipe": "cifar stem, bf16, batch 256, lr 0.2, eager"}, "not today's `full` recipe"),
+        ({"overrides": ["train.epochs=99"]}, "with train.epochs=99; not today's `full`"),
+        ({"search_complete": False, "time_to_target_s": None}, "the time budget ended the"),
+    ):
+        docs["gpu_time_to_accuracy"]["summary"] = summary | {"time_to_target_s": 50.0} | other
+        row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
+        assert row["verdict"] == "not measured" and words in row["measured"], row
     for other in ({"device": "H200"}, {"target": 0.9}):
         docs["gpu_time_to_accuracy"]["summary"] = summary | {"time_to_target_s": 5.0} | other
         row = {r["target"]: r for r in targets(docs)}["ResNet-18 to 94% on one H100"]
