@@ -88,6 +88,8 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
             )
         if r and "recipe" in r:  # rows since 2026-11-23 say when and what they trained
             measured += f", {r['measured']}"
+            if "machine" in r:  # where too, since 2026-11-28 (a kept row took the next's)
+                measured += f", on {_host(r)}"
             # A row kept from an earlier sitting may have trained another recipe than the
             # profile's today: it was shown as the profile's.
             precision = r["recipe"].split(", ")[1]

@@ -25,6 +25,7 @@ from benchmarks.common import (
     RESULTS,
     ROOT,
     git_commit,
+    machine,
     median,
     profile_list,
     recipe,
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 "profile": profile,
                 # A run of one profile keeps the other's row, so each row says when it ran.
                 "measured": f"{datetime.now(UTC):%Y-%m-%d}, {git_commit()}",
+                # And where: the file's own machine is the last run's, and hosts here differ
+                # about twofold in pace.
+                "machine": machine(),
                 "recipe": recipe(tc, precision),
                 "wall_s": report["wall_s"],
                 "train_s": report["train"]["seconds"],
@@ -124,7 +128,11 @@ def save(rows: list[dict[str, Any]], curves: dict[str, Any]) -> Path:
     previous = RESULTS / "time_to_accuracy.json"
     if previous.exists():
         old = json.loads(previous.read_text())
-        rows = [r for r in old["figures"] if r["profile"] not in curves] + rows
+        # A row from before rows named their machine ran on the file's.
+        kept = [
+            {"machine": old["machine"]} | r for r in old["figures"] if r["profile"] not in curves
+        ]
+        rows = kept + rows
         curves = {p: c for p, c in old.get("curves", {}).items() if p not in curves} | curves
     plot(curves)
     return write_result("time_to_accuracy", rows, curves=curves, data=str(SHARED_CIFAR.name))

@@ -165,6 +165,30 @@ def test_the_features_benchmark_names_a_damaged_archive_in_one_line(
     assert "error: cifar10-train-jpg.tar.gz: the archive is truncated or corrupt" in err
 
 
+def test_a_kept_accuracy_row_keeps_the_machine_it_ran_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of one profile keeps the other's row, and the file took the new run's machine:
+    a `full` figure of one host read as measured on the next, about twice as fast or slow."""
+    import json
+
+    from benchmarks import common
+    from benchmarks import time_to_accuracy as t
+
+    for module in (common, t):
+        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(t, "plot", lambda curves: None)  # not the committed plot
+    old_host = {"cpu": "old host", "cores": 2, "avx512_bf16": True}
+    kept = {"profile": "full", "wall_s": 2724.0}
+    (tmp_path / "time_to_accuracy.json").write_text(
+        json.dumps({"machine": old_host, "figures": [kept], "curves": {"full": []}})
+    )
+    new = {"profile": "quick", "machine": common.machine(), "wall_s": 600.0}
+    saved = json.loads(t.save([new], {"quick": []}).read_text())
+    rows = {r["profile"]: r for r in saved["figures"]}
+    assert rows["full"]["machine"] == old_host and rows["quick"]["machine"] == common.machine()
+
+
 def test_ab_refuses_a_ref_that_names_no_commit() -> None:
     """A usage error (exit 2, the ref named) before any worktree or pipeline starts."""
     before = git("worktree", "list")
