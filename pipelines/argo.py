@@ -180,6 +180,9 @@ def build(cfg: PipelineConfig, kind: type[Workflow] = Workflow) -> Workflow:
         active_deadline_seconds=cfg.cluster.active_deadline_s,
         arguments=workflow_parameters(cfg),
         labels=PART_OF,
+        # On each workflow it runs too: one the Argo UI makes of the template takes no labels
+        # of the template's own metadata, and `list`, which selects on PART_OF, missed it.
+        workflow_metadata=m.WorkflowMetadata(labels=PART_OF),
     ) as workflow:
         verify_data = step(cfg, pods, "verify-data", "components.verify_data", [])
         features = step(cfg, pods, "feature-engineering", "components.feature_engineering", [])

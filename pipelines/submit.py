@@ -137,15 +137,17 @@ class ArgoClient:
         template = build_template(cfg).build()
         name = template.metadata.name
         try:
-            self.service.get_workflow_template(name, self.target.namespace)
-            exists = True
+            current = self.service.get_workflow_template(name, self.target.namespace)
         except (HeraException, requests.exceptions.HTTPError):
-            exists = False
+            current = None
         except requests.exceptions.ConnectionError:
-            exists = False  # reported by the create below, with the URL
+            current = None  # reported by the create below, with the URL
         except ValueError as exc:
             raise self._not_argo("template get", exc) from None
-        if exists:
+        if current is not None:
+            # The version it replaces: the API server refuses a custom resource's update
+            # without one ("must be specified for an update"), so no update ever landed.
+            template.metadata.resource_version = current.metadata.resource_version
             req = m.WorkflowTemplateUpdateRequest(template=template)
             self._call(
                 "template update",

@@ -58,6 +58,11 @@ def test_workflow_key_fields(compiled: Path) -> None:
     assert wf["kind"] == "Workflow" and wf["metadata"]["generateName"] == "image-classifier-"
     assert spec["entrypoint"] == "pipeline" and spec["onExit"] == "exit-handler"
     assert spec["serviceAccountName"] == "mlops-pipeline" and spec["activeDeadlineSeconds"] > 0
+    # The label `list` selects on, on every workflow: one the Argo UI makes of the template
+    # takes none of the template's own labels, only spec.workflowMetadata's.
+    for name in ("argo-workflow.yaml", "argo-workflowtemplate.yaml"):
+        labels = load(compiled, name)["spec"]["workflowMetadata"]["labels"]
+        assert labels == {"app.kubernetes.io/part-of": "mlops-pipeline"}
     templates = {t["name"]: t for t in spec["templates"]}
     dag = {t["name"]: t for t in templates["pipeline"]["dag"]["tasks"]}
     assert list(dag) == list(STEPS)

@@ -93,6 +93,7 @@ class Handler(JsonHandler):
             doc = self._body()["workflow" if kind == "workflows" else "template"]
             meta = doc["metadata"]
             meta["name"] = meta.get("name") or meta["generateName"] + f"{len(store):05d}"
+            meta["resourceVersion"] = "1"
             doc["status"] = {
                 "phase": "Running",
                 "nodes": {
@@ -138,8 +139,16 @@ class Handler(JsonHandler):
             store[rest[0]]["status"]["phase"] = "Failed"
             self._reply(200, store[rest[0]])
         elif method == "PUT":
-            store[rest[0]] = self._body()["template"]
-            self._reply(200, store[rest[0]])
+            # As the API server does for a custom resource: an update names the version it
+            # replaces.
+            doc, stored = self._body()["template"], store[rest[0]]["metadata"]["resourceVersion"]
+            if doc["metadata"].get("resourceVersion") != stored:
+                why = "metadata.resourceVersion: Invalid value: 0x0: must be specified"
+                self._reply(422, {"code": 422, "message": f"{why} for an update"})
+                return
+            doc["metadata"]["resourceVersion"] = str(int(stored) + 1)
+            store[rest[0]] = doc
+            self._reply(200, doc)
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -401,8 +410,10 @@ def test_template_create_then_update(argo: FakeArgoServer) -> None:
     first = cli("template", "create", url=argo.url)
     assert first.returncode == 0, first.stderr
     assert list(argo.templates) == ["image-classifier"]
-    assert cli("template", "create", url=argo.url).returncode == 0
+    again = cli("template", "create", url=argo.url)  # an update, of the version it replaces
+    assert again.returncode == 0, again.stderr
     assert ("PUT", "api/v1/workflow-templates/mlops/image-classifier") in argo.calls
+    assert argo.templates["image-classifier"]["metadata"]["resourceVersion"] == "2"
 
 
 def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> None:
