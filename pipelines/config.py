@@ -32,6 +32,10 @@ FIXED_SIZE_DATASETS = frozenset({"cifar10", "mnist"})
 UNMIRRORED_DATASETS = frozenset({"mnist"})
 # Kubernetes' rule for most object names (a namespace, a Service): what an error then says.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# KServe's rule for an InferenceService name (its webhook's: a letter first), at most 53
+# characters, as its Service is NAME-predictor: a name outside it was compiled, submitted and
+# trained, then refused at deploy.
+ISVC_NAME = r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$"
 IMAGE_UID = 1000  # the image's non-root user and group (infrastructure/Dockerfile)
 # S3's rule for bucket names (MinIO's too): a name outside it failed only at the first
 # request, as the server's bare "Bad request".
@@ -49,6 +53,9 @@ DATASET_ID = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 PATTERN_WORDS = {
     DNS_LABEL: "a DNS-1123 label is expected: 1-63 lowercase letters, digits and '-', "
     "starting and ending with a letter or digit",
+    ISVC_NAME: "an InferenceService name is expected: 1-53 lowercase letters, digits and '-', "
+    "starting with a letter and ending with a letter or digit (KServe's rule; its Service is "
+    "NAME-predictor)",
     S3_BUCKET: "an S3 bucket name is expected: 3-63 lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit",
     REGISTRY_ALIAS: "an MLflow alias is expected: letters, digits, '_' and '-'",
@@ -299,8 +306,9 @@ class ServingConfig(_Section):
 
     model_name: str | None = Field(
         None,
-        pattern=DNS_LABEL,
-        description="Registered model and InferenceService name (a DNS-1123 label). Unset: "
+        pattern=ISVC_NAME,
+        description="Registered model and InferenceService name (KServe's: a letter first, 53 "
+        "characters at most). Unset: "
         "DATASET-ARCH from dataset.id or dataset.name and train.arch (cifar10-resnet18), so "
         "each dataset's models have their own versions and champion.",
     )
@@ -547,13 +555,16 @@ class PipelineConfig(_Section):
         CIFAR-10 default met that champion at the gate, which refuses another task."""
         if self.serving.model_name:
             return self.serving.model_name
-        # dataset.id may hold '.' and '_', which a DNS label may not, and 63 characters: they
+        # dataset.id may hold '.' and '_', which the name may not, and 63 characters: they
         # become '-', and the id is cut to fit. (It fell back to FORMAT-ARCH, so `my_pets` and
-        # `pets.v2` shared one model, its versions and its champion.)
+        # `pets.v2` shared one model, its versions and its champion.) An id that starts with a
+        # digit follows its format's name: KServe's names start with a letter.
         arch = self.train.arch
-        label = re.sub(r"[._]", "-", self.dataset.key)[: 62 - len(arch)].strip("-")
-        name = f"{label}-{arch}"
-        return name if re.fullmatch(DNS_LABEL, name) else f"{self.dataset.name}-{arch}"
+        label = re.sub(r"[._]", "-", self.dataset.key)
+        if not label[0].isalpha():
+            label = f"{self.dataset.name}-{label}"
+        name = f"{label[: 52 - len(arch)].strip('-')}-{arch}"
+        return name if re.fullmatch(ISVC_NAME, name) else f"{self.dataset.name}-{arch}"
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, credentials masked (for logs and MLflow params)."""

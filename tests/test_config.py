@@ -57,6 +57,8 @@ def test_precedence_flags_over_env_over_file_over_profile(tmp_path: Path) -> Non
         ({"dataset.name": "svhn"}, r"dataset\.name='svhn': Input should be 'cifar10'"),
         ({"train.epoch": 3}, r"train\.epoch: unknown setting"),
         ({"serving.model_name": "Bad_Name"}, r"serving\.model_name='Bad_Name'"),
+        ({"serving.model_name": "2024-resnet18"}, "an InferenceService name is expected"),
+        ({"serving.model_name": "m" * 54}, "1-53 lowercase letters"),
         # Before, the first request to S3 failed with its bare "Bad request", as exit 1.
         (
             {"storage.buckets.raw": "Raw_Data"},
@@ -196,8 +198,9 @@ def test_the_model_name_follows_the_dataset_unless_set() -> None:
     names = {
         "my_photos": "my-photos-resnet18",
         "pets.v2": "pets-v2-resnet18",
-        "x" * 60: "x" * 54 + "-resnet18",  # 63 characters
-        "a_" + "y" * 60: "a-" + "y" * 52 + "-resnet18",
+        "x" * 60: "x" * 44 + "-resnet18",  # 53 characters: the Service is NAME-predictor
+        "a_" + "y" * 60: "a-" + "y" * 42 + "-resnet18",
+        "2024": "imagefolder-2024-resnet18",  # KServe's names start with a letter
     }
     for dataset_id, expected in names.items():
         assert name(**{"dataset.name": "imagefolder", "dataset.id": dataset_id}) == expected
