@@ -124,7 +124,14 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     assert ("argoproj.io", "workflows", "create") in submitter
     assert ("argoproj.io", "workflowtemplates", "create") in submitter
     assert not any(g in ("kubeflow.org", "serving.kserve.io") for g, _, _ in submitter)
-    assert not any(r in ("secrets", "roles", "rolebindings") for _, r, _ in submitter)
+    assert not any(r in ("roles", "rolebindings") for _, r, _ in submitter)
+    # One named Secret, the archived logs' keys, which the Argo Server reads with its token.
+    (secrets,) = [r for r in roles["mlops-submitter"]["rules"] if "secrets" in r["resources"]]
+    assert secrets["resourceNames"] == ["mlops-s3"] and secrets["verbs"] == ["get"]
+    repository = yaml.safe_load(
+        (ROOT / "infrastructure/base/argo-artifact-repository.yaml").read_text()
+    )
+    assert "accessKeySecret: {name: mlops-s3," in repository["data"]["minio"]
     assert not any(r in ("roles", "rolebindings") for _, r, _ in pipeline)
     for binding in (d for d in rendered if d["kind"] == "RoleBinding"):
         assert binding["roleRef"]["kind"] == "Role"
