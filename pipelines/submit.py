@@ -275,6 +275,13 @@ def check_kfp(host: str, verify: bool, token: str | None = None) -> None:
             "or port-forward the API server itself, which asks for none (kubectl -n kubeflow "
             "port-forward svc/ml-pipeline 8888:8888, then --kfp-host http://localhost:8888)"
         )
+    if resp.status_code != 200:
+        # kfp's client retried it 5 times (28 s), then said it could not reach the server.
+        raise PipelineError(
+            f"the KFP API server at {host} answered {resp.status_code} to its health check "
+            f"({server_said(Exception(resp.text))}): check --kfp-host / KFP_HOST, the URL of "
+            "the KFP API (its ml-pipeline Service, or the Kubeflow gateway)"
+        )
 
 
 def submit_kfp(

@@ -362,6 +362,13 @@ def test_a_kfp_server_that_asks_for_a_login_says_so_at_once() -> None:
         )  # fmt: skip
     assert refused.returncode == 1 and "refused the token (401)" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    # Another answer than 200 (not the KFP API's URL; a failing server) is named at once too:
+    # it was "cannot reach", after 28 s of kfp's retries.
+    for status in (404, 500):
+        with serving(CannedServer(b"404 page not found", status=status)) as server:
+            out = cli("submit", "--backend", "kfp", "--kfp-host", server.url, url=server.url)
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert f"answered {status} to its health check (404 page not found)" in out.stderr
 
 
 def test_a_log_streams_error_fails_the_command() -> None:
