@@ -242,8 +242,9 @@ class TrainConfig(_Section):
         1,
         ge=0,
         le=10,
-        description="Restarts of the whole worker group after a failure (one local worker: "
-        "none after a config error).",
+        description="Restarts of the whole worker group after a failure, in a local run (one "
+        "local worker: none after a config error); on a cluster, cluster.backoff_limit bounds "
+        "the PyTorchJob's restarts.",
     )
     nproc_per_node: int = Field(1, ge=1, le=16, description="Processes per PyTorchJob replica.")
     seed: int = Field(
@@ -457,7 +458,9 @@ class ClusterConfig(_Section):
     serving_mode: Literal["Standard", "Knative"] = Field(
         "Standard",
         description="KServe deployment mode: Standard (a Deployment; needs only cert-manager) or "
-        "Knative (serverless, scale to zero).",
+        "Knative (serverless, scale to zero; the predictor's pod securityContext, which Pod "
+        "Security 'restricted' asks for, needs Knative's kubernetes.podspec-securitycontext "
+        "feature flag on).",
     )
     step_resources: Resources = Field(
         default_factory=lambda: Resources(cpu="1", memory="4Gi"),
