@@ -210,7 +210,12 @@ class ArgoClient:
                 timeout=TIMEOUT_S,
                 verify=self.target.verify_tls,
             )
-            resp.raise_for_status()
+            if not resp.ok:  # the API's own words, as the other commands give them
+                try:
+                    message = resp.json().get("message") or resp.reason
+                except (ValueError, AttributeError):
+                    message = resp.reason
+                raise requests.exceptions.HTTPError(f"{resp.status_code}: {message}", response=resp)
             return resp
 
         what = f"logs of {run}"

@@ -429,6 +429,9 @@ def test_errors_name_the_server_and_leave_no_traceback(argo: FakeArgoServer) -> 
     assert "Traceback" not in refused.stderr
     missing = cli("status", "no-such-run", url=argo.url)
     assert missing.returncode == 1 and "not found" in missing.stderr
+    # `logs` gives the API's words too: it said "404 Client Error: Not Found for url ...".
+    missing = cli("logs", "no-such-run", url=argo.url)
+    assert missing.returncode == 1 and "404: workflows no-such-run not found" in missing.stderr
     down = f"http://127.0.0.1:{free_port()}"
     unreachable = cli("list", url=down)
     assert unreachable.returncode == 1
