@@ -30,8 +30,10 @@ run: $(STAMP) ## run the pipeline on CIFAR-10 (downloads it once, where a networ
 demo: $(STAMP) ## the whole pipeline offline on generated data, then serve the model (Ctrl-C stops)
 	$(PY) pipelines/run.py --dataset synthetic --profile smoke --serve $(ARGS)
 
-test: $(STAMP) ## run the test suite (real S3 server processes on 127.0.0.1)
-	$(PY) -m pytest $(ARGS)
+# Two processes, a test file each at a time (a file's servers and trained models are its own):
+# one process kept 2 cores about 60% busy, as the tests wait on servers and subprocesses.
+test: $(STAMP) ## run the test suite (real S3 server processes on 127.0.0.1), in 2 processes
+	$(PY) -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(PY) -m ruff check .
