@@ -126,6 +126,8 @@ def recipe(tc: TrainConfig, precision: str, epochs: bool = True) -> str:
     return (
         f"{tc.stem} stem, {precision}, batch {tc.batch_size}, lr {tc.lr}, {length}label "
         f"smoothing {tc.label_smoothing}, {tc.crop_pad}-pixel crops, "
+        # Named only when on, so a record from before the setting still reads as today's.
+        f"{f'cutout {tc.cutout}, ' if tc.cutout else ''}"
         f"{'alternating' if tc.alternate_flips else 'random'} flips, flip TTA "
         f"{'on' if tc.flip_tta else 'off'}"
     )

@@ -117,6 +117,7 @@ class Trainer:
                 (step, total, tc.lr),
                 tc.crop_pad,
                 epoch_flips(len(train), epoch, tc.seed, tc.alternate_flips, gen),
+                tc.cutout,
             )
             images += int(sums[2].item())  # waits for the device
             train_s += time.perf_counter() - t0

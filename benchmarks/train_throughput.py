@@ -57,7 +57,8 @@ def worker(stem: str, precision: str, steps: int, warmup: int) -> None:
             if d.world > 1:
                 torch.distributed.barrier()
             start = time.perf_counter()
-        x = augment(images, gen, tc.crop_pad, epoch_flips(per_rank, i, 0, tc.alternate_flips, gen))
+        flips = epoch_flips(per_rank, i, 0, tc.alternate_flips, gen)
+        x = augment(images, gen, tc.crop_pad, flips, tc.cutout)
         train_step(ddp, optimizer, scaler, criterion, x, labels, autocast)
     elapsed = time.perf_counter() - start
     if d.main:

@@ -235,6 +235,13 @@ class TrainConfig(_Section):
         description="Pixels of zero padding around each training image before the random crop "
         "back to its size (0: no crop).",
     )
+    cutout: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Side in pixels of a square zeroed at a random centre of each training image, "
+        "after the crop and flip (Cutout; it may fall partly off the edge); 0: none.",
+    )
     workers: int = Field(
         1, ge=1, le=64, description="DDP processes locally; PyTorchJob replicas on a cluster."
     )

@@ -52,6 +52,22 @@ def test_augment_crops_and_flips_whole_batches() -> None:
     assert torch.equal(out[0], images[0].flip(2)) and torch.equal(out[1], images[1])
 
 
+def test_cutout_zeroes_one_square_per_image_and_draws_nothing_when_off() -> None:
+    images = torch.full((256, 3, 16, 16), 200, dtype=torch.uint8)
+    out = augment(images, torch.Generator().manual_seed(0), 0, None, cutout=6)
+    holes = out[:, 0] == 0
+    assert torch.equal(holes, (out == 0).all(1))  # every channel of a pixel alike
+    counts = holes.sum((1, 2))
+    # A square: at most 6x6, whole where its centre lies far enough in, clipped at the edges.
+    assert counts.max() == 36 and counts.min() >= 9 and (counts < 36).any()
+    rows, cols = holes.any(2), holes.any(1)
+    assert torch.equal(counts, rows.sum(1) * cols.sum(1))
+    # Off: the same crops as before the setting (a resumed run's stream is unchanged).
+    a = augment(images, torch.Generator().manual_seed(1), 2, None)
+    b = augment(images, torch.Generator().manual_seed(1), 2, None, cutout=0)
+    assert torch.equal(a, b)
+
+
 def test_hflip_off_never_mirrors_and_is_the_default_for_digits() -> None:
     # Each row rises left to right; a crop only shifts it (zeros come in at the sides), so
     # a row whose middle four pixels fall is a mirrored one.

@@ -89,10 +89,16 @@ def rank_batches(
 
 
 def augment(
-    images: torch.Tensor, gen: torch.Generator, pad: int, flips: torch.Tensor | None = None
+    images: torch.Tensor,
+    gen: torch.Generator,
+    pad: int,
+    flips: torch.Tensor | None = None,
+    cutout: int = 0,
 ) -> torch.Tensor:
     """Random crop after `pad` pixels of zero padding, then the images whose bit in `flips` is
-    set mirrored left-right (None: none), for a whole batch."""
+    set mirrored left-right (None: none), then a `cutout`-pixel square zeroed at a random
+    centre of each (part of it may fall off the edge, as in DeVries & Taylor's Cutout), for a
+    whole batch. With cutout 0 nothing more is drawn from gen, so the crops stay the same."""
     n, _, h, w = images.shape
     if pad:
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
@@ -103,9 +109,17 @@ def augment(
         batch = torch.arange(n, device=images.device)[:, None, None, None]
         chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         images = padded[batch, chan, rows, cols]
-    if flips is None:
-        return images
-    return torch.where(flips[:, None, None, None], images.flip(3), images)
+    if flips is not None:
+        images = torch.where(flips[:, None, None, None], images.flip(3), images)
+    if cutout:
+        # Zero, as the crop's padding is: the same black the network already sees at the edges.
+        cy = torch.randint(0, h, (n, 1, 1), generator=gen, device=images.device) - cutout // 2
+        cx = torch.randint(0, w, (n, 1, 1), generator=gen, device=images.device) - cutout // 2
+        rows = torch.arange(h, device=images.device)[None, :, None] - cy
+        cols = torch.arange(w, device=images.device)[None, None, :] - cx
+        hole = (rows >= 0) & (rows < cutout) & (cols >= 0) & (cols < cutout)
+        images = images.masked_fill(hole[:, None], 0)
+    return images
 
 
 def epoch_flips(

@@ -86,10 +86,12 @@ def run_epoch(
     schedule: tuple[int, int, float],
     pad: int,
     flips: torch.Tensor | None,
+    cutout: int = 0,
 ) -> tuple[torch.Tensor, int, float]:
     """One epoch over `batches` (index tensors on data's device), the lr set before each step
     from schedule = (first step, total steps, peak lr), each image cropped after `pad` pixels of
-    padding and mirrored where its bit in `flips` (indexed like data) is set.
+    padding, mirrored where its bit in `flips` (indexed like data) is set, and a `cutout`-pixel
+    square of it erased.
     Returns (loss sum, correct, count) as a float64 tensor on the device, the next step and the
     last lr.
 
@@ -102,7 +104,7 @@ def run_epoch(
         lr = lr_at(step, total, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = augment(data.images[idx], gen, pad, None if flips is None else flips[idx])
+        x = augment(data.images[idx], gen, pad, None if flips is None else flips[idx], cutout)
         y = data.labels[idx]
         loss, logits = train_step(model, optimizer, scaler, criterion, x, y, autocast)
         step += 1

@@ -175,6 +175,7 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
             (step, total_steps, tc.lr),
             tc.crop_pad,
             flips,
+            tc.cutout,
         )
         if d.world > 1:
             dist.all_reduce(sums)
