@@ -84,6 +84,11 @@ def test_two_process_ddp_trains_logs_and_registers(env: SimpleNamespace) -> None
     assert record["lineage"]["mlflow_run_id"] == result.mlflow_run_id
     assert record["input"]["shape"] == [3, 32, 32] and len(record["classes"]) == 10
     assert record["precision"] == result.precision
+    # The model is complete: its checkpoints' tensors are gone (KServe copies the whole folder
+    # into each predictor pod), their pointer and state stay (a resume is still checked).
+    kept = {o.key.rsplit("/", 1)[-1] for o in env.store.list(bucket, prefix + "checkpoints/")}
+    assert "latest.json" in kept and any(k.endswith(".json") for k in kept - {"latest.json"})
+    assert not [k for k in kept if k.endswith(".safetensors")], kept
 
 
 def test_mlflow_server_is_one_process_with_no_job_runner(env: SimpleNamespace) -> None:

@@ -305,6 +305,8 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     # What a launcher that cannot read this pod's files (a PyTorchJob) reads back.
     store.write_json(bucket, prefix + RESULT_OBJECT, dataclasses.asdict(result))
     store.write_json(bucket, prefix + MODEL_JSON, model_json)  # last: the model is complete
+    freed = checkpoint.release_tensors(store, bucket, ckpt_prefix)
+    log.debug("removed %.0f MB of checkpoint tensors: the model is complete", freed / 1e6)
     log.info("test accuracy %.4f; model %s (version %s)", test_acc, s3_uri(bucket, prefix), version)
     return result
 
