@@ -27,11 +27,10 @@ from pipelines.launcher import Ready, run_single, run_torchrun
 from pipelines.mlflow_runs import fail_abandoned
 from pipelines.mlflow_server import ServerPid, local_server, wait_healthy
 from pipelines.storage import ObjectStore, parse_s3_uri
-from serving.launch import MODEL_JSON
 from training import resume
 from training.dist import usable_cores
 from training.precision import check_here
-from training.result import RESULT_OBJECT, TrainResult
+from training.result import TrainResult
 
 log = logging.getLogger("mlops.train_step")
 
@@ -155,11 +154,10 @@ def train_model(
         check_here(cfg.train.precision)
     check_feasible(cfg, store, processed_uri)
     check_run_id(cfg, store, processed_uri, run_id)
-    bucket, prefix, _ = resume.location(cfg, run_id)
-    if store.stat(bucket, prefix + MODEL_JSON) is not None:
+    if (done := resume.completed(store, cfg, run_id)) is not None:
         # A resumed run stopped after its model was complete: the model it registered, as is.
         log.info("run %s trained its model before it was stopped: going on with it", run_id)
-        return TrainResult(**store.read_json(bucket, prefix + RESULT_OBJECT))  # type: ignore[arg-type]
+        return done
     if cfg.runtime == "kubernetes":
         from components.pytorchjob import run_pytorchjob
 

@@ -10,10 +10,15 @@ from typing import Any
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError
 from pipelines.storage import ObjectStore, s3_uri
+from serving.launch import MODEL_JSON
+from training.result import RESULT_OBJECT, TrainResult
 
 LATEST = "latest.json"
 # The train settings a resume may change (config_hash leaves them out).
 RESUME_FREE = {"max_restarts", "flip_tta", "eval_every"}
+# Train settings added after checkpoints were first written, with the value that trains as
+# before them.
+ADDED_SINCE = {"cutout": 0}
 
 
 def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
@@ -27,12 +32,27 @@ def model_uri(cfg: PipelineConfig, run_id: str) -> str:
     return s3_uri(*location(cfg, run_id)[:2])
 
 
+def completed(store: ObjectStore, cfg: PipelineConfig, run_id: str) -> TrainResult | None:
+    """What a run whose model is complete (model.json, written last) recorded; None before.
+    A start after that (a resumed pipeline, a restarted worker or pod) goes on with it: the
+    checkpoints' tensors are gone by then (checkpoint.release_tensors)."""
+    bucket, prefix, _ = location(cfg, run_id)
+    if store.stat(bucket, prefix + MODEL_JSON) is None:
+        return None
+    return TrainResult(**store.read_json(bucket, prefix + RESULT_OBJECT))  # type: ignore[arg-type]
+
+
 def config_hash(cfg: PipelineConfig, processed: str) -> str:
     """What a checkpoint must have been trained under to be resumed: the training settings
     (the world size included: BatchNorm sees each rank's share of the batch) and the data.
     Restarts allowed, the final evaluation's flip TTA and how often it validates change no
     training state (evaluation draws no random numbers and leaves BatchNorm's statistics)."""
     train = cfg.train.model_dump(mode="json", exclude=RESUME_FREE)
+    # A setting added since, at its default (the one that changes nothing), is left out: a run
+    # stopped under the earlier version still resumes, as its training is the same.
+    for key, off in ADDED_SINCE.items():
+        if train[key] == off:
+            del train[key]
     doc = {"train": train, "processed": processed.rstrip("/")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

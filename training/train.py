@@ -102,6 +102,16 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
 
     # -- data: every shard sha256-checked, held in memory as uint8
     store = ObjectStore(cfg.storage)
+    bucket, prefix, ckpt_prefix = resume.location(cfg, run_id)
+    chash = resume.config_hash(cfg, processed)
+    if (done := resume.completed(store, cfg, run_id)) is not None:
+        # A start after the model was written (the step's own restart, torchrun's, a replaced
+        # pod): its result as stored, once the settings are checked against the run's.
+        if (state := resume.load_state(store, bucket, ckpt_prefix)) is not None:
+            resume.check_resumable(state, chash, bucket, ckpt_prefix)
+        if d.main:
+            log.info("run %s trained its model before this start: its result as stored", run_id)
+        return done if d.main else None
     if cfg.runtime == "kubernetes" and d.main:  # a PyTorchJob's Master: its restarts bounded
         resume.count_start(store, cfg, run_id)
     meta, splits = load_processed(store, processed)
@@ -122,8 +132,6 @@ def train(cfg: PipelineConfig, processed: str, run_id: str, d: Dist) -> TrainRes
     optimizer, scaler, criterion = optimisation(model, tc, precision)
 
     # -- resume: every rank reads the same checkpoint
-    bucket, prefix, ckpt_prefix = resume.location(cfg, run_id)
-    chash = resume.config_hash(cfg, processed)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt = checkpoint.load_latest(store, bucket, ckpt_prefix)
