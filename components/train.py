@@ -14,7 +14,7 @@ import yaml
 
 from data import processed
 from pipelines import warm
-from pipelines.cli import step_main
+from pipelines.cli import run_id_arg, s3_uri_arg, step_main
 from pipelines.config import PipelineConfig, mlflow_env, storage_env
 from pipelines.errors import (
     REPORT_ENV,
@@ -216,11 +216,15 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--processed",
         required=True,
+        type=s3_uri_arg,
         metavar="URI",
         help="feature-engineering's output, s3://processed-data/ID/HASH/",
     )
     parser.add_argument(
-        "--run-id", metavar="ID", help="pipeline run id; the same id resumes (default: a new one)"
+        "--run-id",
+        type=run_id_arg,
+        metavar="ID",
+        help="pipeline run id; the same id resumes (default: a new one)",
     )
 
 

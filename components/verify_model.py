@@ -16,7 +16,7 @@ import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipelines.cli import s3_uri_arg, step_main
+from pipelines.cli import run_id_arg, s3_uri_arg, step_main
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError, StorageError
 from pipelines.registry import ACCURACY_TAG, GATE_TAG, MODEL_URI_TAG
@@ -242,6 +242,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--run-id",
+        type=run_id_arg,
         metavar="RUN",
         help="the model pipeline run RUN trained, where this config names it (as "
         "--model-uri s3://BUCKET/NAME/RUN/, with storage.buckets.models and the model name)",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -186,8 +187,19 @@ def s3_uri_arg(text: str) -> str:
     that names the option, not a store error once the step has started."""
     try:
         parse_s3_uri(text)
-    except StorageError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://BUCKET/KEY/ URI") from None
+    except StorageError as exc:
+        why = str(exc) if text.startswith("s3://") else f"{text!r} is not an s3://BUCKET/KEY/ URI"
+        raise argparse.ArgumentTypeError(why) from None
+    return text
+
+
+def run_id_arg(text: str) -> str:
+    """argparse's type for --run-id: one folder name under models/NAME/ (a local run-... id, or
+    an Argo workflow's name), not a path."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a run id: letters, digits, '-', '_' and '.', a letter or digit first"
+        )
     return text
 
 

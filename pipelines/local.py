@@ -304,12 +304,13 @@ def check_resume(cfg: PipelineConfig, run_id: str) -> None:
 def refuse_completed(cfg: PipelineConfig, store: ObjectStore, run_id: str, run_dir: Path) -> None:
     """A run that deployed its model has nothing to resume. One stopped after its model was
     complete, before deploy, goes on from its gate: the train step reuses the model. (It was
-    refused, its model never gated nor deployed, and no command went on with it.)"""
+    refused, its model never gated nor deployed, and no command went on with it.) Only a
+    deploy record that says so refuses it: a resume stopped at its start, after it cleared
+    the earlier attempt's records, leaves none, and was refused from then on."""
     bucket, prefix, _ = resume.location(cfg, run_id)
     deploy = record_path(run_dir, "deploy")
     deployed = deploy.exists() and json.loads(deploy.read_text()).get("status") == "succeeded"
-    stopped = record_path(run_dir, "train").exists() and not deployed
-    if not stopped and store.stat(bucket, prefix + MODEL_JSON) is not None:
+    if deployed and store.stat(bucket, prefix + MODEL_JSON) is not None:
         raise ConfigError(
             f"--resume {run_id}: that run completed, its model is {s3_uri(bucket, prefix)}; "
             "nothing to resume (drop --resume for a new run)"
@@ -328,6 +329,7 @@ def run_pipeline(
         report.state_dir = str(cfg.state_dir)
     run_dir = (cfg.state_dir / "runs" / report.run_id).resolve()
     start = time.monotonic()
+    began = False  # the steps: before them, the run's records may be an earlier attempt's
     try:
         # Started: the fork server, S3, MLflow. Stopped: the fork server, whose children (a
         # trainer stopped mid-way) end their MLflow run and their writes while both servers are
@@ -366,6 +368,7 @@ def run_pipeline(
             quiet = QuietKfp(sys.stderr)
             values = step_values(live) | warm_env
             with step_environment(values), quiet, contextlib.redirect_stdout(quiet):
+                began = True
                 codes = run_kfp_local(live, run_dir, report.run_id, serve)
             collect(report, run_dir, codes[-1] if codes else None)
     except PipelineError as exc:  # a service failed to start
@@ -373,11 +376,13 @@ def run_pipeline(
     except KeyboardInterrupt as exc:
         # Ctrl-C reached every process of the run (a SIGTERM, this one: the services stopped
         # their children). The steps that ended wrote their records; the first without one was
-        # running, whether or not it wrote its own in time.
-        collect(report, run_dir)
-        stopped = next((s for s in report.steps if s.status != "succeeded"), None)
-        if stopped is not None:
-            stopped.status, report.failed_step = "interrupted", stopped.name
+        # running, whether or not it wrote its own in time. Stopped before the steps began,
+        # it is at start-up, and a resume's folder still holds the attempt before's records.
+        if began:
+            collect(report, run_dir)
+            stopped = next((s for s in report.steps if s.status != "succeeded"), None)
+            if stopped is not None:
+                stopped.status, report.failed_step = "interrupted", stopped.name
         # This process's signal, not the step's record: a step may have taken the services'
         # SIGTERM during its Ctrl-C clean-up.
         report.exit_code, report.error = stopped_by(exc)

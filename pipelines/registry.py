@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from pipelines.config import REGISTRY_ALIAS, PipelineConfig
-from pipelines.errors import PipelineError
+from pipelines.errors import ConfigError, PipelineError
 from pipelines.mlflow_server import local_db, wait_healthy
 
 log = logging.getLogger("mlops.registry")
@@ -38,7 +38,7 @@ def _registry(cfg: PipelineConfig) -> str:
         return cfg.mlflow.tracking_uri
     db = local_db(cfg.state_dir)
     if not db.is_file():
-        raise PipelineError(
+        raise ConfigError(
             f"no model registry in {cfg.state_dir} (no run has trained there): run the pipeline "
             "first, pass --state-dir of one that has, or --model-uri s3://models/NAME/RUN/"
         )
@@ -63,7 +63,12 @@ def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
         )
     except MlflowException as exc:
         # Listed only to say what is there: a lookup that finds its version reads nothing more.
-        raise PipelineError(_missing(client, registry, uri, name, exc)) from None
+        # A name, version or alias the registry does not hold is the caller's to fix (exit 2);
+        # a registry that fails to answer is not.
+        # (MLflow answers an unknown alias with INVALID_PARAMETER_VALUE.)
+        refused = exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        error = ConfigError if refused else PipelineError
+        raise error(_missing(client, registry, uri, name, exc)) from None
     s3 = found.tags.get(MODEL_URI_TAG)
     if not s3:
         raise PipelineError(

@@ -105,7 +105,11 @@ def summary(report: RunReport) -> str:
         }.get(report.failed_step or "")
         if report.failed_step == "verify-model" and report.exit_code in STOPPED:
             goes_on = "its trained model goes on from the gate"
-        if goes_on and report.exit_code != ConfigError.exit_code:
+        # A refused setting fails again on a resume, except at deploy: a port taken there
+        # meanwhile is refused, and the resume takes --port.
+        if goes_on and (
+            report.exit_code != ConfigError.exit_code or report.failed_step == "deploy"
+        ):
             where = f" --state-dir {shlex.quote(report.state_dir)}" if report.state_dir else ""
             lines.append(
                 f"resume      python pipelines/run.py --resume {report.run_id}{where} (with its "

@@ -178,9 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             parse_s3_uri(uri)
         except PipelineError as exc:
-            raise ConfigError(
-                f"--model-uri: {exc}, nor models:/NAME@ALIAS or models:/NAME/VERSION"
-            ) from None
+            nor = (
+                ""
+                if uri.startswith("s3://")
+                else ", nor models:/NAME@ALIAS or models:/NAME/VERSION"
+            )
+            raise ConfigError(f"--model-uri: {exc}{nor}") from None
     # Before the store starts: sqlite lets a reader beside a run's server that writes.
     model_uri, version = registry.resolve(cfg, uri) if registered else (uri, "")
     require_free(cfg.serving.port, "serving.port")  # before the download, not after

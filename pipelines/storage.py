@@ -50,7 +50,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
-    return parsed.netloc, parsed.path.lstrip("/")
+    key = parsed.path.lstrip("/")
+    # The client refuses them (a ValueError, which was a traceback), and S3 keeps them as
+    # written: s3://models/a/../b/ is not s3://models/b/.
+    if {".", ".."} & set(key.split("/")):
+        raise StorageError(f"{uri!r}: a '.' or '..' segment names no folder in S3; write it out")
+    return parsed.netloc, key
 
 
 def _short_read(exc: BaseException) -> urllib3.exceptions.IncompleteRead | None:

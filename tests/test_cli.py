@@ -206,6 +206,12 @@ def held_port() -> Iterator[int]:
             "--model-uri: 'not-a-uri' is not an s3://bucket/key URI, nor models:/NAME@ALIAS",
         ),
         (["pipelines/run.py", "serve", "--model-uri", ""], {}, "--model-uri: '' is not an s3://"),
+        # The S3 client refused it with a ValueError: a traceback.
+        (
+            ["pipelines/run.py", "serve", "--model-uri", "s3://models/a/../b/"],
+            {},
+            "--model-uri: 's3://models/a/../b/': a '.' or '..' segment names no folder in S3",
+        ),
         (
             ["pipelines/run.py", "serve", "--model-uri", "models:/m/99999999999999999999"],
             {},
@@ -286,6 +292,35 @@ def test_a_model_uri_that_is_no_s3_uri_is_a_usage_error(step: str, tmp_path: Pat
     assert out.stderr.endswith(
         "error: argument --model-uri: 'foo' is not an s3://BUCKET/KEY/ URI\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "components.train", "--processed", "foo"], "--processed: 'foo' is not an s3://"),
+        (
+            ["-m", "components.train", "--processed", "s3://processed-data/a/../b/"],
+            "--processed: 's3://processed-data/a/../b/': a '.' or '..' segment",
+        ),
+        (
+            ["-m", "components.train", "--processed", "s3://processed-data/a/", "--run-id", "../x"],
+            "--run-id: '../x' is not a run id",
+        ),
+        (["-m", "components.verify_model", "--run-id", "a/b"], "--run-id: 'a/b' is not a run id"),
+        (
+            ["-m", "components.deploy", "--model-uri", "s3://models/a/./b/"],
+            "--model-uri: 's3://models/a/./b/': a '.' or '..' segment",
+        ),
+    ],
+)
+def test_a_step_option_that_names_no_object_is_a_usage_error(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    """A '.' or '..' in a URI or a run id was the S3 client's ValueError, a traceback (exit 1);
+    --processed that is no URI failed once the store had started."""
+    out = run(*args, "--state-dir", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: argument {message}" in out.stderr
 
 
 def test_a_port_it_may_not_bind_is_not_called_in_use(tmp_path: Path) -> None:
@@ -605,8 +640,9 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
     assert statuses == ["succeeded", "succeeded", "interrupted", "skipped", "skipped"]
     assert (report.failed_step, report.error, report.exit_code) == ("train", "interrupted", 130)
     assert "--resume run-20260101-000000-abcd" in summary(report)
-    # A deploy that failed (its port taken meanwhile) resumes from the gate; a refused gate
-    # would judge the same model again, and a config error would fail again: no line.
+    # A deploy that failed resumes from the gate, a port taken meanwhile included (a config
+    # error, exit 2, which gave no line: the resume takes --port); a refused gate would judge
+    # the same model again, and a config error in training would fail again: no line.
     # A gate stopped before its verdict goes on from the gate: it offered nothing, and a user
     # trained from the start.
     for step, code, offered in (
@@ -614,12 +650,42 @@ def test_a_step_interrupted_under_a_driver_that_went_on_reads_as_interrupted(
         ("verify-model", 1, False),
         ("verify-model", 130, True),
         ("verify-model", 143, True),
-        ("deploy", 2, False),
+        ("deploy", 2, True),
+        ("train", 2, False),
     ):
         report.failed_step, report.exit_code = step, code
         assert ("--resume run-20260101-000000-abcd" in summary(report)) is offered, (step, code)
     report.failed_step, report.exit_code = "deploy", 1
     assert "its trained model goes on from the gate" in summary(report)
+
+
+def test_a_run_stopped_before_its_steps_began_is_stopped_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume stopped while its services start: its folder still holds the attempt before's
+    records, which the summary showed as this attempt's steps (verify-data succeeded, train
+    interrupted after 8.7 s, in a run of 0.2 s); a new run showed verify-data interrupted."""
+    from pipelines import local
+    from pipelines.report import summary
+    from pipelines.steps import record_path
+
+    cfg = load_config("smoke", overrides={"state_dir": str(tmp_path)}, environ={})
+    run_dir = tmp_path / "runs" / "run-20260101-000000-abcd"
+    record_path(run_dir, "train").parent.mkdir(parents=True)
+    done = {"status": "succeeded", "seconds": 0.2, "result": {}}
+    record_path(run_dir, "verify-data").write_text(json.dumps(done))
+    stopped = {"status": "failed", "seconds": 8.7, "error": "interrupted", "exit_code": 130}
+    record_path(run_dir, "train").write_text(json.dumps(stopped))
+
+    def ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "start_fork_server", ctrl_c)
+    for resume_id in ("run-20260101-000000-abcd", None):
+        report = local.run_pipeline(cfg, resume_id=resume_id)
+        assert (report.exit_code, report.failed_step) == (130, None)
+        assert {s.status for s in report.steps} == {"skipped"}
+        assert "FAILED at start-up: interrupted" in summary(report)
 
 
 def test_the_summary_says_how_to_open_this_runs_mlflow_ui_again() -> None:

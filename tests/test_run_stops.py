@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -103,10 +104,10 @@ def test_a_run_interrupted_in_training_resumes_from_its_checkpoint(tmp_path: Pat
     assert refused.returncode == 2, refused.stderr
     assert f"--profile quick: {run_id} is a smoke run, and --resume goes on" in refused.stderr
 
-    # Stopped once its model was complete, before deploy (as if its record were never written):
-    # the resume goes on from the gate with that model. It was refused as completed, and the
-    # model was never gated nor deployed.
-    (state / "runs" / run_id / "steps" / "deploy.json").unlink()
+    # Stopped once its model was complete, before deploy, or a resume of it stopped at its
+    # start, which clears the attempt before's step records: the resume goes on from the gate
+    # with that model. It was refused as completed, and the model was never gated nor deployed.
+    shutil.rmtree(state / "runs" / run_id / "steps")
     after = run("pipelines/run.py", "--resume", run_id, "--state-dir", str(state), "--json")
     assert after.returncode == 0, after.stderr
     final = json.loads(after.stdout.strip().splitlines()[-1])

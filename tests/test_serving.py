@@ -37,7 +37,7 @@ from PIL import ExifTags, Image
 from components.deploy import png_b64, post_json, serving_command, start_server
 from data.imagefolder import fit_image
 from pipelines.config import ServingConfig, load_config
-from pipelines.errors import DataError, PipelineError
+from pipelines.errors import ConfigError, DataError, PipelineError
 from pipelines.processes import free_port, terminate
 from pipelines.storage import ObjectStore
 from serving.batcher import MicroBatcher
@@ -848,7 +848,6 @@ def test_server_listens_on_loopback_only(server: SimpleNamespace) -> None:
 
 
 def test_a_taken_port_is_a_config_error(server: SimpleNamespace) -> None:
-    from pipelines.errors import ConfigError
     from pipelines.processes import require_free
 
     port = int(server.base.rsplit(":", 1)[1])
@@ -1418,7 +1417,7 @@ def test_a_registered_version_resolves_to_its_folder_or_says_what_is_there(
         text=True,
         check=False,
     )
-    assert out.returncode == 1 and not state.exists(), out.stderr  # nor any S3 server started
+    assert out.returncode == 2 and not state.exists(), out.stderr  # nor any S3 server started
     assert out.stderr == (
         f"error: no model registry in {state} (no run has trained there): run the pipeline "
         "first, pass --state-dir of one that has, or --model-uri s3://models/NAME/RUN/\n"
@@ -1429,10 +1428,10 @@ def test_a_registered_version_resolves_to_its_folder_or_says_what_is_there(
     assert resolve(cfg, f"models:/{NAME}/2/") == (uris[1], f"{NAME} v2")
     listing = f"({NAME} has versions 1, 2; aliases: champion=v1)"
     for uri in (f"models:/{NAME}@prod", f"models:/{NAME}/3"):
-        with pytest.raises(PipelineError) as failed:
+        with pytest.raises(ConfigError) as failed:  # the caller's to fix: exit 2
             resolve(cfg, uri)
         assert str(failed.value).startswith(f"{uri}: ") and str(failed.value).endswith(listing)
-    with pytest.raises(PipelineError) as failed:
+    with pytest.raises(ConfigError) as failed:
         resolve(cfg, "models:/synthetic-resnet18@champion")
     assert str(failed.value) == (
         f"models:/synthetic-resnet18@champion: no registered model synthetic-resnet18 in "

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
 
-from pipelines.cli import add_config_args, config_from_args, run_main
+from pipelines.cli import add_config_args, config_from_args, run_id_arg, run_main, s3_uri_arg
 from pipelines.config import PipelineConfig
 from pipelines.errors import INTERRUPTED, TERMINATING, ConfigError, raise_on_sigterm
 from pipelines.processes import exit_now
@@ -332,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--processed",
         required=True,
+        type=s3_uri_arg,
         metavar="URI",
         help="processed data from feature-engineering, s3://processed-data/ID/HASH/",
     )
     parser.add_argument(
         "--run-id",
+        type=run_id_arg,
         metavar="ID",
         help="pipeline run id: models/NAME/ID/ holds its checkpoints and model, and a "
         "restart with the same id resumes (required with several processes; "
