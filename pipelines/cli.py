@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from pipelines.errors import (
     stopped_by,
 )
 from pipelines.mlflow_server import bound_retries
+from pipelines.names import run_id_error
 from pipelines.s3server import EmbeddedS3, with_embedded_store
 from pipelines.storage import ObjectStore, parse_s3_uri
 
@@ -196,10 +196,8 @@ def s3_uri_arg(text: str) -> str:
 def run_id_arg(text: str) -> str:
     """argparse's type for --run-id: one folder name under models/NAME/ (a local run-... id, or
     an Argo workflow's name), not a path."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a run id: letters, digits, '-', '_' and '.', a letter or digit first"
-        )
+    if (why := run_id_error(text)) is not None:
+        raise argparse.ArgumentTypeError(why)
     return text
 
 

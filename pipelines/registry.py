@@ -51,24 +51,30 @@ def resolve(cfg: PipelineConfig, uri: str) -> tuple[str, str]:
     assert match is not None, uri  # the caller checked it, as a usage error
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     name, alias, version = match["name"], match["alias"], match["version"]
     registry = _registry(cfg)
-    client = mlflow.MlflowClient(registry, registry)
     try:
-        found = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, version)
-        )
-    except MlflowException as exc:
-        # Listed only to say what is there: a lookup that finds its version reads nothing more.
-        # A name, version or alias the registry does not hold is the caller's to fix (exit 2);
-        # a registry that fails to answer is not.
-        # (MLflow answers an unknown alias with INVALID_PARAMETER_VALUE.)
-        refused = exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-        error = ConfigError if refused else PipelineError
-        raise error(_missing(client, registry, uri, name, exc)) from None
+        client = mlflow.MlflowClient(registry, registry)  # opens (and migrates) the database
+        try:
+            found = (
+                client.get_model_version_by_alias(name, alias)
+                if alias
+                else client.get_model_version(name, version)
+            )
+        except MlflowException as exc:
+            # Listed only to say what is there: a lookup that finds its version reads nothing
+            # more. A name, version or alias the registry does not hold is the caller's to fix
+            # (exit 2); a registry that fails to answer is not. (MLflow answers an unknown
+            # alias with INVALID_PARAMETER_VALUE.)
+            refused = exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+            error = ConfigError if refused else PipelineError
+            raise error(_missing(client, registry, uri, name, exc)) from None
+    except SQLAlchemyError as exc:
+        # The state dir's own database, read in place: locked by a writer, or no database.
+        why = getattr(exc, "orig", None) or exc
+        raise PipelineError(f"cannot read the model registry {registry}: {why}") from None
     s3 = found.tags.get(MODEL_URI_TAG)
     if not s3:
         raise PipelineError(

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, MinioException, S3Error
+from minio.helpers import check_bucket_name
 
 from pipelines.config import StorageConfig
 from pipelines.console import parallel_map
@@ -51,10 +52,15 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
     key = parsed.path.lstrip("/")
-    # The client refuses them (a ValueError, which was a traceback), and S3 keeps them as
-    # written: s3://models/a/../b/ is not s3://models/b/.
+    # What the client refuses with a ValueError, which was a traceback: a '.' or '..' segment
+    # (S3 keeps them as written: s3://models/a/../b/ is not s3://models/b/), a bucket name
+    # outside S3's rules (too short, '..', an IP address).
     if {".", ".."} & set(key.split("/")):
         raise StorageError(f"{uri!r}: a '.' or '..' segment names no folder in S3; write it out")
+    try:
+        check_bucket_name(parsed.netloc)
+    except ValueError as exc:
+        raise StorageError(f"{uri!r}: {exc}") from None
     return parsed.netloc, key
 
 

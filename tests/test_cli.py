@@ -311,6 +311,10 @@ def test_a_model_uri_that_is_no_s3_uri_is_a_usage_error(step: str, tmp_path: Pat
             ["-m", "components.deploy", "--model-uri", "s3://models/a/./b/"],
             "--model-uri: 's3://models/a/./b/': a '.' or '..' segment",
         ),
+        (
+            ["-m", "components.deploy", "--model-uri", "s3://ab/x/"],
+            "--model-uri: 's3://ab/x/': invalid bucket name ab",
+        ),
     ],
 )
 def test_a_step_option_that_names_no_object_is_a_usage_error(

@@ -847,6 +847,25 @@ def test_server_listens_on_loopback_only(server: SimpleNamespace) -> None:
     assert listening and set(listening) == {"127.0.0.1"}
 
 
+def test_a_registry_database_it_cannot_read_is_one_line(tmp_path: Path) -> None:
+    """The state dir's sqlite registry, read in place: a locked or damaged file was
+    SQLAlchemy's traceback. It is the store's failure, not the caller's (exit 1)."""
+    from pipelines.mlflow_server import local_db
+    from pipelines.registry import resolve
+
+    db = local_db(tmp_path)
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"not a database")
+    cfg = load_config(overrides={"state_dir": str(tmp_path)}, environ={})
+    with pytest.raises(PipelineError) as failed:
+        resolve(cfg, "models:/tiny/1")
+    assert type(failed.value) is PipelineError
+    assert (
+        str(failed.value)
+        == f"cannot read the model registry sqlite:///{db}: file is not a database"
+    )
+
+
 def test_a_taken_port_is_a_config_error(server: SimpleNamespace) -> None:
     from pipelines.processes import require_free
 

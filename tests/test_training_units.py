@@ -368,6 +368,19 @@ def test_resume_ignores_settings_that_change_no_training_state() -> None:
     assert config_hash(cut, "s3://processed-data/x/abc/") != base
 
 
+def test_a_run_id_that_names_no_folder_is_refused_where_it_becomes_a_key() -> None:
+    """KFP's run id is a pipeline parameter: no command line checks it on its way to the
+    train step, where '../x' was the S3 client's ValueError and 'a/b' nested the folder."""
+    from pipelines.config import load_config
+    from training.resume import location
+
+    cfg = load_config("smoke", environ={})
+    assert location(cfg, "image-classifier-x7k2p")[1] == f"{cfg.model_name}/image-classifier-x7k2p/"
+    for bad in ("../x", "a/b", ".", ""):
+        with pytest.raises(ConfigError, match="is not a run id"):
+            location(cfg, bad)
+
+
 def test_a_checkpoint_of_an_earlier_version_still_resumes() -> None:
     """The profiles' hashes as 4932336 computed them, before train.cutout: a setting added at
     the value that trains as before must not refuse a run stopped under the earlier version.

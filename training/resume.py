@@ -9,6 +9,7 @@ from typing import Any
 
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, IntegrityError, PipelineError
+from pipelines.names import run_id_error
 from pipelines.storage import ObjectStore, s3_uri
 from serving.launch import MODEL_JSON
 from training.result import RESULT_OBJECT, TrainResult
@@ -22,7 +23,11 @@ ADDED_SINCE = {"cutout": 0}
 
 
 def location(cfg: PipelineConfig, run_id: str) -> tuple[str, str, str]:
-    """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints."""
+    """Where a pipeline run keeps its model (bucket, prefix) and, below it, its checkpoints.
+    An id that names no folder is refused here, where it becomes a key: a KFP run's id is a
+    pipeline parameter, which reaches the train step unchecked by any command line."""
+    if (why := run_id_error(run_id)) is not None:
+        raise ConfigError(why)
     prefix = f"{cfg.model_name}/{run_id}/"
     return cfg.storage.buckets.models, prefix, prefix + "checkpoints/"
 
