@@ -69,6 +69,13 @@ def _host(doc: dict) -> str:
     return f"the {m['cores']}-core {m['cpu']} with{'' if m['avx512_bf16'] else 'out'} AVX512-BF16"
 
 
+def _today(profile: str, recorded: str, epochs: bool = True) -> str:
+    """The profile's recipe line today, at the precision a recorded line names (its second
+    part): what a record must read to be judged as the profile's."""
+    precision = recorded.split(", ")[1]
+    return recipe(load_config(profile, environ={}).train, precision, epochs=epochs)
+
+
 def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
     """Each target of the performance issue against what the results hold."""
     rows = []
@@ -92,8 +99,7 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
                 measured += f", on {_host(r)}"
             # A row kept from an earlier sitting may have trained another recipe than the
             # profile's today: it was shown as the profile's.
-            precision = r["recipe"].split(", ")[1]
-            if r["recipe"] != recipe(load_config(profile, environ={}).train, precision):
+            if r["recipe"] != _today(profile, r["recipe"]):
                 measured += f"; an earlier recipe ({r['recipe']}), not today's `{profile}`"
         rows.append(
             _row(
@@ -192,8 +198,7 @@ def targets(docs: dict[str, dict]) -> list[dict[str, str]]:
         # Another recipe than the profile's today, or one changed by --set, is shown, not
         # judged: the row read as today's `full`, overrides and all.
         profile = gpu.get("profile", "full")  # records before the field ran the default
-        precision = gpu["recipe"].split(", ")[1]
-        today = recipe(load_config(profile, environ={}).train, precision, epochs=False)
+        today = _today(profile, gpu["recipe"], epochs=False)
         if not gpu["recipe"].startswith(today + ", ") or gpu.get("overrides"):
             changed = f" with {' '.join(gpu['overrides'])}" if gpu.get("overrides") else ""
             measured += f"{changed}; not today's `{profile}` recipe ({today})"
